@@ -81,6 +81,27 @@ LLAMA_PRESETS = {
 }
 
 
+def preset_name(cfg: LlamaConfig) -> str | None:
+    """The preset a config has the shapes of (a loaded checkpoint's name, for per-model presets)."""
+    for name, p in LLAMA_PRESETS.items():
+        if all(getattr(cfg, k) == v for k, v in p.items() if k != "max_seq_len") and \
+                all(getattr(cfg, f.name) == f.default for f in fields(LlamaConfig)
+                    if f.name not in p and f.name not in ("max_seq_len", "tie_embeddings")):
+            return name
+    return None
+
+
+def build(name_or_path: str, dtype=torch.float32, device="cpu"):
+    """A preset name -> a model of that shape on the meta device (no memory; for parameter
+    counts); a path -> load(path)."""
+    if name_or_path in LLAMA_PRESETS:
+        with torch.device("meta"):
+            return Llama(LlamaConfig.from_name(name_or_path))
+    if not os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path!r} is neither a model name ({', '.join(LLAMA_PRESETS)}) nor a path")
+    return load(name_or_path, dtype, device)
+
+
 # -----------------------------------------------------------------------------
 # Building blocks
 
@@ -181,7 +202,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)                                                   # (B, Hkv, S, hd)
-        extra_kv = self.prefix(B) if self.prefix is not None else None
+        extra_kv = self.prefix(B, x.dtype) if self.prefix is not None else None
         y, probs = attend(q, k, v, mask, is_causal=is_causal, extra_kv=extra_kv, attn_map=self.attn_map,
                           positions=positions, need_weights=need_weights)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)              # (B, T, H * hd)
@@ -270,7 +291,7 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, need_weights=False,
-                return_hidden=False):
+                return_hidden=False, positions=None):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         attention_mask (B, S) with 1 for real tokens and 0 for padding (left or right), where S is T,
@@ -284,7 +305,8 @@ class Llama(nn.Module):
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        positions = token_positions(attention_mask)[:, past:]                       # (B, T)
+        if positions is None:
+            positions = token_positions(attention_mask)[:, past:]                   # (B, T)
 
         # Mask: key slot s is visible to query slot t if s <= t and s is a real token. A padded
         # query also sees itself, so that its (unused) softmax row is never empty.

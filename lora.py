@@ -1,0 +1,110 @@
+"""LoRA and DoRA: low-rank updates of a frozen linear layer.
+
+Both wrap an nn.Linear and own its `weight` (and `bias`) under the same names, so a base checkpoint
+loads into an adapted model unchanged (torchtune's LoRALinear does the same).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Module):
+    """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+        y = W x + b + (alpha / r) · B A dropout(x)        A: (r, in), B: (out, r)
+
+    Parameters added: r · (in + out). Init as in the reference (microsoft/LoRA, peft): A is
+    kaiming-uniform with a = √5, B is zero, so the layer starts exactly as the base layer.
+    `merge()` folds s·BA into W for inference; `unmerge()` takes it out again.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight                       # frozen, same key as the base layer
+        self.bias = base.bias
+        self.r, self.scaling = r, alpha / r
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def lora_term(self, x):
+        """s · B A x for an input that already went through the LoRA dropout."""
+        return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(x.dtype)  # never builds BA
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.merged else y + self.lora_term(self.dropout(x))
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling                 # (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), as in peft and NVlabs/DoRA.
+
+        W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_row          y = W' x + b
+
+    m (`magnitude`, one value per output row) starts as ‖W‖_row, so W' = W at init. The row norm is
+    detached (DoRA §4.3: treated as a constant in the backward pass), computed as
+        y = (m/n − 1) ⊙ W·drop(x) + W x + (m/n) ⊙ s·B A drop(x) + b,    n = ‖W + s·BA‖_row.
+    Parameters added: r · (in + out) + out.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.magnitude = nn.Parameter(self.weight.detach().float().norm(dim=1))   # (out,)
+
+    def weight_norm(self):
+        w = self.weight.float() + self.delta_weight()
+        return w.norm(dim=1).detach()                                          # (out,)
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        scale = (self.magnitude / self.weight_norm()).to(x.dtype)             # m / ‖W + sBA‖
+        xd = self.dropout(x)                                                   # one mask for both terms
+        wx = F.linear(x, self.weight)
+        if xd is x:
+            y = scale * wx                                                     # = W x + (m/n − 1) W x
+        else:
+            y = wx + (scale - 1) * F.linear(xd, self.weight)
+        y = y + scale * self.lora_term(xd)
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            w = self.weight.float() + self.delta_weight()
+            self._norm = w.norm(dim=1)                                         # kept for unmerge
+            self.weight.copy_(((self.magnitude / self._norm)[:, None] * w).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.weight.float() / (self.magnitude / self._norm)[:, None] - self.delta_weight()
+            self.weight.copy_(w.to(self.weight.dtype))
+            self.merged = False

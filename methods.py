@@ -1,0 +1,263 @@
+"""The method registry: one dict from a method name to the parts it attaches, the parameters that
+train, and its hyperparameters (defaults, then per-model presets, then the caller's overrides).
+
+    apply_method(model, "lora", lora_r=4, target_modules="q_proj,v_proj")   # in place; returns model
+    save_adapter(model, "out/adapter.safetensors"); load_adapter(base_model, "out/adapter.safetensors")
+
+train.py and eval.py use exactly these. Every hyperparameter is also a command-line flag of
+train.py with the same name (LLM-Adapters' flag names).
+"""
+import json
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+import model as M
+from adapters import AdapterFFN, BottleneckLinear, PrefixEncoder, PrefixSlice
+from lora import DoRALinear, LoRALinear
+from quanta import QuanTALinear
+
+# name -> type of the command-line value
+HPARAMS = {
+    "lora_r": int, "lora_alpha": float, "lora_dropout": float, "target_modules": str,
+    "adapter_r": int, "adapter_scale": float, "adapter_dropout": float,
+    "prefix_len": int, "prefix_mid_dim": int, "quanta_dims": str,
+}
+
+# A part attaches one kind of module. Each takes (model, hyperparameters) and returns nothing.
+
+def linear_targets(model, target_modules: str):
+    """(parent module, attribute name) of every nn.Linear whose name is one of `target_modules`."""
+    names = [t.strip() for t in target_modules.split(",") if t.strip()]
+    found = {n: [] for n in names}
+    linear_names = set()
+    for _, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                linear_names.add(attr)
+                if attr in found:
+                    found[attr].append((parent, attr))
+    for n, hits in found.items():
+        if not hits:
+            raise ValueError(f"target module {n!r} does not exist in this model; its linear layers are: "
+                             f"{', '.join(sorted(linear_names))}")
+    return [hit for n in names for hit in found[n]]
+
+
+def add_lora(model, hp, cls=LoRALinear):
+    for parent, attr in linear_targets(model, hp["target_modules"]):
+        setattr(parent, attr, cls(getattr(parent, attr), hp["lora_r"], hp["lora_alpha"], hp["lora_dropout"]))
+
+
+def add_dora(model, hp):
+    add_lora(model, hp, cls=DoRALinear)
+
+
+def add_quanta(model, hp):
+    dims = [int(d) for d in str(hp["quanta_dims"]).replace(",", "-").split("-")]
+    for parent, attr in linear_targets(model, hp["target_modules"]):
+        setattr(parent, attr, QuanTALinear(getattr(parent, attr), dims))
+
+
+def add_series(model, hp):
+    """LLM-Adapters' series (bottleneck) adapter: before gate_proj/up_proj, after anything else."""
+    for parent, attr in linear_targets(model, hp["target_modules"]):
+        kind = "series_in" if attr in ("gate_proj", "up_proj") else "series_out"
+        setattr(parent, attr, BottleneckLinear(getattr(parent, attr), hp["adapter_r"], kind,
+                                               scale=hp["adapter_scale"], dropout=hp["adapter_dropout"]))
+
+
+def add_parallel(model, hp):
+    for parent, attr in linear_targets(model, hp["target_modules"]):
+        setattr(parent, attr, BottleneckLinear(getattr(parent, attr), hp["adapter_r"], "parallel",
+                                               scale=hp["adapter_scale"], dropout=hp["adapter_dropout"]))
+
+
+def add_adapter_ffn(model, hp):
+    dev = model.embed_tokens.weight.device
+    for layer in model.layers:
+        layer.mlp.adapter = AdapterFFN(model.cfg.dim, hp["adapter_r"], hp["adapter_scale"], hp["adapter_dropout"], dev)
+
+
+def add_prefix(model, hp):
+    c = model.cfg
+    model.prefix_encoder = PrefixEncoder(c.n_layers, c.n_kv_heads, c.head_dim, c.dim, hp["prefix_len"],
+                                         hp["prefix_mid_dim"], device=model.embed_tokens.weight.device)
+    for i, layer in enumerate(model.layers):
+        layer.self_attn.prefix = PrefixSlice(model.prefix_encoder, i)
+
+
+def no_module(model, hp):
+    pass
+
+
+# part -> (attach function, hyperparameters it reads, names of the parameters that train)
+PARTS = {
+    "full":        (no_module, (), None),                      # None: every parameter trains
+    "bitfit":      (no_module, (), ("bias",)),
+    "lora":        (add_lora, ("lora_r", "lora_alpha", "lora_dropout", "target_modules"), ("lora_A", "lora_B")),
+    "dora":        (add_dora, ("lora_r", "lora_alpha", "lora_dropout", "target_modules"),
+                    ("lora_A", "lora_B", "magnitude")),
+    "quanta":      (add_quanta, ("quanta_dims", "target_modules"), ("quanta_T.",)),
+    "series":      (add_series, ("adapter_r", "adapter_scale", "adapter_dropout", "target_modules"), ("adapter_",)),
+    "parallel":    (add_parallel, ("adapter_r", "adapter_scale", "adapter_dropout", "target_modules"), ("adapter_",)),
+    "adapter_ffn": (add_adapter_ffn, ("adapter_r", "adapter_scale", "adapter_dropout"), ("adapter_",)),
+    "prefix":      (add_prefix, ("prefix_len", "prefix_mid_dim"), ("prefix_",)),
+}
+
+LLAMA_LORA = dict(lora_r=32, lora_alpha=64, lora_dropout=0.05, target_modules="q_proj,k_proj,v_proj,up_proj,down_proj")
+TINY = ("llama-tiny", "llama-tiny-gqa")
+
+# The registry. defaults: LLM-Adapters' LLaMA settings (llm_adapters.md; math_running_commands)
+# unless noted; presets: per model name (model.preset_name) where a setting differs.
+METHODS = {
+    "full":     dict(parts=("full",), defaults={}),
+    "bitfit":   dict(parts=("bitfit",), defaults={}),
+    # peft PrefixTuningConfig(num_virtual_tokens=10), prefix_projection=False, as LLM-Adapters ran it
+    "prefix":   dict(parts=("prefix",), defaults=dict(prefix_len=10, prefix_mid_dim=0)),
+    # bottleneck 256, tanh, scaling 1: series after down_proj (0.99% of LLaMA-7B), parallel on up/down (3.54%)
+    "series":   dict(parts=("series",), defaults=dict(adapter_r=256, adapter_scale=1.0, adapter_dropout=0.0,
+                                                     target_modules="down_proj")),
+    "parallel": dict(parts=("parallel",), defaults=dict(adapter_r=256, adapter_scale=1.0, adapter_dropout=0.0,
+                                                       target_modules="up_proj,down_proj")),
+    # He et al.'s FFN scaled PA; r=16, s=2 as their GLUE script (the LoRaDA presets set their own)
+    "adapter_ffn": dict(parts=("adapter_ffn",), defaults=dict(adapter_r=16, adapter_scale=2.0, adapter_dropout=0.0)),
+    # He et al.'s MAM: prefix l=30 (mid_dim 800) + FFN scaled PA r=512, s=4
+    "mam":      dict(parts=("prefix", "adapter_ffn"), defaults=dict(prefix_len=30, prefix_mid_dim=800, adapter_r=512,
+                                                                    adapter_scale=4.0, adapter_dropout=0.0)),
+    "lora":     dict(parts=("lora",), defaults=LLAMA_LORA),
+    "dora":     dict(parts=("dora",), defaults=LLAMA_LORA),
+    # QuanTA's commonsense scripts: q_proj, v_proj; 16-8-8-4 (d=4096), 16-8-8-5 (d=5120)
+    "quanta":   dict(parts=("quanta",), defaults=dict(quanta_dims="16-8-8-4", target_modules="q_proj,v_proj"),
+                     presets={"llama-13b": dict(quanta_dims="16-8-8-5"), "llama2-13b": dict(quanta_dims="16-8-8-5"),
+                              "llama2-70b": dict(quanta_dims="16-8-8-8"),
+                              **{t: dict(quanta_dims="4-4-4") for t in TINY}}),
+}
+
+
+def method_hparams(name: str, model_name: str | None, overrides: dict) -> dict:
+    """defaults ← the model's preset ← overrides, checked against the method's hyperparameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    spec = METHODS[name]
+    allowed = {k for part in spec["parts"] for k in PARTS[part][1]}
+    hp = dict(spec["defaults"])
+    hp.update(spec.get("presets", {}).get(model_name, {}))
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in allowed:
+            raise ValueError(f"method {name!r} has no hyperparameter {k!r}; it takes: "
+                             f"{', '.join(sorted(allowed)) or 'none'}")
+        if isinstance(v, (list, tuple)):
+            v = ("-" if k == "quanta_dims" else ",").join(map(str, v))
+        hp[k] = HPARAMS[k](v)
+    for k in ("lora_r", "adapter_r", "prefix_len"):
+        if k in hp and hp[k] <= 0:
+            raise ValueError(f"{k} must be positive, got {hp[k]}")
+    return hp
+
+
+def apply_method(model, name: str, **overrides):
+    """Adapt `model` in place with method `name` and freeze everything but its parameters."""
+    if getattr(model, "peft_method", None) is not None:
+        raise ValueError(f"the model already has method {model.peft_method['name']!r} applied")
+    hp = method_hparams(name, M.preset_name(model.cfg), overrides)
+    base_keys = set(model.state_dict().keys())
+    trainable_names = []
+    for part in METHODS[name]["parts"]:
+        attach, _, names = PARTS[part]
+        attach(model, hp)
+        trainable_names.append(names)
+    model.train(model.training)        # new modules (their dropout) follow the model's train/eval mode
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(names is None or any(s in n for s in names) for names in trainable_names))
+    if not any(p.requires_grad for p in model.parameters()):
+        warnings.warn(f"method {name!r} leaves no parameter trainable in this model (LLaMA has no biases)")
+    model.peft_method = {"name": name, "hparams": hp}
+    model.base_keys = base_keys
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, all): each parameter counted once (tied weights once), as peft does."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
+def parameter_report(model) -> str:
+    t, a = count_parameters(model)
+    return f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}"
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+ADAPTER_EXT = ".safetensors"
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies the base model: its shapes and a checksum of a few embedding rows."""
+    c = model.cfg
+    fp = {k: getattr(c, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")}
+    w = model.embed_tokens.weight
+    fp["checksum"] = None if w.is_meta else float(w.detach()[:16].double().abs().sum())
+    return fp
+
+
+def adapter_state(model) -> dict:
+    """The tensors an adapter file holds: those the method added (parameters and buffers, such as
+    QuanTA's frozen copy) and the base parameters it trains (BitFit, full fine-tuning)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in model.base_keys or k in trainable}
+
+
+def save_adapter(model, path: str):
+    if getattr(model, "peft_method", None) is None:
+        raise ValueError("save_adapter: no method applied to this model (call apply_method first)")
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ValueError("save_adapter: the adapter is merged into the weights; unmerge it first")
+    meta = {"method": model.peft_method["name"], "hparams": json.dumps(model.peft_method["hparams"]),
+            "base": json.dumps(base_fingerprint(model))}
+    M.write_safetensors({k: v.detach() for k, v in adapter_state(model).items()}, path, metadata=meta)
+
+
+def load_adapter(model, path: str):
+    """Load an adapter file onto `model`: applies the file's method (with its hyperparameters) if
+    none is applied yet, then its tensors. A different base model or method is an error."""
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__", {})
+    if "method" not in meta:
+        raise ValueError(f"{path}: not an adapter file of this project (no method in its metadata)")
+    name, hp = meta["method"], json.loads(meta["hparams"])
+    base, ours = json.loads(meta["base"]), base_fingerprint(model)
+    for k in base:
+        if k == "checksum":
+            if None not in (base[k], ours[k]) and not math.isclose(base[k], ours[k], rel_tol=1e-2):
+                raise ValueError(f"{path}: was trained on a different base model (embedding checksum "
+                                 f"{base[k]:.6g}, this model's is {ours[k]:.6g})")
+        elif base[k] != ours[k]:
+            raise ValueError(f"{path}: was trained on a base model with {k}={base[k]}, this model has {ours[k]}")
+    current = getattr(model, "peft_method", None)
+    if current is None:
+        apply_method(model, name, **hp)
+    elif current["name"] != name or current["hparams"] != hp:
+        raise ValueError(f"{path}: holds method {name!r} {hp}, but the model has {current['name']!r} "
+                         f"{current['hparams']} applied")
+    tensors = M.read_safetensors(path)
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+    for k, t in tensors.items():
+        if t.shape != expected[k].shape:
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(expected[k].shape)}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
+    return model

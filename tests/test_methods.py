@@ -1,0 +1,368 @@
+"""PEFT methods: identity at init, parity with peft, merge, parameter counts, adapter files, bad input."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import methods
+import model as M
+from conftest import ROOT
+from hf_llama import hf_positions, tiny_hf_llama
+from quanta import QuanTALinear
+
+
+def tiny(variant="mha", seed=0):
+    """Our tiny LLaMA with the same weights as transformers' tiny_hf_llama(variant, seed)."""
+    hf = tiny_hf_llama(variant, seed=seed)
+    c = hf.config
+    cfg = M.LlamaConfig(dim=64, n_layers=2, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
+                        hidden_dim=176, vocab_size=512, norm_eps=1e-5, rope_theta=c.rope_parameters["rope_theta"])
+    ours = M.Llama(cfg)
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    return ours.eval(), hf
+
+
+def batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 512, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def randomize(model, names):
+    """Give the method's zero-initialised tensors random values, so tests see a real update."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(s in n for s in names):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+ALL = list(methods.METHODS)
+TINY_OVERRIDES = {"series": dict(adapter_r=8), "parallel": dict(adapter_r=8), "adapter_ffn": dict(adapter_r=8),
+                  "mam": dict(prefix_len=3, prefix_mid_dim=16, adapter_r=8), "lora": dict(lora_r=4),
+                  "dora": dict(lora_r=4), "prefix": dict(prefix_len=3),
+                  "quanta": dict(quanta_dims="4-4-4")}
+
+
+# ----------------------------------------------------------------------------- identity at init
+
+@pytest.mark.parametrize("name", ["lora", "dora", "adapter_ffn", "quanta"])
+def test_identity_at_init(name):
+    base, _ = tiny()
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask)
+        adapted = methods.apply_method(base, name, **TINY_OVERRIDES.get(name, {}))
+        out = adapted(ids, attention_mask=mask)
+    if name == "dora":       # m / ‖W‖ is 1 only up to rounding
+        assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    else:                    # zero B / zero W_up / f(T) − f(T0): exactly the base model
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", ["series", "parallel", "prefix", "mam"])
+def test_methods_that_are_not_identity_at_init_change_the_output(name):
+    base, _ = tiny()
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask)
+        out = methods.apply_method(base, name, **TINY_OVERRIDES.get(name, {}))(ids, attention_mask=mask)
+    assert not torch.allclose(out, ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- parity with peft
+
+def peft_key_to_ours(k):
+    k = k.removeprefix("base_model.model.").removeprefix("model.")
+    return (k.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
+             .replace(".lora_magnitude_vector.default.weight", ".magnitude"))
+
+
+def grads_match(theirs_named, ours_named, key=lambda k: k):
+    """Gradients equal within 1e-5 relative to each tensor's largest entry (they reach ~50 here)."""
+    for k, p in theirs_named.items():
+        scale = max(1.0, float(p.grad.abs().max()))
+        assert_close(ours_named[key(k)].grad / scale, p.grad / scale, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("variant", ["mha", "gqa"])
+def test_lora_and_dora_match_peft(use_dora, variant):
+    from peft import LoraConfig, get_peft_model
+    ours, hf = tiny(variant)
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, use_dora=use_dora))
+    methods.apply_method(ours, "dora" if use_dora else "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                         target_modules=",".join(targets))
+    g = torch.Generator().manual_seed(5)
+    theirs = {peft_key_to_ours(n): p for n, p in pm.named_parameters() if p.requires_grad}
+    mine = dict(ours.named_parameters())
+    assert set(theirs) == {n for n, p in mine.items() if p.requires_grad}
+    with torch.no_grad():
+        for k, p in theirs.items():          # the same non-trivial values in both
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            mine[k].copy_(p)
+    ids, mask = batch()
+    ref = pm(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+    out = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    w = torch.randn(out[real].shape, generator=g)
+    (ref[real] * w).sum().backward()
+    (out[real] * w).sum().backward()
+    grads_match(theirs, mine)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_tuning_matches_peft(projection):
+    from peft import PrefixTuningConfig, get_peft_model
+    ours, hf = tiny("mha")
+    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection,
+                             encoder_hidden_size=32)
+    pm = get_peft_model(hf, cfg)
+    methods.apply_method(ours, "prefix", prefix_len=5, prefix_mid_dim=32 if projection else 0)
+    enc = pm.prompt_encoder["default"]
+    names = {"embedding.weight": "prefix_encoder.prefix_embedding.weight",
+             "transform.0.weight": "prefix_encoder.prefix_mlp.0.weight", "transform.0.bias": "prefix_encoder.prefix_mlp.0.bias",
+             "transform.2.weight": "prefix_encoder.prefix_mlp.2.weight", "transform.2.bias": "prefix_encoder.prefix_mlp.2.bias"}
+    theirs = dict(enc.named_parameters())
+    mine = dict(ours.named_parameters())
+    assert {names[k] for k in theirs} == {n for n, p in mine.items() if p.requires_grad}
+    with torch.no_grad():
+        for k, p in theirs.items():
+            mine[names[k]].copy_(p)
+    # peft ignores position_ids for prefix tuning: transformers then numbers the tokens from l
+    # (after the prefix "cache"), with padding counted. This project keeps token positions from 0,
+    # as He et al.'s code does; here we give ours peft's positions to compare the mechanics exactly.
+    ids, mask = batch()
+    ids, mask = ids[:1], mask[:1]
+    ref = pm(input_ids=ids, attention_mask=mask).logits
+    out = ours(ids, attention_mask=mask, positions=torch.arange(5, 5 + ids.shape[1])[None])
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(out.shape)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    grads_match(theirs, mine, key=names.get)
+
+
+def test_prefix_with_kv_cache_decoding_equals_full_forward():
+    ours, _ = tiny("gqa")
+    methods.apply_method(ours, "prefix", prefix_len=3)
+    randomize(ours, ["prefix_"])
+    ids, mask = batch()
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask)
+        cache = M.KVCache(ours.cfg, 2, 8, torch.float32, "cpu")
+        steps = [ours(ids[:, :5], attention_mask=mask[:, :5], cache=cache)]
+        for t in range(5, 8):
+            steps.append(ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
+    assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- merge, QuanTA
+
+@pytest.mark.parametrize("name", ["lora", "dora", "quanta"])
+def test_merged_equals_unmerged(name):
+    ours, _ = tiny("gqa")
+    methods.apply_method(ours, name, **TINY_OVERRIDES.get(name, {}))
+    randomize(ours, ["lora_", "magnitude", "quanta_T."])
+    ids, mask = batch()
+    before = [m.weight.clone() for m in ours.modules() if hasattr(m, "merge")]
+    with torch.no_grad():
+        ref = ours(ids, attention_mask=mask)
+        for m in ours.modules():
+            if hasattr(m, "merge"):
+                m.merge()
+        merged = ours(ids, attention_mask=mask)
+        for m in ours.modules():
+            if hasattr(m, "unmerge"):
+                m.unmerge()
+    assert_close(merged, ref, atol=1e-5, rtol=1e-5)
+    after = [m.weight for m in ours.modules() if hasattr(m, "merge")]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
+
+
+def test_quanta_equals_the_reference_einsum_and_its_dense_matrix():
+    dims = [4, 3, 3, 2]
+    layer = QuanTALinear(torch.nn.Linear(72, 72, bias=False), dims)
+    with torch.no_grad():
+        layer.weight.zero_()
+        for i in range(len(layer.quanta_T)):     # T0 := 0, so the layer computes f(T) x exactly
+            getattr(layer, f"quanta_T0_{i}").zero_()
+    Ts = list(layer.quanta_T)       # pairs (2,3), (1,3), (0,3), (1,2), (0,2), (0,1)
+    x = torch.randn(5, 72)
+    # QuanTA's own einsum for N = 4 (quanta.py of quanta-fine-tuning, train path)
+    ref = torch.einsum("zabcd,ghcd,flbh,epal,jkfg,ioek,mnij->zmnop", x.view(5, *dims), *Ts).reshape(5, 72)
+    with torch.no_grad():
+        assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+        dense = torch.einsum("ghcd,flbh,epal,jkfg,ioek,mnij->mnopabcd", *Ts).reshape(72, 72)   # (out, in)
+        assert_close(layer.delta_weight(), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_quanta_update_is_exactly_zero_at_init():
+    layer = QuanTALinear(torch.nn.Linear(64, 32, bias=True), [4, 4, 4])     # output cropped to 32
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert torch.equal(layer.delta_weight(), torch.zeros(32, 64))
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def closed_form(name, c, hp):
+    """Each method's parameter count from its formula (docstrings of lora.py, adapters.py, quanta.py)."""
+    d, f, L, kv = c.dim, c.hidden_dim, c.n_layers, c.n_kv_heads * c.head_dim
+    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}        # (in, out)
+    targets = hp.get("target_modules", "").split(",")
+    if name in ("lora", "dora"):
+        per = sum(hp["lora_r"] * sum(shapes[t]) + (shapes[t][1] if name == "dora" else 0) for t in targets)
+    elif name == "quanta":
+        dims = [int(x) for x in hp["quanta_dims"].split("-")]
+        per = len(targets) * sum((dims[a] * dims[b]) ** 2 for a in range(len(dims)) for b in range(a + 1, len(dims)))
+    elif name in ("series", "parallel"):
+        io = lambda t: ((shapes[t][0],) * 2 if t in ("gate_proj", "up_proj") else (shapes[t][1],) * 2) \
+            if name == "series" else shapes[t]
+        per = sum(hp["adapter_r"] * sum(io(t)) for t in targets)
+    elif name == "adapter_ffn":
+        per = 2 * d * hp["adapter_r"] + hp["adapter_r"] + d
+    elif name == "prefix":
+        return hp["prefix_len"] * L * 2 * kv
+    elif name == "mam":
+        l, mid, r = hp["prefix_len"], hp["prefix_mid_dim"], hp["adapter_r"]
+        return l * d + d * mid + mid + mid * L * 2 * kv + L * 2 * kv + L * (2 * d * r + r + d)
+    elif name == "full":
+        return None
+    elif name == "bitfit":
+        return 0
+    return per * L
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("preset", ["llama-7b", "llama2-70b", "llama3-8b", "llama-13b"])
+def test_parameter_counts_match_the_formula(name, preset):
+    with torch.device("meta"):
+        m = M.Llama(M.LlamaConfig.from_name(preset))
+    total = sum(p.numel() for p in m.parameters())
+    with pytest.warns(UserWarning) if name == "bitfit" else _nothing():
+        methods.apply_method(m, name)
+    trainable, everything = methods.count_parameters(m)
+    expected = closed_form(name, m.cfg, m.peft_method["hparams"])
+    if name == "full":
+        assert trainable == total == everything
+    else:
+        assert trainable == expected
+        assert everything == total + expected
+    # only the method's own parameters train
+    markers = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "quanta": ("quanta_T",),
+               "series": ("adapter_",), "parallel": ("adapter_",), "adapter_ffn": ("adapter_",),
+               "prefix": ("prefix_",), "mam": ("prefix_", "adapter_")}.get(name)
+    if markers:
+        for n, p in m.named_parameters():
+            assert p.requires_grad == any(s in n for s in markers), n
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+PAPER = [  # (model, method, flags, the paper's # Params (%))
+    ("llama-7b", "lora", [], 0.83), ("llama-7b", "lora", ["--lora_r", "4"], 0.10),
+    ("llama-7b", "quanta", [], 0.041), ("llama-13b", "quanta", [], 0.029),
+    ("llama-7b", "series", [], 0.99), ("llama-7b", "parallel", [], 3.54),
+    ("llama-13b", "series", [], 0.80), ("llama-13b", "parallel", [], 2.89), ("llama-7b", "dora", [], 0.84),
+]
+
+
+def test_dry_run_reproduces_the_papers_percentages():
+    for preset, name, flags, pct in PAPER:
+        out = subprocess.run([sys.executable, "train.py", "--model", preset, "--method", name, "--dry-run", *flags],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        line = out.stdout.strip().splitlines()[-1]
+        assert line.startswith("trainable params: ") and " || all params: " in line
+        got = float(line.rsplit(" ", 1)[1])
+        digits = len(str(pct).split(".")[1])
+        assert round(got, digits) == pct, (preset, name, flags, line)
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+@pytest.mark.parametrize("name", ALL)
+def test_adapter_file_roundtrip(tmp_path, name):
+    ours, _ = tiny("gqa")
+    with pytest.warns(UserWarning) if name == "bitfit" else _nothing():
+        methods.apply_method(ours, name, **TINY_OVERRIDES.get(name, {}))
+    randomize(ours, ["lora_", "magnitude", "quanta_T.", "adapter_", "prefix_"])
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = ours(ids, attention_mask=mask)
+    path = str(tmp_path / ("adapter" + methods.ADAPTER_EXT))
+    methods.save_adapter(ours, path)
+    fresh, _ = tiny("gqa")
+    with pytest.warns(UserWarning) if name == "bitfit" else _nothing():
+        methods.load_adapter(fresh, path)
+    assert fresh.peft_method == ours.peft_method
+    with torch.no_grad():
+        assert torch.equal(fresh(ids, attention_mask=mask), ref)
+
+
+def test_adapter_file_holds_only_the_methods_tensors(tmp_path):
+    ours, _ = tiny()
+    methods.apply_method(ours, "lora", lora_r=2, target_modules="q_proj")
+    path = str(tmp_path / "a.safetensors")
+    methods.save_adapter(ours, path)
+    assert sorted(M.read_safetensors(path)) == [f"layers.{i}.self_attn.q_proj.lora_{x}" for i in range(2) for x in "AB"]
+
+
+def test_adapter_on_the_wrong_base_or_method(tmp_path):
+    ours, _ = tiny("mha")
+    methods.apply_method(ours, "lora", lora_r=2)
+    path = str(tmp_path / "a.safetensors")
+    methods.save_adapter(ours, path)
+    other_shape, _ = tiny("gqa")
+    with pytest.raises(ValueError, match="n_kv_heads=4, this model has 2"):
+        methods.load_adapter(other_shape, path)
+    other_weights, _ = tiny("mha", seed=1)
+    with pytest.raises(ValueError, match="different base model"):
+        methods.load_adapter(other_weights, path)
+    same, _ = tiny("mha")
+    methods.apply_method(same, "dora", lora_r=2)
+    with pytest.raises(ValueError, match="holds method 'lora'.*has 'dora'"):
+        methods.load_adapter(same, path)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_errors():
+    m, _ = tiny()
+    with pytest.raises(ValueError, match="unknown method 'lorra'; valid methods: full, bitfit, prefix"):
+        methods.apply_method(m, "lorra")
+    with pytest.raises(ValueError, match="lora_r must be positive, got 0"):
+        methods.apply_method(m, "lora", lora_r=0)
+    with pytest.raises(ValueError, match="QuanTA dims 4-4-8 multiply to 128, but the layer's input width is 64"):
+        methods.apply_method(m, "quanta", quanta_dims="4-4-8")
+    with pytest.raises(ValueError, match="target module 'query' does not exist.*q_proj"):
+        methods.apply_method(m, "lora", target_modules="q_proj,query")
+    with pytest.raises(ValueError, match="method 'lora' has no hyperparameter 'adapter_r'"):
+        methods.apply_method(m, "lora", adapter_r=4)
+    m2, _ = tiny()
+    methods.apply_method(m2, "lora")
+    with pytest.raises(ValueError, match="already has method 'lora'"):
+        methods.apply_method(m2, "dora")
+
+
+def test_train_cli_reports_bad_names():
+    for args, msg in ((["--model", "llama-8b"], "neither a model name (llama-7b"),
+                      (["--method", "lorra"], "valid methods: full")):
+        out = subprocess.run([sys.executable, "train.py", *args, "--dry-run"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode != 0 and msg in out.stderr, out.stderr

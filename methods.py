@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, PrefixEncoder, PrefixSlice
+from lmam import LMAM
 from lora import DoRALinear, LoRALinear
 from quanta import QuanTALinear
 
@@ -24,6 +25,8 @@ HPARAMS = {
     "lora_r": int, "lora_alpha": float, "lora_dropout": float, "target_modules": str,
     "adapter_r": int, "adapter_scale": float, "adapter_dropout": float,
     "prefix_len": int, "prefix_mid_dim": int, "quanta_dims": str,
+    "lmam_heads": int, "lmam_rank": int, "lmam_len": int, "lmam_scale": float, "lmam_variant": str,
+    "lmam_mode": str, "lmam_init": str,
 }
 
 # A part attaches one kind of module. Each takes (model, hyperparameters) and returns nothing.
@@ -89,6 +92,17 @@ def add_prefix(model, hp):
         layer.self_attn.prefix = PrefixSlice(model.prefix_encoder, i)
 
 
+def add_lmam(model, hp):
+    """LMAM in the self-attention of every layer (causal for LLaMA)."""
+    if hp["lmam_mode"] not in ("head", "tail"):
+        raise ValueError(f"lmam_mode must be 'head' (Eq. 14-15) or 'tail' (Eq. 16), got {hp['lmam_mode']!r}")
+    dev = model.embed_tokens.weight.device
+    for layer in model.layers:
+        layer.self_attn.attn_map = LMAM(model.cfg.n_heads, hp["lmam_heads"], hp["lmam_rank"], hp["lmam_len"],
+                                        hp["lmam_scale"], causal=True, variant=hp["lmam_variant"],
+                                        tail=hp["lmam_mode"] == "tail", init=hp["lmam_init"], device=dev)
+
+
 def no_module(model, hp):
     pass
 
@@ -105,6 +119,8 @@ PARTS = {
     "parallel":    (add_parallel, ("adapter_r", "adapter_scale", "adapter_dropout", "target_modules"), ("adapter_",)),
     "adapter_ffn": (add_adapter_ffn, ("adapter_r", "adapter_scale", "adapter_dropout"), ("adapter_",)),
     "prefix":      (add_prefix, ("prefix_len", "prefix_mid_dim"), ("prefix_",)),
+    "lmam":        (add_lmam, ("lmam_heads", "lmam_rank", "lmam_len", "lmam_scale", "lmam_variant", "lmam_mode",
+                               "lmam_init"), (".wa", ".wb", "attn_map.w")),
 }
 
 LLAMA_LORA = dict(lora_r=32, lora_alpha=64, lora_dropout=0.05, target_modules="q_proj,k_proj,v_proj,up_proj,down_proj")
@@ -135,6 +151,38 @@ METHODS = {
                               "llama2-70b": dict(quanta_dims="16-8-8-8"),
                               **{t: dict(quanta_dims="4-4-4") for t in TINY}}),
 }
+
+
+# LMAM presets, Table 19 (LoRaDA-LA on LLaMA) with the underlined choices. Table 19 lists two LoRA
+# placements, O+Down and O+Up+Down; the paper's # Params (%) tell which each model used (7B, 2-7B,
+# 13B: O+Down; 3-8B, 2-70B: O+Up+Down).
+LMAM_BASE = dict(lmam_heads=32, lmam_rank=2, lmam_len=128, lmam_scale=1 / (4096 * 600), lmam_variant="default",
+                 lmam_mode="head", lmam_init="scaled")
+LORADA_LA = dict(LMAM_BASE, lora_r=1, lora_alpha=2, lora_dropout=0.05, target_modules="o_proj,down_proj",
+                 adapter_r=18, adapter_scale=4.0, adapter_dropout=0.0)
+LORADA_LA_PRESETS = {
+    "llama2-7b": dict(adapter_r=15),
+    "llama3-8b": dict(lmam_scale=1 / (4096 * 1200), lora_r=2, lora_alpha=4, adapter_r=2,
+                      target_modules="o_proj,up_proj,down_proj"),
+    "llama-13b": dict(lmam_heads=40, lmam_scale=1 / (5120 * 600), adapter_r=12),
+    "llama2-13b": dict(lmam_heads=40, lmam_scale=1 / (5120 * 600), adapter_r=12),
+    "llama2-70b": dict(lmam_heads=64, lmam_scale=1 / (8192 * 1600), adapter_r=7, target_modules="o_proj,up_proj,down_proj"),
+    **{t: dict(lmam_heads=2, lmam_len=16, lmam_scale=0.01, adapter_r=4) for t in TINY},
+}
+LMAM_PRESETS = {k: {h: v for h, v in p.items() if h.startswith("lmam_")} for k, p in LORADA_LA_PRESETS.items()}
+
+METHODS.update({
+    "lmam":      dict(parts=("lmam",), defaults=LMAM_BASE, presets=LMAM_PRESETS),
+    "lorada_la": dict(parts=("lmam", "lora", "adapter_ffn"), defaults=LORADA_LA, presets=LORADA_LA_PRESETS),
+    # Table 17: LMAM r=1, n=128, h_s=32 (40 on 13B) + QuanTA 16-8-8-4 on q_proj, v_proj
+    "lorada_q":  dict(parts=("lmam", "quanta"), defaults=dict(LMAM_BASE, lmam_rank=1, quanta_dims="16-8-8-4",
+                                                            target_modules="q_proj,v_proj"),
+                      presets={m: dict(p, **METHODS["quanta"]["presets"].get(m, {}))
+                               for m, p in LMAM_PRESETS.items()}),
+    # the plug-in pairs of Tables 6 and 18: the baseline's own preset plus LMAM
+    **{f"{b}+lmam": dict(parts=(b, "lmam"), defaults=dict(METHODS[b]["defaults"], **LMAM_BASE),
+                         presets=LMAM_PRESETS) for b in ("lora", "dora", "parallel", "series")},
+})
 
 
 def method_hparams(name: str, model_name: str | None, overrides: dict) -> dict:

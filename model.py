@@ -142,8 +142,8 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with H a multiple of Hkv (grouped-query attention:
     query head i reads key/value head i // (H / Hkv)). `mask` is boolean (B, 1, T, S), True = attend.
     `extra_kv` = (k', v') of shape (B, Hkv, P, hd) prepended to every query's keys (prefix tuning).
-    `attn_map` is an object adding a learned attention map (LMAM, lmam.py); `positions` are the
-    token positions of the queries, which it needs. With `need_weights` the T×S attention
+    `attn_map` is an object adding a learned attention map (LMAM, lmam.py); `positions` =
+    (query token positions (B, T), key token positions (B, S), key is a real token (B, S)). With `need_weights` the T×S attention
     probabilities are materialised and returned as well (for pictures and tests); otherwise the
     work stays in scaled_dot_product_attention and nothing T×S is built here.
     """
@@ -321,13 +321,15 @@ class Llama(nn.Module):
 
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        # token positions of the queries and of every key slot, for an attention map (LMAM)
+        map_positions = (positions, token_positions(attention_mask), attention_mask.bool())
         all_probs = []
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x, probs = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask, is_causal, positions, cache, need_weights, use_reentrant=False)
+                    layer, x, cos, sin, mask, is_causal, map_positions, cache, need_weights, use_reentrant=False)
             else:
-                x, probs = layer(x, cos, sin, mask, is_causal, positions, cache, need_weights)
+                x, probs = layer(x, cos, sin, mask, is_causal, map_positions, cache, need_weights)
             all_probs.append(probs)
         if cache is not None:
             cache.advance(T)

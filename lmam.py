@@ -1,0 +1,160 @@
+"""LMAM, the Low-rank Multi-head Attention Map (Li et al. 2025, "LoRaDA", Section 3.2, App. A.1).
+
+A learned map is added to the attention probabilities of self-attention, after the softmax:
+
+    PE_pos = 1 / 10000^(2·pos/n)                                  Eq. 7
+    Attn_s = (Wa + PE_rows) · (Wb + PE_cols) · s                  Eq. 8-10, Wa: (h_s, n, r), Wb: (h_s, r, n)
+    Attn_s = Attn_s ⊙ M_causal          (decoders only)          Eq. 11
+    O = (softmax(QKᵀ/√d) + Attn_s) · V                           Eq. 12-13
+
+Map index i is a *token position* (0 at each sequence's first real token), so padding never
+moves it. With N tokens: the map covers positions [0, min(n, N)) (Eq. 14-15); in "tail" mode it
+covers the last n tokens of each sequence instead (Eq. 16; with N < n, the map's bottom-right
+N×N block). When h_s < h, head i uses map i mod h_s (torch's repeat, Eq. 17).
+Parameters: 2·h_s·n·r per layer (full_rank: h_s·n²).
+
+Computation: (softmax(S) + A)·V = SDPA(Q, K, V) + A·V. The main attention stays in
+scaled_dot_product_attention; the extra term gathers the values of the first n token positions
+(B, h, n, hd) and multiplies by the (h, T, n) rows of the map: nothing N×N is built. A naive path
+that materialises the (B, h, T, S) map is kept for tests and pictures (`need_weights=True`).
+
+Ablations (Table 9): variant "pre_softmax" (¬N: softmax(QKᵀ/√d + Attn_s)·V, which needs the
+dense bias), "softmax_map" (¬S: + softmax(Attn_s) over keys), "full_rank" (¬L, FMAM: a trainable
+(h_s, n, n) map, no positional term), "no_pos" (¬P).
+
+Initialisation (the paper gives none). Default init="scaled": Wa, Wb ~ N(0, σ²) with
+σ = (n·r·s)^(-1/2), so the entries of Attn_s start with standard deviation ≈ 1/n, the size of an
+attention probability over n keys, whatever s is. (With N(0, 1), init="normal", and the paper's
+s = 1/(4096·600), Attn_s starts ~1e-6 and AdamW steps move the outputs only at fp32 rounding
+level.) init="zero": Wa as "scaled", Wb = −PE, so Attn_s is exactly 0 at the start (identity).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import attention_naive
+
+VARIANTS = ("default", "pre_softmax", "softmax_map", "full_rank", "no_pos")
+
+
+class LMAM(nn.Module):
+    def __init__(self, n_heads: int, heads: int, rank: int, length: int, scale: float, causal: bool,
+                 variant: str = "default", tail: bool = False, init: str = "scaled", device=None):
+        super().__init__()
+        if heads <= 0 or n_heads % heads:
+            raise ValueError(f"the model's {n_heads} attention heads are not divisible by lmam_heads={heads}")
+        if rank <= 0 or length <= 0:
+            raise ValueError(f"lmam_rank and lmam_len must be positive, got {rank} and {length}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown lmam_variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        self.n_heads, self.heads, self.rank, self.length = n_heads, heads, rank, length
+        self.scale, self.causal, self.variant, self.tail = float(scale), causal, variant, tail
+        pe = 1.0 / 10000 ** (2 * torch.arange(length, device=device, dtype=torch.float32) / length)   # Eq. 7
+        self.register_buffer("pe", pe, persistent=False)
+        if variant == "full_rank":
+            self.w = nn.Parameter(torch.zeros(heads, length, length, device=device))
+            if init == "normal":
+                nn.init.normal_(self.w)
+        else:
+            if init not in ("scaled", "normal", "zero"):
+                raise ValueError(f"unknown lmam_init {init!r}; valid: scaled, normal, zero")
+            std = 1.0 if init == "normal" or scale == 0 else (length * rank * abs(scale)) ** -0.5
+            self.wa = nn.Parameter(torch.randn(heads, length, rank, device=device) * std)
+            self.wb = nn.Parameter(torch.randn(heads, rank, length, device=device) * std)
+            if init == "zero":
+                with torch.no_grad():
+                    self.wb.copy_(-pe.expand(heads, rank, length))
+        self.merged_map = None
+
+    def attn_map(self):
+        """Attn_s (h_s, n, n), causal-masked for decoders (Eq. 7-11)."""
+        if self.merged_map is not None:
+            return self.merged_map
+        if self.variant == "full_rank":
+            a = self.w * self.scale
+        else:
+            pos = 0 if self.variant == "no_pos" else self.pe
+            wa = self.wa + (pos[:, None] if self.variant != "no_pos" else 0)   # Eq. 8: rows of Wa
+            wb = self.wb + (pos[None, :] if self.variant != "no_pos" else 0)   # Eq. 9: columns of Wb
+            a = (wa @ wb) * self.scale                                          # Eq. 10
+        if self.causal:
+            keep = torch.ones(self.length, self.length, dtype=torch.bool, device=a.device).tril()
+            if self.variant == "softmax_map":
+                a = a.masked_fill(~keep, float("-inf"))
+            else:
+                a = a * keep                                                    # Eq. 11
+        if self.variant == "softmax_map":
+            a = a.softmax(dim=-1)
+        return a
+
+    def merge(self):
+        """Inference: compute Attn_s once and reuse it."""
+        with torch.no_grad():
+            self.merged_map = None
+            self.merged_map = self.attn_map().detach()
+
+    def unmerge(self):
+        self.merged_map = None
+
+    # -- where each token falls on the map ------------------------------------------------------
+    def map_index(self, pos, valid, lengths):
+        """Map index of each token (B, L) -> (index clamped into [0, n), in-map mask)."""
+        idx = pos - (lengths[:, None] - self.length) if self.tail else pos
+        ok = valid & (idx >= 0) & (idx < self.length)
+        return idx.clamp(0, self.length - 1), ok
+
+    def heads_map(self, a):
+        return a.repeat(self.n_heads // self.heads, 1, 1)                      # Eq. 17: head i -> i mod h_s
+
+    def dense(self, qi, qok, ki, kok):
+        """The map on the (B, h, T, S) grid of query and key slots (naive path, ¬N and pictures)."""
+        a = self.heads_map(self.attn_map()).to(torch.float32)                  # (h, n, n)
+        d = a[:, qi[:, :, None], ki[:, None, :]]                               # (h, B, T, S)
+        return (d * (qok[:, :, None] & kok[:, None, :])).transpose(0, 1)       # (B, h, T, S)
+
+    def attend(self, q, k, v, mask, *, is_causal, positions, need_weights=False):
+        """softmax(q kᵀ/√d) v + Attn_s v for one layer; returns (y, probs or None).
+
+        positions = (q_pos (B, T), k_pos (B, S), k_valid (B, S)): token positions of queries and
+        keys and which key slots are real tokens (keys of a prefix, if any, come first and are
+        never on the map)."""
+        q_pos, k_pos, k_valid = positions
+        if self.tail and q_pos.shape[1] < k_pos.shape[1]:
+            raise ValueError("LMAM tail mode (Eq. 16) cannot decode with a KV cache: the last n tokens "
+                             "move with every new token; run full forwards instead")
+        if k.shape[2] != k_pos.shape[1]:                                        # prefix keys
+            P = k.shape[2] - k_pos.shape[1]
+            k_pos = F.pad(k_pos, (P, 0))
+            k_valid = F.pad(k_valid, (P, 0), value=False)
+        lengths = k_valid.sum(-1)
+        q_valid = torch.ones_like(q_pos, dtype=torch.bool)
+        qi, qok = self.map_index(q_pos, q_valid, lengths)
+        ki, kok = self.map_index(k_pos, k_valid, lengths)
+        H, Hkv = q.shape[1], k.shape[1]
+
+        if self.variant == "pre_softmax" or need_weights:
+            bias = self.dense(qi, qok, ki, kok).to(q.dtype)
+            if self.variant == "pre_softmax":                                  # ¬N: inside the softmax
+                return attention_naive(q, k, v, mask, is_causal=is_causal, bias=bias)
+            y, probs = attention_naive(q, k, v, mask, is_causal=is_causal)
+            vv = v.repeat_interleave(H // Hkv, dim=1)
+            return y + bias @ vv, probs + bias                                   # Eq. 12-13
+
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != Hkv)
+        # Gather the values of the tokens on the map: slot of map index j per row (B, n).
+        B, S = k_pos.shape
+        slot = torch.full((B, self.length + 1), S, dtype=torch.long, device=q.device)
+        slot.scatter_(1, torch.where(kok, ki, self.length), torch.arange(S, device=q.device).expand(B, S))
+        slot = slot[:, :self.length]                                            # S = "no token"
+        v_pad = F.pad(v, (0, 0, 0, 1))                                          # slot S holds zeros
+        v_map = v_pad[torch.arange(B, device=q.device)[:, None], :, slot]       # (B, n, Hkv, hd)
+        v_map = v_map.permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)    # (B, H, n, hd)
+        rows = self.heads_map(self.attn_map()).to(q.dtype)[:, qi]               # (H, B, T, n)
+        rows = rows * qok[None, :, :, None]
+        return y + rows.transpose(0, 1) @ v_map, None                           # (B, H, T, hd)
+
+    def extra_repr(self):
+        return (f"heads={self.heads}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "
+                f"causal={self.causal}, variant={self.variant}, tail={self.tail}")

@@ -47,6 +47,11 @@ TINY_OVERRIDES = {"series": dict(adapter_r=8), "parallel": dict(adapter_r=8), "a
                   "mam": dict(prefix_len=3, prefix_mid_dim=16, adapter_r=8), "lora": dict(lora_r=4),
                   "dora": dict(lora_r=4), "prefix": dict(prefix_len=3),
                   "quanta": dict(quanta_dims="4-4-4")}
+for _name, _spec in methods.METHODS.items():      # LMAM methods on the 4-head tiny model
+    if "lmam" in _spec["parts"]:
+        TINY_OVERRIDES[_name] = dict(TINY_OVERRIDES.get(_name.split("+")[0], {}), lmam_heads=2, lmam_len=6,
+                                     **({"quanta_dims": "4-4-4"} if "quanta" in _spec["parts"] else {}),
+                                     **({"adapter_r": 4} if "adapter_ffn" in _spec["parts"] else {}))
 
 
 # ----------------------------------------------------------------------------- identity at init
@@ -215,6 +220,11 @@ def test_quanta_update_is_exactly_zero_at_init():
 
 def closed_form(name, c, hp):
     """Each method's parameter count from its formula (docstrings of lora.py, adapters.py, quanta.py)."""
+    parts = methods.METHODS[name]["parts"]
+    if name != "mam" and len(parts) > 1:                  # LoRaDA variants and plug-in pairs: the sum
+        return sum(closed_form(p, c, hp) for p in parts)
+    if name == "lmam":                                    # Wa (h_s, n, r) + Wb (h_s, r, n) per layer
+        return c.n_layers * 2 * hp["lmam_heads"] * hp["lmam_len"] * hp["lmam_rank"]
     d, f, L, kv = c.dim, c.hidden_dim, c.n_layers, c.n_kv_heads * c.head_dim
     shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
               "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}        # (in, out)
@@ -301,7 +311,7 @@ def test_adapter_file_roundtrip(tmp_path, name):
     ours, _ = tiny("gqa")
     with pytest.warns(UserWarning) if name == "bitfit" else _nothing():
         methods.apply_method(ours, name, **TINY_OVERRIDES.get(name, {}))
-    randomize(ours, ["lora_", "magnitude", "quanta_T.", "adapter_", "prefix_"])
+    randomize(ours, ["lora_", "magnitude", "quanta_T.", "adapter_", "prefix_", ".wa", ".wb"])
     ids, mask = batch()
     with torch.no_grad():
         ref = ours(ids, attention_mask=mask)

@@ -14,9 +14,12 @@ N×N block). When h_s < h, head i uses map i mod h_s (torch's repeat, Eq. 17).
 Parameters: 2·h_s·n·r per layer (full_rank: h_s·n²).
 
 Computation: (softmax(S) + A)·V = SDPA(Q, K, V) + A·V. The main attention stays in
-scaled_dot_product_attention; the extra term gathers the values of the first n token positions
-(B, h, n, hd) and multiplies by the (h, T, n) rows of the map: nothing N×N is built. A naive path
-that materialises the (B, h, T, S) map is kept for tests and pictures (`need_weights=True`).
+scaled_dot_product_attention; the extra term gathers the values of the n tokens on the map
+(B, h, n, hd) and, for the low-rank map, applies the factors directly with a prefix sum for the
+causal mask: s·Wa'[i]·Σ_{j≤i} Wb'[:, j]·v_j, O(h·n·r·hd). The ablations and merged inference
+(Attn_s precomputed once) multiply the (h, T, n) rows of the map instead, O(h·T·n·hd). Nothing
+N×N is built. A naive path that materialises the (B, h, T, S) map is kept for tests and
+pictures (`need_weights=True`).
 
 Ablations (Table 9): variant "pre_softmax" (¬N: softmax(QKᵀ/√d + Attn_s)·V, which needs the
 dense bias), "softmax_map" (¬S: + softmax(Attn_s) over keys), "full_rank" (¬L, FMAM: a trainable
@@ -75,9 +78,7 @@ class LMAM(nn.Module):
         if self.variant == "full_rank":
             a = self.w * self.scale
         else:
-            pos = 0 if self.variant == "no_pos" else self.pe
-            wa = self.wa + (pos[:, None] if self.variant != "no_pos" else 0)   # Eq. 8: rows of Wa
-            wb = self.wb + (pos[None, :] if self.variant != "no_pos" else 0)   # Eq. 9: columns of Wb
+            wa, wb = self.factors()
             a = (wa @ wb) * self.scale                                          # Eq. 10
         if self.causal:
             keep = torch.ones(self.length, self.length, dtype=torch.bool, device=a.device).tril()
@@ -151,9 +152,31 @@ class LMAM(nn.Module):
         v_pad = F.pad(v, (0, 0, 0, 1))                                          # slot S holds zeros
         v_map = v_pad[torch.arange(B, device=q.device)[:, None], :, slot]       # (B, n, Hkv, hd)
         v_map = v_map.permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)    # (B, H, n, hd)
-        rows = self.heads_map(self.attn_map()).to(q.dtype)[:, qi]               # (H, B, T, n)
-        rows = rows * qok[None, :, :, None]
-        return y + rows.transpose(0, 1) @ v_map, None                           # (B, H, T, hd)
+        if self.merged_map is None and self.variant in ("default", "no_pos"):
+            term = self.lowrank_term(qi, v_map)                                 # O(h·n·r·hd)
+        else:
+            rows = self.heads_map(self.attn_map()).to(q.dtype)[:, qi]           # (H, B, T, n)
+            term = rows.transpose(0, 1) @ v_map                                 # O(h·T·n·hd)
+        return y + term * qok[:, None, :, None], None                           # (B, H, T, hd)
+
+    def factors(self):
+        """(Wa + PE on its rows, Wb + PE on its columns), Eq. 8-9; the stored parameters never change."""
+        if self.variant == "no_pos":
+            return self.wa, self.wb
+        return self.wa + self.pe[:, None], self.wb + self.pe[None, :]
+
+    def lowrank_term(self, qi, v_map):
+        """Attn_s·V from the factors, without the n×n map: for query index i,
+        s · Wa'[i] · Σ_{j(≤i)} Wb'[:, j] v_j, the causal sum being a prefix sum over j."""
+        wa, wb = (self.heads_map(w).to(v_map.dtype) for w in self.factors())   # (H, n, r), (H, r, n)
+        B = v_map.shape[0]
+        a_q = wa[:, qi].transpose(0, 1)                                         # (B, H, T, r)
+        if not self.causal:
+            u = wb @ v_map                                                      # (B, H, r, hd)
+            return (a_q @ u) * self.scale
+        c = (wb.transpose(1, 2)[None, :, :, :, None] * v_map[:, :, :, None, :]).cumsum(2)  # (B, H, n, r, hd)
+        c_q = c[torch.arange(B, device=c.device)[:, None], :, qi]               # (B, T, H, r, hd)
+        return torch.einsum("bhtr,bthrd->bhtd", a_q, c_q) * self.scale
 
     def extra_repr(self):
         return (f"heads={self.heads}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "

@@ -309,3 +309,31 @@ def load_adapter(model, path: str):
         for k, t in tensors.items():
             expected[k].copy_(t)
     return model
+
+
+# ----------------------------------------------------------------------------- training presets
+
+# LLM-Adapters' finetune.py commands (bs 16, micro-batch 4, lr 3e-4, 3 epochs, cutoff 256, 120
+# validation examples, eval/save every 80 steps, 100 warmup steps, no weight decay, clip 1.0,
+# seed 42) unless a method's reference says otherwise.
+TRAIN_DEFAULTS = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_rate=3e-4, cutoff_len=256,
+                      val_set_size=120, eval_step=80, save_step=80, warmup_steps=100, weight_decay=0.0,
+                      max_grad_norm=1.0, seed=42)
+TRAIN_PRESETS = {
+    "prefix": dict(batch_size=8, num_epochs=5, learning_rate=3e-2, eval_step=10, save_step=10),  # math command
+    "dora": dict(learning_rate=2e-4, by_model={"llama3-8b": dict(learning_rate=1e-4)}),          # DoRA scripts
+    "quanta": dict(batch_size=4, micro_batch_size=1, num_epochs=5, learning_rate=5e-5, warmup_steps=0),  # ft_com.sh
+    "lorada_q": dict(batch_size=8, learning_rate=1e-4, warmup_steps=0),                           # Table 17
+    "lorada_la": dict(batch_size=4, learning_rate=1e-4,                                           # Table 19
+                      by_model={"llama3-8b": dict(learning_rate=2e-4), "llama-13b": dict(batch_size=3),
+                                "llama2-13b": dict(batch_size=3), "llama2-70b": dict(batch_size=2)}),
+}
+
+
+def train_hparams(method: str, model_name: str | None) -> dict:
+    """Training hyperparameters for a method on a model: defaults ← method ← method and model."""
+    preset = dict(TRAIN_PRESETS.get(method, {}))
+    by_model = preset.pop("by_model", {})
+    hp = dict(TRAIN_DEFAULTS, **preset, **by_model.get(model_name, {}))
+    hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+    return hp

@@ -126,6 +126,7 @@ def validation_loss(model, examples, micro, pad_id, device, autocast):
 def prepare(args):
     """Model (method applied), tokenizer, train/validation examples, training hyperparameters."""
     overrides = {k: getattr(args, k) for k in methods.HPARAMS if getattr(args, k) is not None}
+    methods.method_hparams(args.method, None, overrides)     # fail early on an unknown method or flag
     if args.dry_run:
         model = M.build(args.model)
         methods.apply_method(model, args.method, **overrides)
@@ -143,6 +144,7 @@ def prepare(args):
     hp = methods.train_hparams(args.method, M.preset_name(model.cfg))
     hp.update({k: getattr(args, k) for k in methods.TRAIN_DEFAULTS if getattr(args, k) is not None})
     hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+    torch.manual_seed(hp["seed"])        # the method's initialisation, then dropout: one seeded stream
     methods.apply_method(model, args.method, **overrides)
     # validation split: a seeded shuffle, as LLM-Adapters' train_test_split(seed=42)
     order = list(range(len(records)))
@@ -161,7 +163,6 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     device, cuda = args.device, args.device.startswith("cuda")
     autocast = cuda and next(model.parameters()).dtype == torch.float32   # full / bitfit on GPU
-    torch.manual_seed(hp["seed"])
     if args.gradient_checkpointing:
         model.gradient_checkpointing = True
     forward_model = torch.compile(model, dynamic=True) if args.compile else model

@@ -73,6 +73,8 @@ def resolve(name_or_path: str, root: str = DEFAULT_ROOT, split: str = "test") ->
     (ft-training_set/NAME.json) or a task name (dataset/NAME/test.json)."""
     if os.path.exists(name_or_path):
         return name_or_path
+    if os.sep in name_or_path or name_or_path.endswith(".json"):
+        raise FileNotFoundError(f"{name_or_path}: no such data file")
     sample = os.path.join(SAMPLES, f"{name_or_path}.json")
     if os.path.exists(sample):
         return sample

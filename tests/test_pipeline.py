@@ -1,0 +1,289 @@
+"""The LLaMA pipeline: data and prompts, train.py (schedule, resume, signals, compile), eval.py."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval as E
+import methods
+import model as M
+import train as T
+from conftest import ROOT, shared
+from data import llm_adapters as D
+
+INDENT = " " * 16
+
+
+# ----------------------------------------------------------------------------- prompts and data
+
+def test_prompts_are_byte_exact():
+    r = {"instruction": "Q?", "input": "", "output": "the correct answer is true"}
+    assert D.train_prompt(r) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.  "
+        "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n" + INDENT + "\n" + INDENT + "### Response:\n" + INDENT
+        + "the correct answer is true")
+    assert D.eval_prompt(r) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+        "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n\n" + INDENT + "### Response:\n" + INDENT)
+    with_input = D.train_prompt({**r, "input": "ctx"})
+    assert "paired with an input" in with_input and "### Input:\n" + INDENT + "ctx\n" + INDENT + "\n" in with_input
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (BOS 1, EOS 2, pad 0)."""
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text, bos=True, eos=False):
+        return [1] * bos + [3 + (ord(c) % 200) for c in text] + [2] * eos
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i > 2)
+
+
+def test_tokenize_bos_eos_truncation_and_masking():
+    tok = CharTokenizer()
+    r = {"instruction": "Q?", "input": "", "output": "yes"}
+    full = D.tokenize(tok, r, cutoff_len=1000)
+    assert full["input_ids"][0] == 1 and full["input_ids"][-1] == 2            # BOS, and EOS when it fits
+    assert full["labels"] == full["input_ids"]                                   # train_on_inputs by default
+    cut = D.tokenize(tok, r, cutoff_len=50)
+    assert len(cut["input_ids"]) == 50 and cut["input_ids"][-1] != 2             # truncated: no EOS
+    masked = D.tokenize(tok, r, cutoff_len=1000, train_on_inputs=False)
+    n_prompt = len(tok.encode(D.train_prompt({**r, "output": ""})))
+    assert masked["labels"][:n_prompt] == [-100] * n_prompt
+    assert masked["labels"][n_prompt:] == full["input_ids"][n_prompt:]
+    batch = D.collate([full, masked], pad_id=0)
+    assert batch["labels"][1, len(masked["labels"]):].eq(-100).all()            # -100 on padding
+    assert batch["attention_mask"].sum(1).tolist() == [len(full["input_ids"]), len(masked["input_ids"])]
+
+
+def test_real_tokenizer_on_real_records():
+    tok = M.load_tokenizer(shared("llama2-tokenizer", "tokenizer.model"))
+    recs = D.load_records(shared("llm_adapters", "dataset", "boolq", "train.json"))
+    assert len(recs) > 1000
+    e = D.tokenize(tok, recs[0], 256)
+    assert e["input_ids"][0] == 1 and e["input_ids"][-1] == 2 and len(e["input_ids"]) <= 256
+    assert tok.decode(e["input_ids"][1:-1]) == D.train_prompt(recs[0])
+
+
+@pytest.mark.parametrize("task", ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy",
+                                  "openbookqa", "AddSub", "MultiArith", "SingleEq", "gsm8k", "AQuA", "SVAMP", "mawps"])
+def test_real_test_sets_load_and_their_gold_outputs_score_correct(task):
+    recs = D.load_records(shared("llm_adapters", "dataset", task, "test.json"), fields=("instruction", "answer"))
+    # the commonsense files' outputs are "the correct answer is <answer>": extraction must find it
+    if task in E.CHOICES:
+        assert all(E.extract_answer(task, r["output"]) == r["answer"] for r in recs)
+    else:
+        for r in recs[:50]:
+            assert E.is_correct(task, r["answer"], E.extract_answer(task, str(r["answer"])))
+
+
+def test_length_grouped_batches_are_a_deterministic_partition():
+    lengths = [(i * 37) % 101 for i in range(500)]
+    a = D.length_grouped_batches(lengths, 8, seed=3, mega=16)
+    assert a == D.length_grouped_batches(lengths, 8, seed=3, mega=16)
+    assert sorted(i for b in a for i in b) == list(range(500))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
+    assert spread < 20                                  # random batches would spread ~70
+
+
+def test_bad_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json: no such data file"):
+        D.load_records(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"},')
+    with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(line 1"):
+        D.load_records(str(tmp_path / "bad.json"))
+    (tmp_path / "missing.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    with pytest.raises(ValueError, match="missing.json: record 1 has no field 'output'"):
+        D.load_records(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown dataset 'commonsense_17k'"):
+        D.resolve("commonsense_17k")
+
+
+# ----------------------------------------------------------------------------- answer extraction
+
+@pytest.mark.parametrize("dataset,text,expected", [
+    ("boolq", "the correct answer is true", "true"),
+    ("boolq", "false, and then true", "false"),                     # the first match
+    ("boolq", "I am not sure", ""),                                 # none
+    ("piqa", "solution2 is better than solution1", "solution2"),
+    ("ARC-Challenge", "the correct answer is answer4", "answer4"),
+    ("winogrande", "option2", "option2"),
+    ("hellaswag", "ending3", "ending3"),
+    ("gsm8k", "He pays 1,200 dollars, then 3,450. The answer is 3,450.", 3450.0),   # commas, the last number
+    ("SVAMP", "The answer is -7.", -7.0),
+    ("mawps", "x = 1.8333", 1.8333),
+    ("AddSub", "no number here", float("inf")),
+    ("AQuA", "Each option... the answer is (C)", "E"),              # the first capital A-E, as the reference
+    ("AQuA", "none", ""),
+])
+def test_extract_answer(dataset, text, expected):
+    assert E.extract_answer(dataset, text) == expected
+
+
+def test_numeric_scoring_tolerance_and_unknown_dataset():
+    assert E.is_correct("gsm8k", "18.0", 18.0005) and not E.is_correct("gsm8k", "18.0", 18.01)
+    assert not E.is_correct("gsm8k", "18.0", float("inf"))
+    with pytest.raises(ValueError, match="unknown dataset 'trivia'"):
+        E.extract_answer("trivia", "x")
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def test_schedule_values():
+    f = T.linear_schedule(warmup=10, total=110)
+    assert [f(0), f(5), f(10), f(60), f(110)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny LLaMA checkpoint with a real sentencepiece tokenizer trained on the sample data."""
+    import sentencepiece as spm
+    path = tmp_path_factory.mktemp("tiny")
+    recs = D.load_records(D.resolve("commonsense_sample"))
+    text = path / "text.txt"
+    text.write_text("\n".join(D.train_prompt(r) for r in recs * 20))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "tokenizer"), vocab_size=200,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    torch.manual_seed(0)
+    m = M.Llama(M.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=200))
+    import demo
+    demo.save_hf(m, str(path))
+    return str(path)
+
+
+def run_train(ckpt, out, *extra, method="lora"):
+    return [sys.executable, "train.py", "--model", ckpt, "--method", method, "--data", "commonsense_sample",
+            "--out_dir", str(out), "--batch_size", "2", "--micro_batch_size", "1", "--val_set_size", "2",
+            "--eval_step", "2", "--save_step", "3", "--warmup_steps", "2", "--lora_r", "2", "--num_epochs", "4",
+            "--quiet", *extra]
+
+
+def test_resume_is_bit_exact_and_sigterm_saves(tiny_ckpt, tmp_path):
+    """A run stopped by SIGTERM and resumed ends with the same adapter, bit for bit, as an
+    uninterrupted one (with LoRA dropout, so the RNG state matters too)."""
+    subprocess.run(run_train(tiny_ckpt, tmp_path / "a2", "--lora_dropout", "0.1"), cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    b = tmp_path / "b2"
+    p = subprocess.Popen(run_train(tiny_ckpt, b, "--lora_dropout", "0.1"), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log = b / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in err and (b / "checkpoint.pt").exists()
+    stopped_at = torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"]
+    assert 2 <= stopped_at < 12, stopped_at         # 3 train records / batch 2 = 2 steps x 4 epochs... or fewer
+    out = subprocess.run(run_train(tiny_ckpt, b, "--lora_dropout", "0.1", "--resume"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout
+    ref = M.read_safetensors(str(tmp_path / "a2" / "adapter.safetensors"))
+    got = M.read_safetensors(str(b / "adapter.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # and the logs agree step by step after the resume
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a2" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "log.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def test_outputs_of_a_run_and_the_adapter_reproduce(tiny_ckpt, tmp_path):
+    out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "4"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "args.json", "checkpoint.pt", "log.jsonl"]
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "val_loss" in rows[1]
+    assert all({"loss", "lr", "tokens_per_s", "tokens"} <= r.keys() for r in rows)
+    model, tok = E.load_for_eval(tiny_ckpt, str(tmp_path / "adapter.safetensors"))
+    assert model.peft_method["name"] == "lora"
+
+
+def test_compiled_steps_on_cpu(tiny_ckpt, tmp_path):
+    out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "2", "--compile"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt):
+    m = M.load(tiny_ckpt)
+    methods.apply_method(m, "lora", lora_r=2, lora_dropout=0.0)
+    ids = torch.randint(3, 200, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad()
+        m(ids).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_ckpt, tmp_path):
+    out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "6", "--learning_rate", "1e30",
+                                   "--max_grad_norm", "1e30"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "loss is nan" in out.stderr.lower() or "loss is inf" in out.stderr.lower(), out.stderr
+
+
+def test_bad_cli_input(tiny_ckpt, tmp_path):
+    cases = [(["--data", str(tmp_path / "none.json")], "none.json: no such data file"),
+             (["--data", "commonsense_17k"], "unknown dataset 'commonsense_17k'"),
+             (["--method", "lorra"], "valid methods"),
+             (["--resume"], "checkpoint.pt does not exist")]
+    for extra, msg in cases:
+        out = subprocess.run(run_train(tiny_ckpt, tmp_path / "x", *extra), cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode != 0 and msg in out.stderr, (extra, out.stderr[-2000:])
+    out = subprocess.run([sys.executable, "train.py", "--model", "llama-7b", "--method", "lora"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "shape preset without weights" in out.stderr
+
+
+# ----------------------------------------------------------------------------- eval.py
+
+def test_eval_resumes_and_prints_the_table(tiny_ckpt, tmp_path):
+    args = ["--model", tiny_ckpt, "--task", "boolq", "--data", D.resolve("commonsense_sample"),
+            "--out_dir", str(tmp_path), "--max_new_tokens", "4", "--num_beams", "2"]
+    res = E.main(args)
+    lines = (tmp_path / "boolq.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and res["boolq"]["total"] == 8
+    # a rerun after losing the last three predictions only redoes those
+    (tmp_path / "boolq.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    res2 = E.main(args)
+    assert len((tmp_path / "boolq.jsonl").read_text().splitlines()) == 8 and res2 == res
+    assert json.loads((tmp_path / "results.json").read_text())["boolq"]["total"] == 8
+    table = E.markdown_table({"boolq": {"accuracy": 0.5}, "piqa": {"accuracy": 1.0}}, "lora")
+    assert "| Method | BoolQ | PIQA | Avg. |" in table and "| lora | 50.0 | 100.0 | 75.0 |" in table
+
+
+def test_eval_bad_input(tiny_ckpt, tmp_path):
+    for extra, msg in ((["--task", "trivia"], "unknown task 'trivia'"),
+                       (["--task", "boolq", "--data", str(tmp_path / "x.json")], "x.json: no such test file")):
+        out = subprocess.run([sys.executable, "eval.py", "--model", tiny_ckpt, "--out_dir", str(tmp_path), *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and msg in out.stderr, out.stderr
+
+
+# ----------------------------------------------------------------------------- the demo
+
+def test_demo_pipeline_end_to_end_small(tmp_path, monkeypatch):
+    import demo
+    monkeypatch.setattr(demo, "CACHE", str(tmp_path))
+    before, after = demo.main(base=str(tmp_path / "base"), pretrain_steps=30, finetune_steps=4, n_train=40, n_test=6)
+    assert 0 <= before <= 1 and set(after) == {"lorada_la", "lora"}
+    assert (tmp_path / "run_lorada_la" / "adapter.safetensors").exists()
+    budget = {}
+    for name in after:
+        ck = json.loads((tmp_path / f"run_{name}" / "args.json").read_text())
+        budget[name] = ck["method"]["name"]
+    assert budget == {"lorada_la": "lorada_la", "lora": "lora"}

@@ -141,11 +141,17 @@ def pretrain(path, steps=500, seq=128, batch=24, seed=0):
     save_hf(model, path)
 
 
-def accuracy(model_path, adapter, records):
+def accuracy(model_path, adapter, records, prompt=D.eval_prompt):
     model, tok = E.load_for_eval(model_path, adapter)
     correct, total = E.evaluate_task(model, tok, "ARC-Easy", records, batch_size=16, num_beams=4,
-                                     max_new_tokens=8, progress=False)
+                                     max_new_tokens=8, progress=False, prompt=prompt)
     return correct / total
+
+
+def training_style_prompt(record):
+    """The training prompt without the response: LLM-Adapters' evaluation prompt differs from it in
+    whitespace (one token fewer here), which moves every later token by one position."""
+    return D.train_prompt({**record, "output": ""})
 
 
 def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=400, n_train=800, n_test=60):
@@ -159,7 +165,7 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
     test = task(random.Random(456), n_test)
     print(f"[2/4] generated a multiple-choice task in LLM-Adapters' format: {n_train} training, {n_test} test records")
     print("      e.g. " + json.dumps(test[0])[:160] + "...")
-    before = accuracy(base, None, test)
+    before = accuracy(base, None, test), accuracy(base, None, test, training_style_prompt)
     # LoRaDA-LA: LMAM over the whole prompt (n = 160 tokens) + LoRA r=1 on o_proj, down_proj +
     # Adapter-FFN r=4 (17,808 parameters); LoRA alone at about the same budget (r=3 on q,k,v,up,down:
     # 20,736). The loss is on the response only (--mask_prompt) so that a few steps suffice.
@@ -175,11 +181,15 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
                 str(finetune_steps), "--batch_size", "16", "--micro_batch_size", "16", "--learning_rate", "1e-2",
                 "--warmup_steps", "10", "--num_epochs", "100", "--val_set_size", "32", "--eval_step", "40", "--save_step", "1000",
                 "--lora_dropout", "0.0", "--mask_prompt", "--quiet", *flags])
-        after[name] = accuracy(base, os.path.join(out, "adapter" + methods.ADAPTER_EXT), test)
-    print(f"[4/4] accuracy on {n_test} held-out questions (chance: 25%; the base model has never seen the format)")
-    print(f"      base model, before fine-tuning: {100 * before:.1f}%")
-    for name, acc in after.items():
-        print(f"      {name:>9} after fine-tuning: {100 * acc:.1f}%")
+        adapter = os.path.join(out, "adapter" + methods.ADAPTER_EXT)
+        after[name] = accuracy(base, adapter, test), accuracy(base, adapter, test, training_style_prompt)
+    print(f"[4/4] accuracy on {n_test} held-out questions (chance: 25%; the base model has never seen the format),")
+    print("      with LLM-Adapters' evaluation prompt | with the training prompt's whitespace")
+    print(f"      base model, before fine-tuning: {100 * before[0]:5.1f}% | {100 * before[1]:5.1f}%")
+    for name, (acc, acc_train) in after.items():
+        print(f"      {name:>9} after fine-tuning: {100 * acc:5.1f}% | {100 * acc_train:5.1f}%")
+    print("      (LMAM's map is indexed by token position; the evaluation prompt's whitespace differs from the\n"
+          "      training prompt's, so every later token sits one position earlier than in training.)")
     print(f"done in {time.time() - t0:.0f} s")
     return before, after
 

@@ -68,8 +68,9 @@ def response_of(generated_text: str) -> str:
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, num_beams=4,
-                  max_new_tokens=None, progress=True):
-    """Generate and score every record; returns (correct, total). Resumes from out_path's lines."""
+                  max_new_tokens=None, progress=True, prompt=D.eval_prompt):
+    """Generate and score every record; returns (correct, total). Resumes from out_path's lines.
+    `prompt` builds the prompt of a record (LLM-Adapters' evaluation prompt by default)."""
     if max_new_tokens is None:
         max_new_tokens = 32 if task in D.COMMONSENSE else 256
     done = {}
@@ -80,7 +81,7 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
                     r = json.loads(line)
                     done[r["index"]] = r["correct"]
     todo = [i for i in range(len(records)) if i not in done]
-    prompts = {i: tokenizer.encode(D.eval_prompt(records[i]), bos=True) for i in todo}
+    prompts = {i: tokenizer.encode(prompt(records[i]), bos=True) for i in todo}
     todo.sort(key=lambda i: len(prompts[i]))                     # similar lengths share a batch
     device = next(model.parameters()).device
     out = open(out_path, "a") if out_path else None

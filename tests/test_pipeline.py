@@ -239,7 +239,9 @@ def test_bad_cli_input(tiny_ckpt, tmp_path):
     cases = [(["--data", str(tmp_path / "none.json")], "none.json: no such data file"),
              (["--data", "commonsense_17k"], "unknown dataset 'commonsense_17k'"),
              (["--method", "lorra"], "valid methods"),
-             (["--resume"], "checkpoint.pt does not exist")]
+             (["--resume"], "checkpoint.pt does not exist"),
+             (["--data", os.path.join(tiny_ckpt, "config.json")], "expected a JSON list of records"),
+             (["--data", shared("llm_adapters", "dataset", "mawps", "testset.json")], "record 0 has no field")]
     for extra, msg in cases:
         out = subprocess.run(run_train(tiny_ckpt, tmp_path / "x", *extra), cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
@@ -287,3 +289,25 @@ def test_demo_pipeline_end_to_end_small(tmp_path, monkeypatch):
         ck = json.loads((tmp_path / f"run_{name}" / "args.json").read_text())
         budget[name] = ck["method"]["name"]
     assert budget == {"lorada_la": "lorada_la", "lora": "lora"}
+
+
+@pytest.mark.parametrize("name", [m for m in methods.METHODS if m not in ("full", "bitfit")])
+def test_bf16_frozen_weights_with_fp32_trainable_tensors(tiny_ckpt, name):
+    """The GPU recipe, checked on CPU: frozen weights in bf16, the method's tensors in fp32; forward
+    and backward run and every gradient is fp32."""
+    m = M.load(tiny_ckpt, dtype=torch.bfloat16)
+    kw = {"quanta_dims": "4-8"} if "quanta" in methods.METHODS[name]["parts"] else {}
+    if "lmam" in methods.METHODS[name]["parts"]:
+        kw.update(lmam_heads=2, lmam_len=8)
+    if name in ("series", "parallel", "adapter_ffn", "mam", "lorada_la", "parallel+lmam", "series+lmam"):
+        kw["adapter_r"] = 4
+    if name in ("prefix", "mam"):
+        kw["prefix_len"] = 3
+    methods.apply_method(m, name, **kw)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters() if not p.requires_grad)
+    logits = m(torch.randint(3, 200, (2, 10)), attention_mask=torch.tensor([[1] * 10, [0] * 3 + [1] * 7]))
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)

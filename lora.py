@@ -10,7 +10,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class LoRALinear(nn.Module):
+class AdditiveUpdate(nn.Module):
+    """A frozen linear layer plus an update ΔW that can be folded into W for inference:
+    merge() adds delta_weight() to `weight`, unmerge() takes it out (LoRA, QuanTA)."""
+    merged = False
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+
+class LoRALinear(AdditiveUpdate):
     """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 
         y = W x + b + (alpha / r) · B A dropout(x)        A: (r, in), B: (out, r)
@@ -45,18 +63,6 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling                 # (out, in)
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import AdditiveUpdate
+
 
 def axis_pairs(n: int):
     """The reference's pair order as 0-based (a, b) with a < b."""
@@ -39,7 +41,7 @@ def quanta_apply(x, tensors, dims):
     return h.reshape(*x.shape[:-1], -1)
 
 
-class QuanTALinear(nn.Module):
+class QuanTALinear(AdditiveUpdate):
     def __init__(self, base: nn.Linear, dims, dropout: float = 0.0):
         super().__init__()
         dims = [int(d) for d in dims]
@@ -81,18 +83,6 @@ class QuanTALinear(nn.Module):
         """The dense (out, in) update f(T) − f(T0)."""
         eye = torch.eye(self.in_features, device=self.weight.device)
         return self.update(eye).T                                     # row i of update(eye) is Δ e_i
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, dims={'-'.join(map(str, self.dims))}"

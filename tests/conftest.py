@@ -2,6 +2,8 @@ import os
 import sys
 
 import pytest
+import torch
+from torch.testing import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -14,3 +16,17 @@ def shared(*parts):
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
     return path
+
+
+def assert_decode_equals_full(model, ids, mask, prefill):
+    """Prefill `prefill` tokens into a KV cache, decode the rest one token at a time, and compare
+    the logits of every real token with one full forward."""
+    import model as M
+    B, T = ids.shape
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = M.KVCache(model.cfg, B, T, torch.float32, "cpu")
+        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], cache=cache)]
+        for t in range(prefill, T):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
+    assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import model
-from conftest import shared
+from conftest import assert_decode_equals_full, shared
 from hf_llama import VARIANTS, hf_positions, save_bin, save_llama2c, save_meta, tiny_hf_llama
 
 
@@ -99,13 +99,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
     ours = model.load(write_layout(hf, "safetensors", str(tmp_path / "c")))
     ids, mask = padded_batch()
     ids, mask = ids[:2], mask[:2]                           # left padding only, as in generation
-    with torch.no_grad():
-        full = ours(ids, attention_mask=mask)
-        cache = model.KVCache(ours.cfg, 2, 9, torch.float32, "cpu")
-        steps = [ours(ids[:, :5], attention_mask=mask[:, :5], cache=cache)]
-        for t in range(5, 9):
-            steps.append(ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
-    assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert_decode_equals_full(ours, ids, mask, prefill=5)
 
 
 def prompts(vocab=512):

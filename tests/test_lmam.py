@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 import methods
 import model as M
-from conftest import ROOT
+from conftest import assert_decode_equals_full, ROOT
 from lmam import LMAM
 from test_methods import tiny
 
@@ -105,13 +105,7 @@ def test_decode_equals_full_forward_and_generation_runs():
     m = lmam_model()
     ids, mask = padded()
     ids, mask = ids[:2], mask[:2]
-    with torch.no_grad():
-        full = m(ids, attention_mask=mask)
-        cache = M.KVCache(m.cfg, 2, 9, torch.float32, "cpu")
-        steps = [m(ids[:, :3], attention_mask=mask[:, :3], cache=cache)]
-        for t in range(3, 9):
-            steps.append(m(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
-    assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert_decode_equals_full(m, ids, mask, prefill=3)
 
 
 def test_tail_mode_refuses_kv_cache_decoding():

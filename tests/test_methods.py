@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 import methods
 import model as M
-from conftest import ROOT
+from conftest import assert_decode_equals_full, ROOT
 from hf_llama import hf_positions, tiny_hf_llama
 from quanta import QuanTALinear
 
@@ -160,13 +160,7 @@ def test_prefix_with_kv_cache_decoding_equals_full_forward():
     methods.apply_method(ours, "prefix", prefix_len=3)
     randomize(ours, ["prefix_"])
     ids, mask = batch()
-    with torch.no_grad():
-        full = ours(ids, attention_mask=mask)
-        cache = M.KVCache(ours.cfg, 2, 8, torch.float32, "cpu")
-        steps = [ours(ids[:, :5], attention_mask=mask[:, :5], cache=cache)]
-        for t in range(5, 8):
-            steps.append(ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
-    assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert_decode_equals_full(ours, ids, mask, prefill=5)
 
 
 # ----------------------------------------------------------------------------- merge, QuanTA

@@ -134,7 +134,6 @@ def prepare(args):
     if args.model in M.LLAMA_PRESETS:
         raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path "
                          f"(or use --dry-run)")
-    hp = methods.train_hparams(args.method, None)
     tokenizer = M.load_tokenizer(args.tokenizer or (args.model if os.path.isdir(args.model) else os.path.dirname(args.model)))
     records = D.load_records(D.resolve(args.data, split="train"))
     trains_base = methods.METHODS[args.method]["parts"][0] in ("full", "bitfit")

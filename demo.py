@@ -10,7 +10,6 @@
 5. Evaluate the base model and both adapters with eval.py's code and print the accuracies.
 """
 import json
-import math
 import os
 import random
 import shutil

@@ -31,13 +31,12 @@ attention probability over n keys, whatever s is. (With N(0, 1), init="normal", 
 s = 1/(4096·600), Attn_s starts ~1e-6 and AdamW steps move the outputs only at fp32 rounding
 level.) init="zero": Wa as "scaled", Wb = −PE, so Attn_s is exactly 0 at the start (identity).
 """
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import attention_naive
+from model import attention_naive, sdpa
 
 VARIANTS = ("default", "pre_softmax", "softmax_map", "full_rank", "no_pos")
 
@@ -143,7 +142,7 @@ class LMAM(nn.Module):
             vv = v.repeat_interleave(H // Hkv, dim=1)
             return y + bias @ vv, probs + bias                                   # Eq. 12-13
 
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != Hkv)
+        y = sdpa(q, k, v, mask, is_causal)
         # Gather the values of the tokens on the map: slot of map index j per row (B, n).
         B, S = k_pos.shape
         slot = torch.full((B, self.length + 1), S, dtype=torch.long, device=q.device)

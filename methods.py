@@ -223,7 +223,8 @@ def apply_method(model, name: str, **overrides):
     for n, p in model.named_parameters():
         p.requires_grad_(any(names is None or any(s in n for s in names) for names in trainable_names))
     if not any(p.requires_grad for p in model.parameters()):
-        warnings.warn(f"method {name!r} leaves no parameter trainable in this model (LLaMA has no biases)")
+        warnings.warn(f"method {name!r} leaves no parameter of this model trainable (e.g. BitFit on LLaMA, "
+                      f"which has no biases)")
     model.peft_method = {"name": name, "hparams": hp}
     model.base_keys = base_keys
     return model

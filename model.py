@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import json
 import math
-import mmap
 import os
 import re
 import struct
@@ -142,10 +141,10 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with H a multiple of Hkv (grouped-query attention:
     query head i reads key/value head i // (H / Hkv)). `mask` is boolean (B, 1, T, S), True = attend.
     `extra_kv` = (k', v') of shape (B, Hkv, P, hd) prepended to every query's keys (prefix tuning).
-    `attn_map` is an object adding a learned attention map (LMAM, lmam.py); `positions` =
-    (query token positions (B, T), key token positions (B, S), key is a real token (B, S)). With `need_weights` the T×S attention
-    probabilities are materialised and returned as well (for pictures and tests); otherwise the
-    work stays in scaled_dot_product_attention and nothing T×S is built here.
+    `attn_map` is an object adding a learned attention map (LMAM, lmam.py); `positions` = (query
+    token positions (B, T), key token positions (B, S), key is a real token (B, S)). With
+    `need_weights` the T×S attention probabilities are materialised and returned as well (for
+    pictures and tests); otherwise the work stays in scaled_dot_product_attention.
     """
     if extra_kv is not None:
         pk, pv = extra_kv
@@ -162,8 +161,13 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
                                need_weights=need_weights)
     if need_weights:
         return attention_naive(q, k, v, mask, is_causal=is_causal)
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa), None
+    return sdpa(q, k, v, mask, is_causal), None
+
+
+def sdpa(q, k, v, mask=None, is_causal=False):
+    """scaled_dot_product_attention, with grouped-query attention when k, v have fewer heads."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attention_naive(q, k, v, mask=None, *, is_causal=False, bias=None):

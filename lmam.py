@@ -114,12 +114,12 @@ class LMAM(nn.Module):
         d = a[:, qi[:, :, None], ki[:, None, :]]                               # (h, B, T, S)
         return (d * (qok[:, :, None] & kok[:, None, :])).transpose(0, 1)       # (B, h, T, S)
 
-    def attend(self, q, k, v, mask, *, is_causal, positions, need_weights=False):
+    def attend(self, q, k, v, mask, *, is_causal, positions, need_weights=False, dropout_p=0.0):
         """softmax(q kᵀ/√d) v + Attn_s v for one layer; returns (y, probs or None).
 
         positions = (q_pos (B, T), k_pos (B, S), k_valid (B, S)): token positions of queries and
         keys and which key slots are real tokens (keys of a prefix, if any, come first and are
-        never on the map)."""
+        never on the map). Attention dropout (`dropout_p`) applies to the softmax part only."""
         q_pos, k_pos, k_valid = positions
         if self.tail and q_pos.shape[1] < k_pos.shape[1]:
             raise ValueError("LMAM tail mode (Eq. 16) cannot decode with a KV cache: the last n tokens "
@@ -137,12 +137,12 @@ class LMAM(nn.Module):
         if self.variant == "pre_softmax" or need_weights:
             bias = self.dense(qi, qok, ki, kok).to(q.dtype)
             if self.variant == "pre_softmax":                                  # ¬N: inside the softmax
-                return attention_naive(q, k, v, mask, is_causal=is_causal, bias=bias)
-            y, probs = attention_naive(q, k, v, mask, is_causal=is_causal)
+                return attention_naive(q, k, v, mask, is_causal=is_causal, bias=bias, dropout_p=dropout_p)
+            y, probs = attention_naive(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
             vv = v.repeat_interleave(H // Hkv, dim=1)
             return y + bias @ vv, probs + bias                                   # Eq. 12-13
 
-        y = sdpa(q, k, v, mask, is_causal)
+        y = sdpa(q, k, v, mask, is_causal, dropout_p)
         # Gather the values of the tokens on the map: slot of map index j per row (B, n).
         B, S = k_pos.shape
         slot = torch.full((B, self.length + 1), S, dtype=torch.long, device=q.device)

@@ -135,7 +135,7 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None, positions=None,
-           need_weights=False):
+           need_weights=False, dropout_p=0.0):
     """softmax(q kᵀ / √d + mask) v, the one attention function of this file.
 
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with H a multiple of Hkv (grouped-query attention:
@@ -144,7 +144,8 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
     `attn_map` is an object adding a learned attention map (LMAM, lmam.py); `positions` = (query
     token positions (B, T), key token positions (B, S), key is a real token (B, S)). With
     `need_weights` the T×S attention probabilities are materialised and returned as well (for
-    pictures and tests); otherwise the work stays in scaled_dot_product_attention.
+    pictures and tests); otherwise the work stays in scaled_dot_product_attention. `dropout_p`:
+    attention dropout on the probabilities (RoBERTa/BART fine-tuning; pass 0.0 in eval mode).
     """
     if extra_kv is not None:
         pk, pv = extra_kv
@@ -158,19 +159,19 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
             mask = torch.cat([prefix_ok.expand(mask.shape[0], -1, -1, -1), mask], dim=-1)
     if attn_map is not None:
         return attn_map.attend(q, k, v, mask, is_causal=is_causal, positions=positions,
-                               need_weights=need_weights)
+                               need_weights=need_weights, dropout_p=dropout_p)
     if need_weights:
-        return attention_naive(q, k, v, mask, is_causal=is_causal)
-    return sdpa(q, k, v, mask, is_causal), None
+        return attention_naive(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
+    return sdpa(q, k, v, mask, is_causal, dropout_p), None
 
 
-def sdpa(q, k, v, mask=None, is_causal=False):
+def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     """scaled_dot_product_attention, with grouped-query attention when k, v have fewer heads."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attention_naive(q, k, v, mask=None, *, is_causal=False, bias=None):
+def attention_naive(q, k, v, mask=None, *, is_causal=False, bias=None, dropout_p=0.0):
     """The same attention with the (B, H, T, S) probability matrix materialised; returns (y, probs).
     `bias` (broadcastable to (B, H, T, S)) is added to the scores before the softmax."""
     H, Hkv = q.shape[1], k.shape[1]
@@ -184,7 +185,7 @@ def attention_naive(q, k, v, mask=None, *, is_causal=False, bias=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.float().softmax(dim=-1).to(q.dtype)
-    return probs @ v, probs
+    return F.dropout(probs, dropout_p) @ v, probs
 
 
 class Attention(nn.Module):
@@ -253,10 +254,10 @@ class KVCache:
     (B, max_len) marks which slots are real tokens. `reorder(idx)` follows beam search.
     """
 
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype, device):
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.length = 0      # slots filled so far
         self.layer = 0       # which layer the next update() is for
 
@@ -293,6 +294,10 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, need_weights=False,
                 return_hidden=False, positions=None):
@@ -342,6 +347,320 @@ class Llama(nn.Module):
             return x
         logits = self.lm_head(x)
         return (logits, all_probs) if need_weights else logits
+
+
+# -----------------------------------------------------------------------------
+# RoBERTa and BART / mBART (the paper's GLUE, XSum and WMT16 en-ro models)
+#
+# Both use the post-LN (BART, RoBERTa) or pre-LN (mBART) transformer layer of Vaswani et al. with
+# learned absolute positions, biased projections and a GELU FFN. The module names follow BART's
+# checkpoints (self_attn.{q,k,v,out}_proj, fc1, fc2, *_layer_norm); RoBERTa's checkpoint keys are
+# mapped onto the same names at load time, so a PEFT method targets `q_proj` in all three models.
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class RobertaConfig:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    vocab_size: int = 50265
+    max_positions: int = 514       # learned positions; RoBERTa numbers them from pad_id + 1
+    type_vocab_size: int = 1
+    pad_id: int = 1
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    dropout: float = 0.1           # hidden_dropout_prob
+    attention_dropout: float = 0.1
+    num_labels: int = 0            # 0: no classification head; 1: regression (STS-B)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class BartConfig:
+    dim: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    n_heads: int = 16
+    hidden_dim: int = 4096
+    vocab_size: int = 50265
+    max_positions: int = 1024      # the position table has max_positions + 2 rows (offset 2)
+    pad_id: int = 1
+    eos_id: int = 2
+    pre_norm: bool = False         # mBART: LayerNorm before each sub-block, plus final LayerNorms
+    scale_embedding: bool = False  # mBART: token embeddings × √dim
+    activation: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    generation: dict | None = None  # the checkpoint's generation settings (generation_config.json)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_layers(self) -> int:
+        return self.encoder_layers + self.decoder_layers
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention with biased projections, as self-attention (keys from x) or cross-attention
+    (keys and values given, computed once from the encoder output by `kv`)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
+        self.attn_map = None  # LMAM sets its map here
+
+    def heads(self, x):
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                # (B, H, T, hd)
+
+    def kv(self, x):
+        return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+
+    def forward(self, x, mask=None, is_causal=False, positions=None, kv=None, cache=None, need_weights=False):
+        B, T, D = x.shape
+        q = self.heads(self.q_proj(x))
+        if kv is None:                                  # self-attention
+            k, v = self.kv(x)
+            if cache is not None:
+                k, v = cache.update(k, v)
+        else:                                           # cross-attention
+            k, v = kv
+        extra_kv = self.prefix(B, x.dtype) if self.prefix is not None else None
+        y, probs = attend(q, k, v, mask, is_causal=is_causal, extra_kv=extra_kv, attn_map=self.attn_map,
+                          positions=positions, need_weights=need_weights,
+                          dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D)), probs                # (B, T, D)
+
+
+class FFN(nn.Module):
+    """fc2(act(fc1(x))) with biases; an FFN-level adapter adds adapter(x, y) to the output."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str, activation_dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.act, self.activation_dropout = ACTIVATIONS[activation], activation_dropout
+        self.adapter = None
+
+    def forward(self, x):
+        y = self.fc2(F.dropout(self.act(self.fc1(x)), self.activation_dropout, self.training))
+        if self.adapter is not None:
+            y = self.adapter(x, y)
+        return y
+
+
+class EncoderLayer(nn.Module):
+    """x + sublayer(x), normalised after (post-LN: BART, RoBERTa) or before (pre-LN: mBART)."""
+
+    def __init__(self, dim, n_heads, hidden_dim, activation, dropout, attention_dropout, activation_dropout,
+                 norm_eps=1e-5, pre_norm=False):
+        super().__init__()
+        self.pre_norm, self.dropout = pre_norm, dropout
+        self.self_attn = MultiHeadAttention(dim, n_heads, attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.ffn = FFN(dim, hidden_dim, activation, activation_dropout)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def residual(self, x, norm, f):
+        """One sub-block with its residual connection and dropout."""
+        if self.pre_norm:
+            return x + F.dropout(f(norm(x)), self.dropout, self.training)
+        return norm(x + F.dropout(f(x), self.dropout, self.training))
+
+    def forward(self, x, mask, positions):
+        x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, mask, positions=positions)[0])
+        return self.residual(x, self.final_layer_norm, self.ffn)
+
+
+class DecoderLayer(EncoderLayer):
+    """Causal self-attention, cross-attention to the encoder output, FFN."""
+
+    def __init__(self, dim, n_heads, hidden_dim, activation, dropout, attention_dropout, activation_dropout,
+                 norm_eps=1e-5, pre_norm=False):
+        super().__init__(dim, n_heads, hidden_dim, activation, dropout, attention_dropout, activation_dropout,
+                         norm_eps, pre_norm)
+        self.encoder_attn = MultiHeadAttention(dim, n_heads, attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def forward(self, x, self_mask, is_causal, enc_kv, enc_mask, positions, cache=None):
+        x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(
+            h, self_mask, is_causal=is_causal, positions=positions, cache=cache)[0])
+        x = self.residual(x, self.encoder_attn_layer_norm,
+                          lambda h: self.encoder_attn(h, enc_mask, kv=enc_kv)[0])
+        return self.residual(x, self.final_layer_norm, self.ffn)
+
+
+class ClassificationHead(nn.Module):
+    """RoBERTa's sentence head on the <s> token: out_proj(tanh(dense(x[:, 0]))), dropout before each."""
+
+    def __init__(self, dim: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, num_labels)
+        self.dropout = dropout
+
+    def forward(self, h):
+        x = F.dropout(h[:, 0], self.dropout, self.training)
+        x = torch.tanh(self.dense(x))
+        return self.out_proj(F.dropout(x, self.dropout, self.training))
+
+
+def padding_mask(attention_mask):
+    """(B, S) 0/1 -> boolean key mask (B, 1, 1, S) for SDPA; None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+class Roberta(nn.Module):
+    """RoBERTa (Liu et al. 2019) with the GLUE classification head."""
+
+    def __init__(self, cfg: RobertaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_id)
+        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.dim, padding_idx=cfg.pad_id)
+        self.embed_token_types = nn.Embedding(cfg.type_vocab_size, cfg.dim)
+        self.layernorm_embedding = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.activation, cfg.dropout,
+                         cfg.attention_dropout, 0.0, cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.head = ClassificationHead(cfg.dim, cfg.num_labels, cfg.dropout) if cfg.num_labels else None
+        self.gradient_checkpointing = False
+
+    def encode(self, input_ids, attention_mask=None, need_weights=False):
+        """input_ids (B, T) -> last hidden states (B, T, dim). Padding is where input_ids == pad_id
+        (RoBERTa's positions skip it) or attention_mask == 0."""
+        if attention_mask is None:
+            attention_mask = (input_ids != self.cfg.pad_id).long()
+        real = (input_ids != self.cfg.pad_id).long()
+        pos = real.cumsum(-1) * real + self.cfg.pad_id                  # pads keep position pad_id
+        x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_token_types(torch.zeros_like(input_ids))
+        x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
+        mask = padding_mask(attention_mask)
+        tp = token_positions(attention_mask)
+        positions = (tp, tp, attention_mask.bool())                     # for an attention map (LMAM)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, positions, use_reentrant=False)
+            else:
+                x = layer(x, mask, positions)
+        return x
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids (B, T) -> the head's logits (B, num_labels)."""
+        if self.head is None:
+            raise ValueError("this RoBERTa has no classification head: load(path, num_labels=k) adds one")
+        return self.head(self.encode(input_ids, attention_mask))
+
+
+class Bart(nn.Module):
+    """BART (Lewis et al. 2020) and mBART (Liu et al. 2020) for conditional generation."""
+
+    def __init__(self, cfg: BartConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.shared = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_id)   # encoder, decoder, LM head
+        self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
+        layer_args = (d, cfg.n_heads, cfg.hidden_dim, cfg.activation, cfg.dropout, cfg.attention_dropout,
+                      cfg.activation_dropout, 1e-5, cfg.pre_norm)
+        self.encoder = nn.Module()
+        self.decoder = nn.Module()
+        for part, n, cls in ((self.encoder, cfg.encoder_layers, EncoderLayer),
+                             (self.decoder, cfg.decoder_layers, DecoderLayer)):
+            part.embed_positions = nn.Embedding(cfg.max_positions + 2, d)       # BART's offset of 2
+            part.layernorm_embedding = nn.LayerNorm(d)
+            part.layers = nn.ModuleList(cls(*layer_args) for _ in range(n))
+            part.layer_norm = nn.LayerNorm(d) if cfg.pre_norm else None
+        self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
+        self.gradient_checkpointing = False
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.shared.weight
+        return KVCache(self.cfg.decoder_layers, batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim,
+                       p.dtype, p.device)
+
+    def embed(self, part, ids, past=0):
+        pos = torch.arange(past, past + ids.shape[1], device=ids.device) + 2
+        x = self.shared(ids) * self.embed_scale + part.embed_positions(pos)
+        return F.dropout(part.layernorm_embedding(x), self.cfg.dropout, self.training)
+
+    def run(self, layer, *args):
+        if self.gradient_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def encode(self, input_ids, attention_mask=None):
+        """Source tokens (B, S) -> encoder output (B, S, dim)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embed(self.encoder, input_ids)
+        mask = padding_mask(attention_mask)
+        tp = token_positions(attention_mask)
+        positions = (tp, tp, attention_mask.bool())                     # for an attention map (LMAM)
+        for layer in self.encoder.layers:
+            x = self.run(layer, x, mask, positions)
+        return self.encoder.layer_norm(x) if self.cfg.pre_norm else x
+
+    def cross_kv(self, enc_out):
+        """Keys and values of every decoder layer's cross-attention, computed once per source."""
+        return [layer.encoder_attn.kv(enc_out) for layer in self.decoder.layers]
+
+    def decode(self, decoder_input_ids, enc_kv, attention_mask=None, cache: KVCache | None = None):
+        """Target tokens (B, T) -> logits (B, T, vocab), attending to the encoder through enc_kv."""
+        past = cache.length if cache is not None else 0
+        x = self.embed(self.decoder, decoder_input_ids, past)
+        enc_mask = padding_mask(attention_mask)
+        T = decoder_input_ids.shape[1]
+        # causal self-attention; with cached tokens and several new ones, an explicit (T, S) mask
+        self_mask, is_causal = None, T > 1
+        if past and T > 1:
+            self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
+            is_causal = False
+        tp = torch.arange(past, past + T, device=x.device).expand(x.shape[0], T)
+        kp = torch.arange(past + T, device=x.device).expand(x.shape[0], past + T)
+        positions = (tp, kp, torch.ones_like(kp, dtype=torch.bool))
+        for layer, kv in zip(self.decoder.layers, enc_kv):
+            x = self.run(layer, x, self_mask, is_causal, kv, enc_mask, positions, cache)
+        if cache is not None:
+            cache.advance(T)
+        if self.cfg.pre_norm:
+            x = self.decoder.layer_norm(x)
+        return F.linear(x, self.shared.weight) + self.final_logits_bias       # tied LM head
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+        """Source (B, S) and decoder input (B, T) -> logits (B, T, vocab)."""
+        enc = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, self.cross_kv(enc), attention_mask)
+
+
+def shift_tokens_right(labels, pad_id: int, decoder_start_id: int | None):
+    """Decoder inputs from labels (B, T) for teacher forcing, label value -100 meaning padding.
+    BART: decoder_start_id followed by labels[:, :-1]. mBART (decoder_start_id=None): the last
+    real token of each row (the target language code) wrapped around to the front."""
+    labels = labels.masked_fill(labels == -100, pad_id)
+    out = labels.roll(1, dims=1)
+    if decoder_start_id is None:
+        last = (labels != pad_id).sum(1) - 1
+        out[:, 0] = labels.gather(1, last[:, None]).squeeze(1)
+    else:
+        out[:, 0] = decoder_start_id
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -454,7 +773,7 @@ def assign_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: d
     Keys matching a regex in `ignore` (e.g. cached RoPE tables) are skipped.
     """
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    tied = model.cfg.tie_embeddings if hasattr(model, "cfg") else False
+    tied = getattr(model.cfg, "tie_embeddings", False)
     if tied:
         expected.pop("lm_head.weight", None)
     state = {}
@@ -492,18 +811,22 @@ def meta_to_hf_rows(w, n_heads: int):
 # -----------------------------------------------------------------------------
 # Loading the three LLaMA layouts
 
-def load(path: str, dtype=torch.float32, device="cpu"):
+def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = None):
     """Read the checkpoint directory (or llama2.c .bin file) at `path` and return the model.
 
-    The layout is detected from the files present; the model is built on the meta device and the
-    tensors are assigned into it, so a checkpoint is never held twice in memory.
+    The layout is detected from the files present (and the model from config.json's model_type:
+    llama, roberta, bart, mbart); the model is built on the meta device and the tensors are
+    assigned into it, so a checkpoint is never held twice in memory. `num_labels` (RoBERTa): the
+    classification head's outputs; a fresh head is created where the checkpoint has none.
     """
+    if num_labels is not None and not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: num_labels is for RoBERTa checkpoints (config.json with model_type roberta)")
     if os.path.isfile(path) and path.endswith(".bin") and not path.endswith("pytorch_model.bin"):
         return load_llama2c(path, dtype, device)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory or llama2.c .bin file")
     if os.path.exists(os.path.join(path, "config.json")):
-        return load_hf(path, dtype, device)
+        return load_hf(path, dtype, device, num_labels)
     if os.path.exists(os.path.join(path, "params.json")):
         return load_meta(path, dtype, device)
     bins = sorted(glob.glob(os.path.join(path, "*.bin")))
@@ -516,7 +839,8 @@ def load(path: str, dtype=torch.float32, device="cpu"):
 
 def llama_config_from_hf(hf: dict, file: str) -> LlamaConfig:
     if hf.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{file}: model_type {hf.get('model_type')!r} is not supported (expected 'llama')")
+        raise CheckpointError(f"{file}: model_type {hf.get('model_type')!r} is not supported "
+                              f"(expected llama, roberta, bart or mbart)")
     if hf.get("rope_scaling") not in (None, {}) or hf.get("rope_parameters", {}).get("rope_type", "default") != "default":
         raise CheckpointError(f"{file}: RoPE scaling {hf.get('rope_scaling') or hf.get('rope_parameters')} "
                               f"is not supported (LLaMA 1/2/3 use none)")
@@ -538,10 +862,21 @@ def llama_config_from_hf(hf: dict, file: str) -> LlamaConfig:
                        tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
-def load_hf(path, dtype=torch.float32, device="cpu"):
+def load_hf(path, dtype=torch.float32, device="cpu", num_labels=None):
     file = os.path.join(path, "config.json")
     with open(file) as f:
-        cfg = llama_config_from_hf(json.load(f), file)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    kind = hf.get("model_type", "llama")
+    if kind == "roberta":
+        return load_roberta(path, hf, dtype, device, num_labels)
+    if kind in ("bart", "mbart"):
+        return load_bart(path, hf, dtype, device)
+    if num_labels is not None:
+        raise CheckpointError(f"{file}: num_labels is for RoBERTa; this is a {kind!r} checkpoint")
+    cfg = llama_config_from_hf(hf, file)
     tensors, origin = read_hf_tensors(path)
     # Hugging Face keys are ours with a "model." prefix (lm_head.weight has none).
     renamed = {k.removeprefix("model."): t for k, t in tensors.items()}
@@ -549,6 +884,134 @@ def load_hf(path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = Llama(cfg)
     return assign_weights(model, renamed, origin, dtype, device, ignore=[r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"])
+
+
+def require(hf: dict, keys, file: str):
+    for key in keys:
+        if key not in hf:
+            raise CheckpointError(f"{file}: missing key {key!r}")
+
+
+def rename(tensors, origin, key_map, unused, file_of_model):
+    """Checkpoint keys -> ours through `key_map` [(regex, replacement)]; keys matching `unused`
+    (parts of the checkpoint this model has no use for, e.g. a pretraining head) are dropped,
+    any other key is an error naming its file."""
+    out, out_origin = {}, {}
+    for key, t in tensors.items():
+        for pattern, repl in key_map:
+            if re.fullmatch(pattern, key):
+                new = re.sub(pattern, repl, key)
+                out[new], out_origin[new] = t, origin[key]
+                break
+        else:
+            if not any(re.fullmatch(p, key) for p in unused):
+                raise CheckpointError(f"{origin[key]}: unexpected tensor {key!r} {tuple(t.shape)} for {file_of_model}")
+    return out, out_origin
+
+
+# Hugging Face RoBERTa keys -> ours (the "roberta." prefix is absent in bare RobertaModel checkpoints).
+_R = r"(?:roberta\.)?"
+ROBERTA_KEYS = [
+    (_R + r"embeddings\.word_embeddings\.weight", "embed_tokens.weight"),
+    (_R + r"embeddings\.position_embeddings\.weight", "embed_positions.weight"),
+    (_R + r"embeddings\.token_type_embeddings\.weight", "embed_token_types.weight"),
+    (_R + r"embeddings\.LayerNorm\.(weight|bias)", r"layernorm_embedding.\1"),
+    (_R + r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"layers.\1.self_attn.q_proj.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"layers.\1.self_attn.k_proj.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"layers.\1.self_attn.v_proj.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.self_attn.out_proj.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.self_attn_layer_norm.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn.fc1.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.ffn.fc2.\2"),
+    (_R + r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"layers.\1.final_layer_norm.\2"),
+    (r"classifier\.(dense|out_proj)\.(weight|bias)", r"head.\1.\2"),
+]
+ROBERTA_UNUSED = [_R + r"pooler\..*", r"lm_head\..*", _R + r"embeddings\.position_ids"]   # MLM head, pooler
+
+
+def load_roberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
+    file = os.path.join(path, "config.json")
+    require(hf, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                 "max_position_embeddings"), file)
+    act = hf.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"{file}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    tensors, origin = rename(*read_hf_tensors(path), ROBERTA_KEYS, ROBERTA_UNUSED, file)
+    head = tensors.get("head.out_proj.weight")
+    if head is not None and num_labels is not None and head.shape[0] != num_labels:
+        raise CheckpointError(f"{origin['head.out_proj.weight']}: the classification head has {head.shape[0]} "
+                              f"labels, num_labels={num_labels} was asked for")
+    dropout = hf.get("hidden_dropout_prob", 0.1)
+    cfg = RobertaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                        hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                        max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 1),
+                        pad_id=hf.get("pad_token_id", 1), norm_eps=hf.get("layer_norm_eps", 1e-5), activation=act,
+                        dropout=dropout, attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                        num_labels=head.shape[0] if head is not None else 0)
+    with torch.device("meta"):
+        model = Roberta(cfg)
+    assign_weights(model, tensors, origin, dtype, device)
+    if head is None and num_labels:                       # a fresh head: N(0, 0.02) weights, zero biases
+        cfg.num_labels = num_labels
+        model.head = ClassificationHead(cfg.dim, num_labels, hf.get("classifier_dropout") or dropout).to(device, dtype)
+        for lin in (model.head.dense, model.head.out_proj):
+            nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
+            nn.init.zeros_(lin.bias)
+    return model
+
+
+BART_KEYS = [
+    (r"(?:model\.)?(encoder|decoder)\.layers\.(\d+)\.(fc1|fc2)\.(weight|bias)", r"\1.layers.\2.ffn.\3.\4"),
+    (r"(?:model\.)?((?:encoder|decoder)\.(?:embed_positions|layernorm_embedding|layer_norm|layers\.\d+\.(?:"
+     r"(?:self_attn|encoder_attn)\.(?:q|k|v|out)_proj|self_attn_layer_norm|encoder_attn_layer_norm|final_layer_norm))"
+     r"\.(?:weight|bias))", r"\1"),
+    (r"final_logits_bias", "final_logits_bias"),
+]
+# The token embedding is stored up to four times under these names (tied: one matrix).
+BART_EMBEDDINGS = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                   "lm_head.weight", "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+GENERATION_KEYS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
+                   "forced_eos_token_id", "num_beams", "max_length", "min_length", "no_repeat_ngram_size",
+                   "length_penalty", "early_stopping")
+
+
+def load_bart(path, hf, dtype=torch.float32, device="cpu"):
+    file = os.path.join(path, "config.json")
+    require(hf, ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                 "vocab_size", "max_position_embeddings"), file)
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if hf.get(b, hf[a]) != hf[a]:
+            raise CheckpointError(f"{file}: {a}={hf[a]} and {b}={hf[b]} differ; this implementation needs them equal")
+    act = hf.get("activation_function", "gelu")
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"{file}: activation_function {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    # generation settings: generation_config.json, else the model config (as transformers does)
+    gen_file = os.path.join(path, "generation_config.json")
+    gen_src = hf
+    if os.path.exists(gen_file):
+        with open(gen_file) as f:
+            gen_src = json.load(f)
+    generation = {k: gen_src[k] for k in GENERATION_KEYS if gen_src.get(k) is not None}
+    cfg = BartConfig(dim=hf["d_model"], encoder_layers=hf["encoder_layers"], decoder_layers=hf["decoder_layers"],
+                     n_heads=hf["encoder_attention_heads"], hidden_dim=hf["encoder_ffn_dim"],
+                     vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"],
+                     pad_id=hf.get("pad_token_id", 1), eos_id=hf.get("eos_token_id", 2),
+                     pre_norm=hf["model_type"] == "mbart", scale_embedding=hf.get("scale_embedding", False),
+                     activation=act, dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.0),
+                     activation_dropout=hf.get("activation_dropout", 0.0), generation=generation)
+    raw, raw_origin = read_hf_tensors(path)
+    emb = [k for k in BART_EMBEDDINGS if k in raw]
+    if not emb:
+        raise CheckpointError(f"{', '.join(sorted(set(raw_origin.values())))}: no token embedding "
+                              f"(expected one of {', '.join(BART_EMBEDDINGS[:4])})")
+    for k in emb[1:]:
+        if raw[k].shape != raw[emb[0]].shape or not torch.equal(raw[k], raw[emb[0]]):
+            raise CheckpointError(f"{raw_origin[k]}: {k!r} differs from {emb[0]!r}; untied embeddings are not supported")
+    tensors, origin = rename({k: t for k, t in raw.items() if k not in emb}, raw_origin, BART_KEYS, [], file)
+    tensors["shared.weight"], origin["shared.weight"] = raw[emb[0]], raw_origin[emb[0]]
+    with torch.device("meta"):
+        model = Bart(cfg)
+    return assign_weights(model, tensors, origin, dtype, device)
 
 
 # Meta key -> (our key, the dimension model-parallel shards are split along; None = replicated).
@@ -765,16 +1228,168 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (vocab.json and merges.txt are written
+    in it): printable Latin-1 bytes map to themselves, the other 68 to chr(256 + k)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class GPT2BPETokenizer:
+    """GPT-2's byte-level BPE (RoBERTa, BART) from a Hugging Face vocab.json + merges.txt, run by tiktoken.
+
+    tiktoken wants {token bytes: rank} where merging always picks the lowest-ranked pair: single
+    bytes get ranks 0-255 and merge line i gets rank 256 + i, which is GPT-2's merge priority. The
+    ranks are then mapped to the checkpoint's ids through vocab.json (RoBERTa's ids are not GPT-2's:
+    fairseq renumbered them by frequency). Special-token text in the input ("<mask>") is encoded as
+    plain text.
+    """
+
+    PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+    def __init__(self, vocab_file: str, merges_file: str):
+        import numpy as np
+        import tiktoken
+        self.path = os.path.dirname(vocab_file)
+        b2u = bytes_to_unicode()
+        u2b = {c: b for b, c in b2u.items()}
+        try:
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{vocab_file}: cannot read the BPE vocabulary ({e})") from None
+        ranks = {bytes([b]): i for i, b in enumerate(sorted(b2u))}
+        with open(merges_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.startswith("#version") or not line.strip():
+                    continue
+                parts = line.split()
+                if len(parts) != 2:
+                    raise ValueError(f"{merges_file}:{n}: expected two space-separated tokens, got {line.rstrip()!r}")
+                try:
+                    merged = bytes(u2b[c] for c in parts[0] + parts[1])
+                except KeyError as e:
+                    raise ValueError(f"{merges_file}:{n}: character {e} is not in GPT-2's byte alphabet") from None
+                ranks.setdefault(merged, len(ranks))
+        self.enc = tiktoken.Encoding(name="gpt2-bpe", pat_str=self.PATTERN, mergeable_ranks=ranks, special_tokens={})
+        rank_to_id = np.zeros(len(ranks), dtype=np.int64)
+        for token, rank in ranks.items():
+            text = "".join(b2u[b] for b in token)
+            if text not in vocab:
+                raise ValueError(f"{vocab_file}: has no entry for {text!r}, which {merges_file} builds")
+            rank_to_id[rank] = vocab[text]
+        self.rank_to_id = rank_to_id
+        self.id_to_bytes = {i: bytes(u2b[c] for c in t) for t, i in vocab.items() if all(c in u2b for c in t)}
+        self.special = {t: i for t, i in vocab.items() if t.startswith("<") and t.endswith(">") and len(t) > 2}
+        for name, tok in (("bos_id", "<s>"), ("eos_id", "</s>"), ("pad_id", "<pad>"), ("unk_id", "<unk>")):
+            if tok not in vocab:
+                raise ValueError(f"{vocab_file}: missing special token {tok!r}")
+            setattr(self, name, vocab[tok])
+        self.mask_id = vocab.get("<mask>")
+        self.vocab_size = max(vocab.values()) + 1
+
+    def encode(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
+        """<s> text </s> (RoBERTa's and BART's single-sequence format)."""
+        ids = self.rank_to_id[self.enc.encode_ordinary(text)].tolist()
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_pair(self, a: str, b: str | None = None, max_length: int | None = None) -> list[int]:
+        """<s> A </s></s> B </s> (or <s> A </s>), cut to max_length tokens from the end of the texts
+        as transformers' truncation="longest_first" does (the tokenizers library's rule: the shorter
+        text keeps its length if the longer one can absorb the cut, else the shorter gets
+        budget // 2 and the longer the rest)."""
+        x = self.encode(a, bos=False, eos=False)
+        y = self.encode(b, bos=False, eos=False) if b else None        # "" counts as no B, as in transformers
+        if max_length is not None:
+            budget = max_length - (4 if y is not None else 2)
+            if budget < 0:
+                raise ValueError(f"max_length={max_length} leaves no room for the text")
+            if y is None:
+                x = x[:budget]
+            elif len(x) + len(y) > budget:
+                short, long = sorted((len(x), len(y)))
+                long = short if short > budget else max(short, budget - short)
+                if short + long > budget:
+                    short, long = budget // 2, budget // 2 + budget % 2
+                nx, ny = (long, short) if len(x) > len(y) else (short, long)
+                x, y = x[:nx], y[:ny]
+        if y is None:
+            return [self.bos_id] + x + [self.eos_id]
+        return [self.bos_id] + x + [self.eos_id, self.eos_id] + y + [self.eos_id]
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        inv = {i: t for t, i in self.special.items()}
+        out = b"".join(self.id_to_bytes.get(int(i), b"") if int(i) not in inv else
+                       (b"" if skip_special else inv[int(i)].encode()) for i in ids)
+        return out.decode("utf-8", errors="replace")
+
+
+class MBartTokenizer:
+    """mBART's sentencepiece model with fairseq's ids: <s>=0 <pad>=1 </s>=2 <unk>=3, piece p at
+    sentencepiece id + 1 (sentencepiece's own <unk>, id 0, becomes 3), then the 25 language codes,
+    then <mask>. A sequence is `text </s> lang_code` (source and target alike)."""
+
+    LANGUAGE_CODES = ["ar_AR", "cs_CZ", "de_DE", "en_XX", "es_XX", "et_EE", "fi_FI", "fr_XX", "gu_IN", "hi_IN",
+                      "it_IT", "ja_XX", "kk_KZ", "ko_KR", "lt_LT", "lv_LV", "my_MM", "ne_NP", "nl_XX", "ro_RO",
+                      "ru_RU", "si_LK", "tr_TR", "vi_VN", "zh_CN"]
+    OFFSET = 1
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        n = self.sp.GetPieceSize()
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+        self.lang_code_to_id = {c: n + self.OFFSET + i for i, c in enumerate(self.LANGUAGE_CODES)}
+        self.mask_id = n + self.OFFSET + len(self.LANGUAGE_CODES)
+        self.vocab_size = self.mask_id + 1
+
+    def lang_id(self, lang: str) -> int:
+        if lang not in self.lang_code_to_id:
+            raise ValueError(f"unknown mBART language code {lang!r}; valid: {', '.join(self.LANGUAGE_CODES)}")
+        return self.lang_code_to_id[lang]
+
+    def encode(self, text: str, lang: str | None = None) -> list[int]:
+        """text </s> lang_code (without lang_code when lang is None)."""
+        ids = [i + self.OFFSET if i else self.unk_id for i in self.sp.EncodeAsIds(text)]
+        return ids + [self.eos_id] + ([self.lang_id(lang)] if lang is not None else [])
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        n = self.sp.GetPieceSize()
+        pieces = [int(i) - self.OFFSET for i in ids if 4 <= int(i) < n + self.OFFSET]
+        return self.sp.DecodeIds(pieces)
+
+
 def load_tokenizer(path: str):
-    """A tokenizer from a file or a checkpoint directory: tokenizer.model in sentencepiece format
-    (LLaMA 1/2, llama2.c) or tiktoken format (LLaMA 3)."""
+    """A tokenizer from a file or a checkpoint directory: vocab.json + merges.txt (GPT-2 BPE:
+    RoBERTa, BART), sentencepiece.bpe.model / sentence.bpe.model (mBART), tokenizer.model in
+    sentencepiece format (LLaMA 1/2, llama2.c) or tiktoken format (LLaMA 3)."""
     if os.path.isdir(path):
-        candidates = [os.path.join(path, n) for n in ("tokenizer.model",) if os.path.exists(os.path.join(path, n))]
-        if not candidates:
-            raise ValueError(f"{path}: no tokenizer found (expected tokenizer.model)")
-        path = candidates[0]
+        if os.path.exists(os.path.join(path, "vocab.json")):
+            merges = os.path.join(path, "merges.txt")
+            if not os.path.exists(merges):
+                raise ValueError(f"{path}: has vocab.json but no merges.txt (GPT-2 BPE needs both)")
+            return GPT2BPETokenizer(os.path.join(path, "vocab.json"), merges)
+        for name in ("sentencepiece.bpe.model", "sentence.bpe.model"):
+            if os.path.exists(os.path.join(path, name)):
+                return MBartTokenizer(os.path.join(path, name))
+        if not os.path.exists(os.path.join(path, "tokenizer.model")):
+            raise ValueError(f"{path}: no tokenizer found (expected tokenizer.model, vocab.json + merges.txt, "
+                             f"or sentencepiece.bpe.model)")
+        path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such tokenizer file")
+    if os.path.basename(path) in ("sentencepiece.bpe.model", "sentence.bpe.model"):
+        return MBartTokenizer(path)
     with open(path, "rb") as f:
         first = f.readline(4096)
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first):
@@ -785,70 +1400,69 @@ def load_tokenizer(path: str):
 # -----------------------------------------------------------------------------
 # Generation
 
-@torch.no_grad()
-def generate(model, input_ids, attention_mask=None, max_new_tokens=32, num_beams=1, eos_id=None, pad_id=0,
-             length_penalty=1.0):
-    """Continue each prompt with greedy decoding (num_beams=1) or beam search, using the KV cache.
+def constrain(scores, seqs, *, eos_id=None, min_length=0, no_repeat_ngram_size=0, forced_bos_id=None,
+              forced_eos_id=None, max_length=None):
+    """transformers' logits processors, in its order, for the token after seqs (N, L):
+    no_repeat_ngram_size (a token that would repeat an n-gram of seqs gets -inf), min_length (no
+    EOS while L < min_length), forced BOS (only forced_bos_id when L == 1) and forced EOS (only
+    forced_eos_id when L == max_length - 1). scores (N, V) -> scores."""
+    N, V = scores.shape
+    L = seqs.shape[1]
+    n = no_repeat_ngram_size
+    if n and L >= n:
+        windows = seqs.unfold(1, n, 1)                                        # (N, L - n + 1, n)
+        seen = (windows[..., :-1] == seqs[:, L - n + 1:][:, None]).all(-1)  # n-grams starting with the last n-1 tokens
+        banned = torch.zeros(N, V + 1, dtype=torch.bool, device=scores.device)
+        banned.scatter_(1, torch.where(seen, windows[..., -1].clamp(max=V), V), True)
+        scores = scores.masked_fill(banned[:, :V], float("-inf"))
+    if eos_id is not None and L < min_length:
+        scores = scores.clone()
+        scores[:, eos_id] = float("-inf")
+    for token, at in ((forced_bos_id, 1), (forced_eos_id, None if max_length is None else max_length - 1)):
+        if token is not None and L == at:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, token] = 0
+    return scores
 
-    input_ids (B, T), left-padded when prompts differ in length, with attention_mask (B, T) marking
-    real tokens. Returns (B, T + generated) token ids, prompts included, like transformers'
-    `generate(do_sample=False, num_beams=...)`: finished greedy rows are filled with `pad_id`, and
-    beam search returns the best finished hypothesis per prompt (its score: sum of log-probabilities
-    / generated_length ** length_penalty, with transformers' default stopping heuristic).
+
+def decode_loop(step, reorder, prompt, max_length, num_beams=1, eos_id=None, pad_id=None, length_penalty=1.0,
+                early_stopping=False, **rules):
+    """Greedy decoding (num_beams=1) or beam search over a model given as two functions, shared by
+    decoder-only and encoder-decoder models.
+
+    step(tokens (N, t)) -> fp32 logits (N, V) for the next token, the model keeping its own KV cache
+    (t = prompt length on the first call, then 1); reorder(idx) reorders that cache (beam search).
+    prompt (B, T): the tokens already there (LLaMA: the prompt; BART: the decoder start token).
+    max_length counts them. `rules`: constrain()'s settings. Returns (B, T + generated).
+
+    Beam search follows transformers (generation/utils.py `_beam_search`): each step takes the top
+    2·num_beams continuations over all beams; those ending in EOS among the first num_beams become
+    finished hypotheses scored logp / generated_length ** length_penalty; the best num_beams not
+    ending in EOS keep running. A prompt is done when its best running beam, scored at the current
+    length, cannot beat its worst finished hypothesis, or (early_stopping=True) as soon as it has
+    num_beams finished hypotheses; everything stops at max_length.
     """
-    model.eval()
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if num_beams == 1:
-        return _greedy(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id)
-    return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty)
+    B, T = prompt.shape
+    K, device = num_beams, prompt.device
+    if max_length <= T:
+        raise ValueError(f"max_length={max_length} leaves no room after the {T} tokens already there")
+    rules = dict(rules, eos_id=eos_id, max_length=max_length)
+    if K == 1:                                                # greedy; finished rows get pad_id
+        seqs, done, tokens = prompt, torch.zeros(B, dtype=torch.bool, device=device), prompt
+        for _ in range(T, max_length):
+            nxt = constrain(step(tokens), seqs, **rules).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id if pad_id is not None else eos_id), nxt)
+            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+                if bool(done.all()):
+                    break
+            tokens = nxt[:, None]
+        return seqs
 
-
-def _next_logits(model, tokens, attention_mask, cache):
-    """fp32 logits of the last position only (the LM head is not run on the prompt's other tokens)."""
-    h = model(tokens, attention_mask=attention_mask, cache=cache, return_hidden=True)
-    return model.lm_head(h[:, -1]).float()
-
-
-def _greedy(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id):
-    B, T = input_ids.shape
-    p = next(model.parameters())
-    cache = KVCache(model.cfg, B, T + max_new_tokens, p.dtype, p.device)
-    seqs, mask = input_ids, attention_mask
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    tokens = input_ids
-    for _ in range(max_new_tokens):
-        logits = _next_logits(model, tokens, mask, cache)
-        nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-        if eos_id is not None:
-            done = done | (nxt == eos_id)
-            if bool(done.all()):
-                break
-        tokens = nxt[:, None]
-        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
-    return seqs
-
-
-def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty):
-    """Beam search as transformers implements it (generation/utils.py `_beam_search`):
-
-    each step takes the top 2·num_beams continuations over all beams; those ending in EOS among the
-    first num_beams become finished hypotheses scored logp / gen_len ** length_penalty; the best
-    num_beams not ending in EOS keep running. A prompt stops when its best running beam, scored at
-    the current length, cannot beat its worst finished hypothesis; everything stops at max length.
-    """
-    B, T = input_ids.shape
-    K, device = num_beams, input_ids.device
-    max_len = T + max_new_tokens
-    p = next(model.parameters())
-    cache = KVCache(model.cfg, B * K, max_len, p.dtype, p.device)
-    fill = pad_id if pad_id else (eos_id if eos_id is not None else -1)
-
-    running = torch.full((B, K, max_len), fill, dtype=torch.long, device=device)
-    running[:, :, :T] = input_ids[:, None]
+    fill = pad_id if pad_id else (eos_id if eos_id is not None else -1)     # as transformers fills
+    running = torch.full((B, K, max_length), fill, dtype=torch.long, device=device)
+    running[:, :, :T] = prompt[:, None]
     run_scores = torch.zeros(B, K, device=device)
     run_scores[:, 1:] = -1e9                        # all beams start equal: expand only the first
     finished = running.clone()
@@ -856,20 +1470,19 @@ def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, eo
     fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
     fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
     improvable = torch.ones(B, dtype=torch.bool, device=device)
-    mask = attention_mask.repeat_interleave(K, dim=0)
-    tokens = input_ids.repeat_interleave(K, dim=0)
+    tokens = prompt.repeat_interleave(K, dim=0)
     batch = torch.arange(B, device=device)[:, None]
 
-    for cur in range(T, max_len):
-        logp = _next_logits(model, tokens, mask, cache).log_softmax(-1)          # (B·K, V)
+    for cur in range(T, max_length):
+        logp = constrain(step(tokens).log_softmax(-1), running[:, :, :cur].reshape(B * K, cur), **rules)
         V = logp.shape[-1]
         cand = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=-1)                             # (B, 2K)
         beam, tok = top_idx // V, top_idx % V
-        cand_seqs = running[batch, beam]                                           # (B, 2K, max_len)
+        cand_seqs = running[batch, beam]                                           # (B, 2K, max_length)
         cand_seqs[:, :, cur] = tok
         ends = (tok == eos_id) if eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
-        if cur + 1 >= max_len:
+        if cur + 1 >= max_length:
             ends = torch.ones_like(ends)                                           # max length reached
 
         # Running beams for the next step: the best K candidates that did not end.
@@ -880,7 +1493,8 @@ def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, eo
 
         # Finished hypotheses: merge candidates that ended (among the first K) into the finished set.
         new_scores = top_scores / ((cur + 1 - T) ** length_penalty)
-        ok = ends & (torch.arange(2 * K, device=device) < K)[None] & improvable[:, None]
+        full = fin_done.all(-1) & (early_stopping is True)
+        ok = ends & (torch.arange(2 * K, device=device) < K)[None] & (improvable & ~full)[:, None]
         new_scores = new_scores - 1e9 * (~ok).float()
         all_scores = torch.cat([fin_scores, new_scores], dim=1)
         best = all_scores.topk(K, dim=-1).indices
@@ -889,15 +1503,86 @@ def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, eo
         fin_len = torch.cat([fin_len, torch.full_like(tok, cur + 1 - T)], dim=1)[batch, best]
         fin_scores = all_scores[batch, best]
 
-        # Can a running beam still beat the worst finished one (scored at the current length)?
-        best_possible = run_scores[:, 0] / ((cur + 1 - T) ** length_penalty)
+        # Can a running beam still beat the worst finished one?
+        best_len = (max_length - T) if early_stopping == "never" and length_penalty > 0 else (cur + 1 - T)
+        best_possible = run_scores[:, 0] / (best_len ** length_penalty)
         worst = torch.where(fin_done.all(-1), fin_scores.min(-1).values, torch.full_like(best_possible, -1e9))
         improvable = improvable & (best_possible > worst)
-        if not bool(improvable.any()) or bool(ends.all()):
+        all_full = bool(fin_done.all()) and early_stopping is True
+        if not bool(improvable.any()) or bool(ends.all()) or all_full:
             break
-        cache.reorder((parent + batch * K).view(-1))
+        reorder((parent + batch * K).view(-1))
         tokens = running[:, :, cur].reshape(B * K, 1)
-        mask = torch.cat([mask, torch.ones(B * K, 1, dtype=mask.dtype, device=device)], dim=1)
 
     out_len = T + int(fin_len[:, 0].max())
     return finished[:, 0, :out_len]
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, max_new_tokens=32, num_beams=1, eos_id=None, pad_id=0,
+             length_penalty=1.0, early_stopping=False, min_length=0, no_repeat_ngram_size=0):
+    """Continue each prompt of a decoder-only model (LLaMA) with greedy decoding or beam search.
+
+    input_ids (B, T), left-padded when prompts differ in length, with attention_mask (B, T) marking
+    real tokens. Returns (B, T + generated) token ids, prompts included, like transformers'
+    `generate(do_sample=False, num_beams=...)`: finished greedy rows are filled with `pad_id`, and
+    beam search returns the best finished hypothesis per prompt (see decode_loop).
+    """
+    model.eval()
+    B, T = input_ids.shape
+    K = num_beams
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).repeat_interleave(K, 0)
+    cache = model.new_cache(B * K, T + max_new_tokens)
+    state = {"mask": mask}
+
+    def step(tokens):
+        if cache.length:                                  # one new real token per row
+            state["mask"] = F.pad(state["mask"], (0, 1), value=1)
+        h = model(tokens, attention_mask=state["mask"], cache=cache, return_hidden=True)
+        return model.lm_head(h[:, -1]).float()           # the LM head on the last position only
+
+    return decode_loop(step, cache.reorder, input_ids, T + max_new_tokens, K, eos_id, pad_id, length_penalty,
+                       early_stopping, min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size)
+
+
+@torch.no_grad()
+def generate_seq2seq(model, input_ids, attention_mask=None, **settings):
+    """Generate target sequences with an encoder-decoder model (BART, mBART), token-identical to
+    transformers' `generate`. input_ids (B, S) right-padded sources with attention_mask.
+
+    settings (each defaults to the checkpoint's generation config, model.cfg.generation, then to
+    transformers' defaults): num_beams (1), max_length (20, counting the decoder start token),
+    min_length (0), length_penalty (1.0), no_repeat_ngram_size (0), early_stopping (False),
+    decoder_start_token_id, forced_bos_token_id (mBART-50: the target language code),
+    forced_eos_token_id, eos_token_id, pad_token_id.
+    Returns (B, L) decoder tokens starting with the decoder start token.
+    """
+    known = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "early_stopping",
+             "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "eos_token_id", "pad_token_id")
+    unknown = set(settings) - set(known)
+    if unknown:
+        raise ValueError(f"unknown generation settings {sorted(unknown)}; valid: {', '.join(known)}")
+    g = dict(num_beams=1, max_length=20, min_length=0, length_penalty=1.0, no_repeat_ngram_size=0,
+             early_stopping=False, eos_token_id=model.cfg.eos_id, pad_token_id=model.cfg.pad_id)
+    g.update(model.cfg.generation or {})
+    g.update({k: v for k, v in settings.items() if v is not None})
+    start = g.get("decoder_start_token_id", g.get("bos_token_id"))
+    if start is None:
+        raise ValueError("no decoder_start_token_id in the settings or the checkpoint's generation config")
+    model.eval()
+    B, K = input_ids.shape[0], g["num_beams"]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    enc = model.encode(input_ids, attention_mask).repeat_interleave(K, dim=0)   # (B·K, S, dim)
+    enc_kv = model.cross_kv(enc)     # beams of one source share it: reordering beams never moves it
+    enc_mask = attention_mask.repeat_interleave(K, dim=0)
+    cache = model.new_cache(B * K, g["max_length"])
+
+    def step(tokens):
+        return model.decode(tokens, enc_kv, enc_mask, cache)[:, -1].float()
+
+    prompt = torch.full((B, 1), start, dtype=torch.long, device=input_ids.device)
+    return decode_loop(step, cache.reorder, prompt, g["max_length"], K, g["eos_token_id"], g["pad_token_id"],
+                       g["length_penalty"], g["early_stopping"], min_length=g["min_length"],
+                       no_repeat_ngram_size=g["no_repeat_ngram_size"],
+                       forced_bos_id=g.get("forced_bos_token_id"), forced_eos_id=g.get("forced_eos_token_id"))

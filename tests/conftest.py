@@ -25,7 +25,7 @@ def assert_decode_equals_full(model, ids, mask, prefill):
     B, T = ids.shape
     with torch.no_grad():
         full = model(ids, attention_mask=mask)
-        cache = M.KVCache(model.cfg, B, T, torch.float32, "cpu")
+        cache = model.new_cache(B, T)
         steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], cache=cache)]
         for t in range(prefill, T):
             steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))

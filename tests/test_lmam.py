@@ -110,7 +110,7 @@ def test_decode_equals_full_forward_and_generation_runs():
 
 def test_tail_mode_refuses_kv_cache_decoding():
     m = lmam_model(lmam_mode="tail")
-    cache = M.KVCache(m.cfg, 1, 4, torch.float32, "cpu")
+    cache = m.new_cache(1, 4)
     m(torch.tensor([[5, 6]]), cache=cache)
     with pytest.raises(ValueError, match="tail mode .* cannot decode with a KV cache"):
         m(torch.tensor([[7]]), attention_mask=torch.ones(1, 3, dtype=torch.long), cache=cache)
@@ -137,7 +137,7 @@ def test_merged_equals_unmerged_and_zero_scale_is_the_base_model():
         for mod in maps:
             mod.merge()
         assert len(maps) == 2 and all(mod.merged_map is not None for mod in maps)
-        assert_close(m(ids, attention_mask=mask), out, atol=1e-6, rtol=1e-6)
+        assert_close(m(ids, attention_mask=mask), out, atol=1e-5, rtol=1e-5)   # fp32 summation order
     real = mask.bool()
     assert not torch.allclose(out[real], ref[real], atol=1e-4)
     zero = lmam_model(lmam_scale=0.0)

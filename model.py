@@ -80,8 +80,11 @@ LLAMA_PRESETS = {
 }
 
 
-def preset_name(cfg: LlamaConfig) -> str | None:
+def preset_name(cfg) -> str | None:
     """The preset a config has the shapes of (a loaded checkpoint's name, for per-model presets)."""
+    if not isinstance(cfg, LlamaConfig):
+        shape = lambda c: {k: v for k, v in vars(c).items() if k in SHAPE_FIELDS}
+        return next((n for n, p in ENCDEC_PRESETS.items() if type(p) is type(cfg) and shape(p) == shape(cfg)), None)
     for name, p in LLAMA_PRESETS.items():
         if all(getattr(cfg, k) == v for k, v in p.items() if k != "max_seq_len") and \
                 all(getattr(cfg, f.name) == f.default for f in fields(LlamaConfig)
@@ -96,8 +99,13 @@ def build(name_or_path: str, dtype=torch.float32, device="cpu"):
     if name_or_path in LLAMA_PRESETS:
         with torch.device("meta"):
             return Llama(LlamaConfig.from_name(name_or_path))
+    if name_or_path in ENCDEC_PRESETS:
+        cfg = ENCDEC_PRESETS[name_or_path]
+        with torch.device("meta"):
+            return (Roberta if isinstance(cfg, RobertaConfig) else Bart)(cfg)
     if not os.path.exists(name_or_path):
-        raise ValueError(f"{name_or_path!r} is neither a model name ({', '.join(LLAMA_PRESETS)}) nor a path")
+        raise ValueError(f"{name_or_path!r} is neither a model name ({', '.join([*LLAMA_PRESETS, *ENCDEC_PRESETS])}) "
+                         f"nor a path")
     return load(name_or_path, dtype, device)
 
 
@@ -647,6 +655,16 @@ class Bart(nn.Module):
         """Source (B, S) and decoder input (B, T) -> logits (B, T, vocab)."""
         enc = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, self.cross_kv(enc), attention_mask)
+
+
+# The released checkpoints' shapes (roberta-base with a 2-label GLUE head).
+ENCDEC_PRESETS = {
+    "roberta-base": RobertaConfig(num_labels=2),
+    "bart-large": BartConfig(),
+    "mbart-large-cc25": BartConfig(vocab_size=250027, pre_norm=True, scale_embedding=True),
+}
+SHAPE_FIELDS = ("dim", "n_layers", "encoder_layers", "decoder_layers", "n_heads", "hidden_dim", "vocab_size",
+                "max_positions", "pre_norm", "scale_embedding")
 
 
 def shift_tokens_right(labels, pad_id: int, decoder_start_id: int | None):

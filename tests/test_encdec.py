@@ -327,3 +327,22 @@ def test_mbart_tokenizer_matches_transformers(tmp_path):
         assert ours.decode(ours.encode(t, "ro_RO")) == ref.decode(ours.encode(t, "ro_RO"), skip_special_tokens=True)
     with pytest.raises(ValueError, match="unknown mBART language code 'ro'"):
         ours.encode("x", "ro")
+
+
+def test_preset_parameter_counts_match_transformers():
+    """roberta-base (2-label head), bart-large, mbart-large-cc25: our presets against transformers'
+    models built on the meta device from the released configs."""
+    from transformers import (BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration,
+                              RobertaConfig, RobertaForSequenceClassification)
+    large = dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                 decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024)
+    with torch.device("meta"):
+        refs = {"roberta-base": RobertaForSequenceClassification(RobertaConfig(
+                    vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=2)),
+                "bart-large": BartForConditionalGeneration(BartConfig(vocab_size=50265, **large)),
+                "mbart-large-cc25": MBartForConditionalGeneration(MBartConfig(vocab_size=250027, scale_embedding=True,
+                                                                             **large))}
+    for name, ref in refs.items():
+        ours = model.build(name)
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()), name
+        assert model.preset_name(ours.cfg) == name

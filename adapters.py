@@ -23,10 +23,14 @@ class BottleneckLinear(nn.Module):
     down: (d_in → r), up: (r → d_out), no biases; d_in = d_out = in (series_in), out (series_out),
     or in → out (parallel). Parameters added: r · (d_in + d_out). Init "bert": both N(0, 0.02), so
     the adapter is near (not exactly) the identity at the start, as in the reference. Runs in fp32.
+
+    Houlsby's adapter as He et al. run it on RoBERTa/BART (their "sequential" adapter) is the
+    series_out kind with act="relu", biases (zero-initialised; + r + d_out parameters) and, after
+    the attention output projection, a LayerNorm on the adapter's input (+ 2·d_out parameters).
     """
 
     def __init__(self, base: nn.Linear, r: int, kind: str, act: str = "tanh", scale: float = 1.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, bias: bool = False, layer_norm: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"adapter rank must be positive, got adapter_r={r}")
@@ -36,15 +40,19 @@ class BottleneckLinear(nn.Module):
                        "series_out": (self.out_features, self.out_features),
                        "parallel": (self.in_features, self.out_features)}[kind]
         dev = base.weight.device
-        self.adapter_down = nn.Linear(d_in, r, bias=False, device=dev, dtype=torch.float32)
-        self.adapter_up = nn.Linear(r, d_out, bias=False, device=dev, dtype=torch.float32)
-        nn.init.normal_(self.adapter_down.weight, std=0.02)
-        nn.init.normal_(self.adapter_up.weight, std=0.02)
+        self.adapter_down = nn.Linear(d_in, r, bias=bias, device=dev, dtype=torch.float32)
+        self.adapter_up = nn.Linear(r, d_out, bias=bias, device=dev, dtype=torch.float32)
+        for lin in (self.adapter_down, self.adapter_up):
+            nn.init.normal_(lin.weight, std=0.02)
+            if bias:
+                nn.init.zeros_(lin.bias)
+        self.adapter_norm = nn.LayerNorm(d_in, device=dev, dtype=torch.float32) if layer_norm else nn.Identity()
         self.act = ACTIVATIONS[act]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def f(self, z):
-        return self.adapter_up(self.act(self.adapter_down(self.dropout(z.float())))).to(z.dtype) * self.scale
+        h = self.adapter_down(self.dropout(self.adapter_norm(z.float())))
+        return self.adapter_up(self.act(h)).to(z.dtype) * self.scale
 
     def forward(self, x):
         if self.kind == "series_in":

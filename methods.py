@@ -65,11 +65,16 @@ def add_quanta(model, hp):
 
 
 def add_series(model, hp):
-    """LLM-Adapters' series (bottleneck) adapter: before gate_proj/up_proj, after anything else."""
+    """LLaMA: LLM-Adapters' series (bottleneck) adapter, before gate_proj/up_proj, after anything
+    else. RoBERTa/BART: He et al.'s Houlsby adapter after the projection (out_proj: every attention,
+    with a LayerNorm on its input; fc2: the FFN), ReLU, with biases."""
     for parent, attr in linear_targets(model, hp["target_modules"]):
-        kind = "series_in" if attr in ("gate_proj", "up_proj") else "series_out"
+        if isinstance(model, M.Llama):
+            kind, extra = ("series_in" if attr in ("gate_proj", "up_proj") else "series_out"), {}
+        else:
+            kind, extra = "series_out", dict(act="relu", bias=True, layer_norm=attr == "out_proj")
         setattr(parent, attr, BottleneckLinear(getattr(parent, attr), hp["adapter_r"], kind,
-                                               scale=hp["adapter_scale"], dropout=hp["adapter_dropout"]))
+                                               scale=hp["adapter_scale"], dropout=hp["adapter_dropout"], **extra))
 
 
 def add_parallel(model, hp):
@@ -78,29 +83,49 @@ def add_parallel(model, hp):
                                                scale=hp["adapter_scale"], dropout=hp["adapter_dropout"]))
 
 
+def device_of(model):
+    return next(model.parameters()).device
+
+
 def add_adapter_ffn(model, hp):
-    dev = model.embed_tokens.weight.device
-    for layer in model.layers:
-        layer.mlp.adapter = AdapterFFN(model.cfg.dim, hp["adapter_r"], hp["adapter_scale"], hp["adapter_dropout"], dev)
+    """He et al.'s scaled parallel adapter on every FFN (LLaMA's MLP; every encoder and decoder layer)."""
+    for ffn in [m for m in model.modules() if isinstance(m, (M.MLP, M.FFN))]:
+        ffn.adapter = AdapterFFN(model.cfg.dim, hp["adapter_r"], hp["adapter_scale"], hp["adapter_dropout"],
+                                 device_of(model))
+
+
+def attention_sites(model) -> dict:
+    """Where prefix tuning attaches, one prefix encoder per site: {attribute: attention modules}.
+    LLaMA, RoBERTa: self-attention. BART/mBART: encoder self-attention, decoder self-attention and
+    cross-attention, each with its own encoder (He et al.'s three-way prefix)."""
+    if isinstance(model, M.Bart):
+        return {"prefix_encoder": [l.self_attn for l in model.encoder.layers],
+                "prefix_decoder": [l.self_attn for l in model.decoder.layers],
+                "prefix_cross": [l.encoder_attn for l in model.decoder.layers]}
+    return {"prefix_encoder": [l.self_attn for l in model.layers]}
 
 
 def add_prefix(model, hp):
     c = model.cfg
-    model.prefix_encoder = PrefixEncoder(c.n_layers, c.n_kv_heads, c.head_dim, c.dim, hp["prefix_len"],
-                                         hp["prefix_mid_dim"], device=model.embed_tokens.weight.device)
-    for i, layer in enumerate(model.layers):
-        layer.self_attn.prefix = PrefixSlice(model.prefix_encoder, i)
+    for name, attns in attention_sites(model).items():
+        enc = PrefixEncoder(len(attns), getattr(c, "n_kv_heads", c.n_heads), c.head_dim, c.dim, hp["prefix_len"],
+                            hp["prefix_mid_dim"], device=device_of(model))
+        setattr(model, name, enc)
+        for i, attn in enumerate(attns):
+            attn.prefix = PrefixSlice(enc, i)
 
 
 def add_lmam(model, hp):
-    """LMAM in the self-attention of every layer (causal for LLaMA)."""
+    """LMAM in self-attention: every layer of LLaMA (causal) and RoBERTa; BART/mBART's encoder
+    (Table 15, "Where/LMAM: Encoder")."""
     if hp["lmam_mode"] not in ("head", "tail"):
         raise ValueError(f"lmam_mode must be 'head' (Eq. 14-15) or 'tail' (Eq. 16), got {hp['lmam_mode']!r}")
-    dev = model.embed_tokens.weight.device
-    for layer in model.layers:
+    layers = model.encoder.layers if isinstance(model, M.Bart) else model.layers
+    for layer in layers:
         layer.self_attn.attn_map = LMAM(model.cfg.n_heads, hp["lmam_heads"], hp["lmam_rank"], hp["lmam_len"],
-                                        hp["lmam_scale"], causal=True, variant=hp["lmam_variant"],
-                                        tail=hp["lmam_mode"] == "tail", init=hp["lmam_init"], device=dev)
+                                        hp["lmam_scale"], causal=isinstance(model, M.Llama),
+                                        variant=hp["lmam_variant"], tail=hp["lmam_mode"] == "tail",
+                                        init=hp["lmam_init"], device=device_of(model))
 
 
 def no_module(model, hp):
@@ -125,6 +150,15 @@ PARTS = {
 
 LLAMA_LORA = dict(lora_r=32, lora_alpha=64, lora_dropout=0.05, target_modules="q_proj,k_proj,v_proj,up_proj,down_proj")
 TINY = ("llama-tiny", "llama-tiny-gqa")
+MEDIUM = ("roberta", "bart", "mbart")         # model families: presets apply to any size
+# He et al.'s settings for the medium models (adapters.md): LoRA r=16, alpha 32, dropout 0.1 on
+# q_proj, v_proj; Houlsby adapters with bottleneck 200 after every attention and FFN; prefix l=200
+# (GLUE baseline) or 30 (MAM on XSum/MT) with mid_dim 800; FFN scaled PA r=16 s=2 (GLUE), r=512 s=4.
+HE_LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.1, target_modules="q_proj,v_proj")
+HE_SERIES = dict(adapter_r=200, adapter_scale=1.0, adapter_dropout=0.1, target_modules="out_proj,fc2")
+HE_PA = {"roberta": dict(adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+         "bart": dict(adapter_r=512, adapter_scale=4.0, adapter_dropout=0.1),
+         "mbart": dict(adapter_r=512, adapter_scale=4.0, adapter_dropout=0.1)}
 
 # The registry. defaults: LLM-Adapters' LLaMA settings (llm_adapters.md; math_running_commands)
 # unless noted; presets: per model name (model.preset_name) where a setting differs.
@@ -132,19 +166,26 @@ METHODS = {
     "full":     dict(parts=("full",), defaults={}),
     "bitfit":   dict(parts=("bitfit",), defaults={}),
     # peft PrefixTuningConfig(num_virtual_tokens=10), prefix_projection=False, as LLM-Adapters ran it
-    "prefix":   dict(parts=("prefix",), defaults=dict(prefix_len=10, prefix_mid_dim=0)),
+    "prefix":   dict(parts=("prefix",), defaults=dict(prefix_len=10, prefix_mid_dim=0),
+                     presets={"roberta": dict(prefix_len=200, prefix_mid_dim=800),
+                              "bart": dict(prefix_len=30, prefix_mid_dim=800),
+                              "mbart": dict(prefix_len=30, prefix_mid_dim=800)}),
     # bottleneck 256, tanh, scaling 1: series after down_proj (0.99% of LLaMA-7B), parallel on up/down (3.54%)
     "series":   dict(parts=("series",), defaults=dict(adapter_r=256, adapter_scale=1.0, adapter_dropout=0.0,
-                                                     target_modules="down_proj")),
+                                                     target_modules="down_proj"),
+                     presets={m: HE_SERIES for m in MEDIUM}),
     "parallel": dict(parts=("parallel",), defaults=dict(adapter_r=256, adapter_scale=1.0, adapter_dropout=0.0,
                                                        target_modules="up_proj,down_proj")),
     # He et al.'s FFN scaled PA; r=16, s=2 as their GLUE script (the LoRaDA presets set their own)
-    "adapter_ffn": dict(parts=("adapter_ffn",), defaults=dict(adapter_r=16, adapter_scale=2.0, adapter_dropout=0.0)),
+    "adapter_ffn": dict(parts=("adapter_ffn",), defaults=dict(adapter_r=16, adapter_scale=2.0, adapter_dropout=0.0),
+                        presets=HE_PA),
     # He et al.'s MAM: prefix l=30 (mid_dim 800) + FFN scaled PA r=512, s=4
     "mam":      dict(parts=("prefix", "adapter_ffn"), defaults=dict(prefix_len=30, prefix_mid_dim=800, adapter_r=512,
-                                                                    adapter_scale=4.0, adapter_dropout=0.0)),
-    "lora":     dict(parts=("lora",), defaults=LLAMA_LORA),
-    "dora":     dict(parts=("dora",), defaults=LLAMA_LORA),
+                                                                    adapter_scale=4.0, adapter_dropout=0.0),
+                     presets={"roberta": dict(prefix_len=16, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+                              "bart": dict(adapter_dropout=0.1), "mbart": dict(adapter_dropout=0.1)}),
+    "lora":     dict(parts=("lora",), defaults=LLAMA_LORA, presets={m: HE_LORA for m in MEDIUM}),
+    "dora":     dict(parts=("dora",), defaults=LLAMA_LORA, presets={m: HE_LORA for m in MEDIUM}),
     # QuanTA's commonsense scripts: q_proj, v_proj; 16-8-8-4 (d=4096), 16-8-8-5 (d=5120)
     "quanta":   dict(parts=("quanta",), defaults=dict(quanta_dims="16-8-8-4", target_modules="q_proj,v_proj"),
                      presets={"llama-13b": dict(quanta_dims="16-8-8-5"), "llama2-13b": dict(quanta_dims="16-8-8-5"),
@@ -179,20 +220,50 @@ METHODS.update({
                                                             target_modules="q_proj,v_proj"),
                       presets={m: dict(p, **METHODS["quanta"]["presets"].get(m, {}))
                                for m, p in LMAM_PRESETS.items()}),
+    # LoRaDA-A (Section 4.2): LMAM + Adapter-FFN on the medium models. Table 16 (RoBERTa-base, GLUE):
+    # LMAM h_s=3, r=3, 1/s=255, n per task; Adapter-FFN r=16, s=2, dropout 0.1. Table 15 (underlined):
+    # BART-large (XSum) h_s=16, r=22, n=512, s=1, adapter r=512, s=4; mBART-large (MT) h_s=16, r=64,
+    # s=1, adapter r=820, s=4, n=128 (all of 128/256/512 are underlined; 128 is taken).
+    # (On LLaMA, the defaults: Table 19's LMAM with He et al.'s GLUE adapter; the paper gives none.)
+    "lorada_a":  dict(parts=("lmam", "adapter_ffn"),
+                      defaults=dict(LMAM_BASE, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+                      presets={**LMAM_PRESETS,
+                               "roberta": dict(lmam_heads=3, lmam_rank=3, lmam_len=512, lmam_scale=1 / 255),
+                               "bart": dict(lmam_heads=16, lmam_rank=22, lmam_len=512, lmam_scale=1.0,
+                                            adapter_r=512, adapter_scale=4.0),
+                               "mbart": dict(lmam_heads=16, lmam_rank=64, lmam_len=128, lmam_scale=1.0,
+                                             adapter_r=820, adapter_scale=4.0)},
+                      task_presets={t: dict(lmam_len=n) for t, n in (("mnli", 512), ("sst2", 512), ("mrpc", 256),
+                                    ("cola", 512), ("qnli", 256), ("qqp", 256), ("rte", 512), ("stsb", 256))}),
     # the plug-in pairs of Tables 6 and 18: the baseline's own preset plus LMAM
     **{f"{b}+lmam": dict(parts=(b, "lmam"), defaults=dict(METHODS[b]["defaults"], **LMAM_BASE),
                          presets=LMAM_PRESETS) for b in ("lora", "dora", "parallel", "series")},
 })
 
 
-def method_hparams(name: str, model_name: str | None, overrides: dict) -> dict:
-    """defaults ← the model's preset ← overrides, checked against the method's hyperparameters."""
+def family(cfg) -> str:
+    """llama, roberta, bart or mbart: presets keyed by a family apply to every size of it."""
+    if isinstance(cfg, M.BartConfig):
+        return "mbart" if cfg.pre_norm else "bart"
+    return "roberta" if isinstance(cfg, M.RobertaConfig) else "llama"
+
+
+def model_names(cfg) -> tuple:
+    """The preset keys of a model, most general first: its family, then its preset name."""
+    return (family(cfg), M.preset_name(cfg))
+
+
+def method_hparams(name: str, model_names: tuple, overrides: dict, task: str | None = None) -> dict:
+    """defaults ← the model's presets (family, then preset name) ← the task's preset ← overrides,
+    checked against the method's hyperparameters."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     spec = METHODS[name]
     allowed = {k for part in spec["parts"] for k in PARTS[part][1]}
     hp = dict(spec["defaults"])
-    hp.update(spec.get("presets", {}).get(model_name, {}))
+    for key in model_names:
+        hp.update(spec.get("presets", {}).get(key, {}))
+    hp.update(spec.get("task_presets", {}).get(task, {}))
     for k, v in overrides.items():
         if v is None:
             continue
@@ -208,11 +279,13 @@ def method_hparams(name: str, model_name: str | None, overrides: dict) -> dict:
     return hp
 
 
-def apply_method(model, name: str, **overrides):
-    """Adapt `model` in place with method `name` and freeze everything but its parameters."""
+def apply_method(model, name: str, task: str | None = None, **overrides):
+    """Adapt `model` in place with method `name` and freeze everything but its parameters. A
+    RoBERTa classification head always trains (as with LoRA and peft's modules_to_save; He et al.'s
+    released code leaves it frozen, see ../shared/research/adapters.md). `task` picks task presets."""
     if getattr(model, "peft_method", None) is not None:
         raise ValueError(f"the model already has method {model.peft_method['name']!r} applied")
-    hp = method_hparams(name, M.preset_name(model.cfg), overrides)
+    hp = method_hparams(name, model_names(model.cfg), overrides, task)
     base_keys = set(model.state_dict().keys())
     trainable_names = []
     for part in METHODS[name]["parts"]:
@@ -221,7 +294,8 @@ def apply_method(model, name: str, **overrides):
         trainable_names.append(names)
     model.train(model.training)        # new modules (their dropout) follow the model's train/eval mode
     for n, p in model.named_parameters():
-        p.requires_grad_(any(names is None or any(s in n for s in names) for names in trainable_names))
+        p.requires_grad_(any(names is None or any(s in n for s in names) for names in trainable_names)
+                         or n.startswith("head."))
     if not any(p.requires_grad for p in model.parameters()):
         warnings.warn(f"method {name!r} leaves no parameter of this model trainable (e.g. BitFit on LLaMA, "
                       f"which has no biases)")
@@ -249,8 +323,11 @@ ADAPTER_EXT = ".safetensors"
 def base_fingerprint(model) -> dict:
     """What identifies the base model: its shapes and a checksum of a few embedding rows."""
     c = model.cfg
-    fp = {k: getattr(c, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")}
-    w = model.embed_tokens.weight
+    fp = {k: getattr(c, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
+          if hasattr(c, k)}
+    if not isinstance(model, M.Llama):
+        fp["model"] = type(model).__name__
+    w = (model.shared if isinstance(model, M.Bart) else model.embed_tokens).weight
     fp["checksum"] = None if w.is_meta else float(w.detach()[:16].double().abs().sum())
     return fp
 
@@ -288,8 +365,8 @@ def load_adapter(model, path: str):
             if None not in (base[k], ours[k]) and not math.isclose(base[k], ours[k], rel_tol=1e-2):
                 raise ValueError(f"{path}: was trained on a different base model (embedding checksum "
                                  f"{base[k]:.6g}, this model's is {ours[k]:.6g})")
-        elif base[k] != ours[k]:
-            raise ValueError(f"{path}: was trained on a base model with {k}={base[k]}, this model has {ours[k]}")
+        elif base[k] != ours.get(k):
+            raise ValueError(f"{path}: was trained on a base model with {k}={base[k]}, this model has {ours.get(k)}")
     current = getattr(model, "peft_method", None)
     if current is None:
         apply_method(model, name, **hp)

@@ -126,7 +126,7 @@ def validation_loss(model, examples, micro, pad_id, device, autocast):
 def prepare(args):
     """Model (method applied), tokenizer, train/validation examples, training hyperparameters."""
     overrides = {k: getattr(args, k) for k in methods.HPARAMS if getattr(args, k) is not None}
-    methods.method_hparams(args.method, None, overrides)     # fail early on an unknown method or flag
+    methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     if args.dry_run:
         model = M.build(args.model)
         methods.apply_method(model, args.method, **overrides)

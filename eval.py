@@ -1,13 +1,20 @@
-"""Evaluate a base model with an adapter on LLM-Adapters' commonsense and arithmetic test sets.
+"""Evaluate a base model with an adapter: LLM-Adapters' commonsense and arithmetic test sets
+(LLaMA), GLUE (RoBERTa), XSum (BART) and WMT16 en-ro (mBART).
 
     python eval.py --model /ckpt/llama-7b-hf --adapter runs/la/adapter.safetensors --task commonsense
+    python eval.py --model /ckpt/roberta-base --adapter runs/sst2/adapter.safetensors --task sst2 --data glue_data/SST-2
+    python eval.py --model /ckpt/bart-large --adapter runs/xsum/adapter.safetensors --task xsum --data xsum_dir
+    python eval.py --model /ckpt/mbart-large-cc25 --adapter runs/mt/adapter.safetensors --task wmt16-en-ro --data wmt_dir
 
-As the reference (LLM-Adapters' commonsense_evaluate.py / evaluate.py, with DoRA's merged,
+LLaMA, as the reference (LLM-Adapters' commonsense_evaluate.py / evaluate.py, with DoRA's merged,
 dropout-free model): the evaluation prompt, batched 4-beam search with left padding,
 max_new_tokens 32 (commonsense) or 256 (math), the response cut after "### Response:", and the
-answer taken by `extract_answer`. Predictions go to OUT_DIR/<task>.jsonl, one line per example;
-a rerun skips the examples already there. A markdown table in the layout of the paper's Table 4
-(commonsense) / Table 8 (math) is printed and the numbers are written to OUT_DIR/results.json.
+answer taken by `extract_answer`. GLUE: the dev sets (MNLI: matched and mismatched) with
+`glue_metric`. XSum and en-ro: beam search with He et al.'s settings on the test split, then
+`rouge` or `bleu`. Predictions go to OUT_DIR/<task>.jsonl, one line per example; a rerun skips the
+examples already there. A markdown table in the layout of the paper's Table 4 (commonsense),
+Table 8 (math), Table 5 (GLUE) or Table 10 (XSum, MT) is printed and the numbers are written to
+OUT_DIR/results.json.
 """
 import argparse
 import json
@@ -19,7 +26,9 @@ import torch
 
 import methods
 import model as M
+from data import glue as G
 from data import llm_adapters as D
+from data import seq2seq as S
 
 CHOICES = {"boolq": r"true|false", "piqa": r"solution1|solution2", "hellaswag": r"ending1|ending2|ending3|ending4",
            "winogrande": r"option1|option2",
@@ -131,10 +140,227 @@ def markdown_table(results: dict, method: str = "") -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None):
-    """Base model + adapter, in eval mode with the adapter merged where the method allows it."""
+# ----------------------------------------------------------------------------- GLUE
+
+MAIN_METRIC = {t: "accuracy" for t in G.TASKS} | {"cola": "matthews_correlation", "stsb": "pearson"}
+GLUE_COLUMNS = [("mnli", "MNLI"), ("sst2", "SST2"), ("qqp", "QQP"), ("qnli", "QNLI"), ("stsb", "STS-B"),
+                ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA")]        # Table 5's order
+
+
+def ranks(x: list) -> list:
+    """1-based ranks with ties given their average rank (as scipy.stats.rankdata)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def pearson(x: list, y: list) -> float:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else 0.0
+
+
+def glue_metric(task: str, predictions: list, labels: list) -> dict:
+    """The GLUE metrics of a task (the `evaluate` library's glue metric, by hand): accuracy; F1 of
+    class 1 and accuracy for MRPC and QQP; Matthews correlation for CoLA (0 when undefined, as
+    sklearn); Pearson and Spearman correlations for STS-B (regression predictions)."""
+    G.check_task(task)
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if task == "stsb":
+        p, l = [float(v) for v in predictions], [float(v) for v in labels]
+        return {"pearson": pearson(p, l), "spearmanr": pearson(ranks(p), ranks(l))}
+    acc = sum(int(p) == int(l) for p, l in zip(predictions, labels)) / len(labels)
+    if task == "cola":
+        tp = sum(p == 1 and l == 1 for p, l in zip(predictions, labels))
+        tn = sum(p == 0 and l == 0 for p, l in zip(predictions, labels))
+        fp = sum(p == 1 and l == 0 for p, l in zip(predictions, labels))
+        fn = sum(p == 0 and l == 1 for p, l in zip(predictions, labels))
+        den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+        return {"matthews_correlation": (tp * tn - fp * fn) / den if den else 0.0}
+    if task in ("mrpc", "qqp"):
+        tp = sum(p == 1 and l == 1 for p, l in zip(predictions, labels))
+        n_pred, n_true = sum(p == 1 for p in predictions), sum(l == 1 for l in labels)
+        f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else 0.0
+        return {"accuracy": acc, "f1": f1}
+    return {"accuracy": acc}
+
+
+@torch.no_grad()
+def glue_predictions(model, examples: list, pad_id: int, batch_size: int = 32, device="cpu") -> list:
+    """Class ids (argmax) or, for a one-output head (STS-B), the regression values."""
+    model.eval()
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = G.collate(examples[i:i + batch_size], pad_id)
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+        out += logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
+    return out
+
+
+def evaluate_glue(model, tokenizer, task, data, out_dir, batch_size=32, limit=None, max_length=512) -> dict:
+    """Every dev split of a task (MNLI: mnli-m and mnli-mm) -> {split: metrics}; predictions to
+    OUT_DIR/<split>.jsonl."""
+    results = {}
+    device = next(model.parameters()).device
+    for split in G.EVAL_SPLITS[task]:
+        rows = G.load_glue(task, G.split_file(task, data, split))[:limit]
+        examples = [G.tokenize(tokenizer, r, max_length) for r in rows]
+        preds = glue_predictions(model, examples, tokenizer.pad_id, batch_size, device)
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+            for i, (p, r) in enumerate(zip(preds, rows)):
+                f.write(json.dumps({"index": i, "prediction": p, "label": r["label"]}) + "\n")
+        results[split] = dict(glue_metric(task, preds, [r["label"] for r in rows]), total=len(rows))
+    return results
+
+
+def glue_table(results: dict, method: str = "") -> str:
+    """Table 5's layout: each task's main metric × 100 (MNLI: matched), and their mean."""
+    head, row, vals = ["Method"], [method], []
+    for task, name in GLUE_COLUMNS:
+        split = "mnli-m" if task == "mnli" else task
+        head.append(name)
+        if split in results:
+            v = 100 * results[split][MAIN_METRIC[task]]
+            vals.append(v)
+            row.append(f"{v:.1f}")
+        else:
+            row.append("–")
+    head.append("mean")
+    row.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"])
+
+
+# ----------------------------------------------------------------------------- XSum, WMT16 en-ro
+
+def rouge(predictions: list, references: list) -> dict:
+    """ROUGE-1/2/L F-measures × 100 with Google's rouge-score scorer and Porter stemming, averaged
+    over the examples (the `evaluate` library reports the bootstrap median of this mean, which is
+    within a few hundredths of it). Needs `pip install -r requirements-eval.txt`."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ImportError("rouge() needs the rouge-score package: pip install -r requirements-eval.txt") from None
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r.strip(), p.strip()) for p, r in zip(predictions, references)]
+    return {k: 100 * sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+# Sennrich's wmt16-scripts: normalise-romanian.py (cedilla -> comma-below letters) and
+# remove-diacritics.py; and the common cases of Moses' replace-unicode-punctuation.perl.
+RO_NORMALISE = str.maketrans({"\u015e": "\u0218", "\u015f": "\u0219", "\u0162": "\u021a", "\u0163": "\u021b"})
+RO_DIACRITICS = str.maketrans({"\u0218": "S", "\u0219": "s", "\u021a": "T", "\u021b": "t", "\u0102": "A",
+                               "\u0103": "a", "\u00c2": "A", "\u00e2": "a", "\u00ce": "I", "\u00ee": "i"})
+PUNCTUATION = str.maketrans({"\u201e": '"', "\u201c": '"', "\u201d": '"', "\u00ab": '"', "\u00bb": '"',
+                             "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u2013": "-", "\u2014": " - ",
+                             "\u2026": "..."})
+
+
+def romanian_postprocess(text: str) -> str:
+    """He et al.'s romanian_postprocess.sh without Moses: punctuation normalised, Romanian letters
+    normalised and stripped of diacritics."""
+    return text.translate(PUNCTUATION).translate(RO_NORMALISE).translate(RO_DIACRITICS)
+
+
+def bleu(hypotheses: list, references: list) -> dict:
+    """Two BLEU scores with sacreBLEU (needs `pip install -r requirements-eval.txt`):
+    "sacrebleu": detokenised text, sacreBLEU's default 13a tokenisation (the standard, comparable
+    number); "bleu_ro_tok": He et al.'s reported convention, both sides normalised and stripped of
+    Romanian diacritics (romanian_postprocess), then tokenised, no smoothing. He et al. tokenise with
+    Moses' tokenizer.perl and score with `-tok none -s none`; Moses is not bundled here, so 13a
+    tokenises instead (both split punctuation from words; they differ on a few cases such as
+    apostrophes and hyphens)."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ImportError("bleu() needs the sacrebleu package: pip install -r requirements-eval.txt") from None
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    standard = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    post = lambda xs: [romanian_postprocess(x) for x in xs]
+    ro = sacrebleu.corpus_bleu(post(hypotheses), [post(references)], tokenize="13a", smooth_method="none").score
+    return {"sacrebleu": standard, "bleu_ro_tok": ro}
+
+
+# He et al.'s generation settings (adapters.md section 7)
+GENERATION = {"xsum": dict(num_beams=6, max_length=60, min_length=10, no_repeat_ngram_size=3, length_penalty=1.0),
+              "wmt16-en-ro": dict(num_beams=5, max_length=150, min_length=1, no_repeat_ngram_size=0,
+                                  length_penalty=1.0)}
+
+
+@torch.no_grad()
+def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", batch_size=8, limit=None,
+                     progress=True, max_source_len=None, **generation) -> dict:
+    """Generate for every source of a split and score: ROUGE (xsum) or BLEU (wmt16-en-ro). Sources
+    are cut to max_source_len tokens (He et al.: 512 XSum, 150 MT; at most the model's positions).
+    mBART's decoder starts with ro_RO. Resumes from out_path's lines."""
+    pairs = S.load_pairs(task, data, split)[:limit]
+    settings = dict(GENERATION[task], **{k: v for k, v in generation.items() if v is not None})
+    mbart = model.cfg.pre_norm
+    src_lang = "en_XX" if mbart else None
+    if mbart:
+        settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))
+    done = {}
+    if out_path and os.path.exists(out_path):
+        with open(out_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[r["index"]] = r["hypothesis"]
+    todo = [i for i in range(len(pairs)) if i not in done]
+    max_src = min(max_source_len or (512 if task == "xsum" else 150), model.cfg.max_positions)
+    sources = {i: S.encode(tokenizer, pairs[i]["source"], max_src, src_lang) for i in todo}
+    todo.sort(key=lambda i: len(sources[i]))
+    device = next(model.parameters()).device
+    out = open(out_path, "a") if out_path else None
+    try:
+        for b in range(0, len(todo), batch_size):
+            idx = todo[b:b + batch_size]
+            batch = S.collate([{"input_ids": sources[i], "labels": [0]} for i in idx], tokenizer.pad_id)
+            seqs = M.generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      **settings)
+            for row, i in enumerate(idx):
+                done[i] = tokenizer.decode(seqs[row].tolist()).strip()
+                if out:
+                    out.write(json.dumps({"index": i, "hypothesis": done[i], "reference": pairs[i]["target"]}) + "\n")
+                    out.flush()
+            if progress:
+                print(f"\r{task}: {len(done)}/{len(pairs)}", end="", file=sys.stderr, flush=True)
+    finally:
+        if out:
+            out.close()
+        if progress:
+            print(file=sys.stderr)
+    hyps, refs = [done[i] for i in range(len(pairs))], [p["target"] for p in pairs]
+    scores = rouge(hyps, refs) if task == "xsum" else bleu(hyps, refs)
+    return dict(scores, total=len(pairs))
+
+
+def seq2seq_table(results: dict, method: str = "") -> str:
+    """Table 10's layout: XSum R-1/R-2/R-L and MT BLEU (He et al.'s tokenised convention)."""
+    x, m = results.get("xsum"), results.get("wmt16-en-ro")
+    xsum = f"{x['rouge1']:.2f}/{x['rouge2']:.2f}/{x['rougeL']:.2f}" if x else "–"
+    mt = f"{m['bleu_ro_tok']:.1f} (sacreBLEU {m['sacrebleu']:.1f})" if m else "–"
+    return "\n".join(["| Method | XSum (R-1/2/L) | MT (BLEU) |", "|---|---|---|", f"| {method} | {xsum} | {mt} |"])
+
+
+def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None):
+    """Base model + adapter, in eval mode with the adapter merged where the method allows it.
+    num_labels: a RoBERTa checkpoint's GLUE head (the adapter file holds its trained weights)."""
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = M.load(model_path, dtype=dtype, device=device)
+    model = M.load(model_path, dtype=dtype, device=device, num_labels=num_labels)
     if adapter:
         methods.load_adapter(model, adapter)
     model.eval()
@@ -150,45 +376,70 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--adapter", default=None, help="an adapter file from train.py (none: the base model)")
-    p.add_argument("--task", required=True, help="|".join(TASKS + list(GROUPS)))
-    p.add_argument("--data", default=None, help="a test file in LLM-Adapters' format (default: dataset/TASK/test.json)")
+    p.add_argument("--task", required=True, help="|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS)))
+    p.add_argument("--data", default=None, help="LLaMA: a test file in LLM-Adapters' format (default: "
+                   "dataset/TASK/test.json); GLUE: the task's folder; XSum / WMT: the folder or file of the split")
+    p.add_argument("--split", default="test", help="XSum / WMT: which split to evaluate (test, val)")
     p.add_argument("--out_dir", default="eval_out")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--num_beams", type=int, default=None, help="default: 4 (LLaMA), 6 (XSum), 5 (WMT)")
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    tasks = GROUPS.get(args.task, [args.task])
-    try:
-        for t in tasks:
-            if t not in TASKS:
-                raise ValueError(f"unknown task {t!r}; valid: {', '.join(TASKS + list(GROUPS))}")
-        if args.data and len(tasks) > 1:
-            raise ValueError("--data names one file: use it with a single --task")
-        files = {t: args.data or D.resolve(t) for t in tasks}
-        missing = [f for f in files.values() if not os.path.exists(f)]
-        if len(tasks) == 1 and missing:
-            raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
-        data = {t: D.load_records(f, fields=("instruction", "answer"))[:args.limit]
-                for t, f in files.items() if os.path.exists(f)}
-        model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer)
-    except (ValueError, FileNotFoundError, M.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    for f in missing:
-        print(f"skipping {f}: not found", file=sys.stderr)
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    for t, records in data.items():
-        correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
-                                       args.batch_size, args.num_beams, args.max_new_tokens)
-        results[t] = {"accuracy": correct / total, "correct": correct, "total": total}
+    medium = args.task in G.TASKS or args.task in S.TASKS
+    try:
+        if medium:
+            if not args.data:
+                raise ValueError(f"--data is required for {args.task}")
+            num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
+            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels)
+            if args.task in G.TASKS:
+                if not isinstance(model, M.Roberta):
+                    raise ValueError(f"GLUE task {args.task} needs a RoBERTa checkpoint")
+                results.update(evaluate_glue(model, tok, args.task, args.data, args.out_dir, args.batch_size,
+                                             args.limit))
+            else:
+                if not isinstance(model, M.Bart):
+                    raise ValueError(f"{args.task} needs a BART / mBART checkpoint")
+                results[args.task] = evaluate_seq2seq(model, tok, args.task, args.data,
+                                                      os.path.join(args.out_dir, f"{args.task}.jsonl"), args.split,
+                                                      args.batch_size, args.limit, num_beams=args.num_beams)
+        else:
+            tasks = GROUPS.get(args.task, [args.task])
+            for t in tasks:
+                if t not in TASKS:
+                    raise ValueError(f"unknown task {t!r}; valid: {', '.join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))}")
+            if args.data and len(tasks) > 1:
+                raise ValueError("--data names one file: use it with a single --task")
+            files = {t: args.data or D.resolve(t) for t in tasks}
+            missing = [f for f in files.values() if not os.path.exists(f)]
+            if len(tasks) == 1 and missing:
+                raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
+            data = {t: D.load_records(f, fields=("instruction", "answer"))[:args.limit]
+                    for t, f in files.items() if os.path.exists(f)}
+            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer)
+            for f in missing:
+                print(f"skipping {f}: not found", file=sys.stderr)
+            for t, records in data.items():
+                correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
+                                               args.batch_size, args.num_beams or 4, args.max_new_tokens)
+                results[t] = {"accuracy": correct / total, "correct": correct, "total": total}
+    except (ValueError, FileNotFoundError, ImportError, M.CheckpointError) as e:
+        sys.exit(f"error: {e}")
     with open(results_path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(results_path + ".tmp", results_path)
     name = model.peft_method["name"] if getattr(model, "peft_method", None) else "base"
-    print(markdown_table(results, name))
+    if isinstance(model, M.Roberta):
+        print(glue_table(results, name))
+    elif isinstance(model, M.Bart):
+        print(seq2seq_table(results, name))
+    else:
+        print(markdown_table(results, name))
     return results
 
 

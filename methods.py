@@ -393,10 +393,29 @@ def load_adapter(model, path: str):
 
 # LLM-Adapters' finetune.py commands (bs 16, micro-batch 4, lr 3e-4, 3 epochs, cutoff 256, 120
 # validation examples, eval/save every 80 steps, 100 warmup steps, no weight decay, clip 1.0,
-# seed 42) unless a method's reference says otherwise.
+# seed 42) unless a method's reference says otherwise. The keys after seed are used by the
+# RoBERTa/BART pipelines (0 = off): max_steps (overrides num_epochs), warmup_ratio (of the steps,
+# instead of warmup_steps), label_smoothing, max_target_len (cutoff_len is the source's),
+# max_tokens (token-budget micro-batches, MT) with update_freq of them per step, Adam's beta2, eps.
 TRAIN_DEFAULTS = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_rate=3e-4, cutoff_len=256,
                       val_set_size=120, eval_step=80, save_step=80, warmup_steps=100, weight_decay=0.0,
-                      max_grad_norm=1.0, seed=42)
+                      max_grad_norm=1.0, seed=42, max_steps=0, warmup_ratio=0.0, label_smoothing=0.0,
+                      max_target_len=0, max_tokens=0, update_freq=1, adam_beta2=0.999, adam_eps=1e-8)
+# The medium-model pipelines: He et al.'s scripts (adapters.md section 7). eval_step / save_step 0:
+# once per epoch. val_set_size: their max_eval_samples (the first 1600 dev/validation examples).
+PIPELINE_DEFAULTS = {
+    "llm": {},
+    "glue": dict(batch_size=32, micro_batch_size=32, num_epochs=10, learning_rate=1e-4, cutoff_len=512,
+                 val_set_size=1600, eval_step=0, save_step=0, warmup_steps=0, warmup_ratio=0.06, weight_decay=0.1,
+                 adam_beta2=0.98, adam_eps=1e-6),
+    "xsum": dict(batch_size=64, micro_batch_size=16, num_epochs=30, max_steps=100_000, learning_rate=5e-5,
+                 cutoff_len=512, max_target_len=128, val_set_size=1600, eval_step=3000, save_step=3000,
+                 warmup_steps=0, weight_decay=0.01, max_grad_norm=0.1, label_smoothing=0.1),
+    "mt": dict(batch_size=1, micro_batch_size=1, num_epochs=100, max_steps=50_000, learning_rate=5e-5,
+               cutoff_len=150, max_target_len=150, max_tokens=4096, update_freq=4, val_set_size=1600,
+               eval_step=5000, save_step=5000, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
+               label_smoothing=0.1, adam_beta2=0.98, adam_eps=1e-6),
+}
 TRAIN_PRESETS = {
     "prefix": dict(batch_size=8, num_epochs=5, learning_rate=3e-2, eval_step=10, save_step=10),  # math command
     "dora": dict(learning_rate=2e-4, by_model={"llama3-8b": dict(learning_rate=1e-4)}),          # DoRA scripts
@@ -405,13 +424,25 @@ TRAIN_PRESETS = {
     "lorada_la": dict(batch_size=4, learning_rate=1e-4,                                           # Table 19
                       by_model={"llama3-8b": dict(learning_rate=2e-4), "llama-13b": dict(batch_size=3),
                                 "llama2-13b": dict(batch_size=3), "llama2-70b": dict(batch_size=2)}),
+    # Table 16 (GLUE, 20 epochs, per-task learning rates) and Table 15 (XSum, MT)
+    "lorada_a": dict(by_pipeline={"glue": dict(num_epochs=20), "xsum": dict(learning_rate=5e-5),
+                                  "mt": dict(learning_rate=5e-5)},
+                     by_task={"mnli": dict(learning_rate=3e-4), "sst2": dict(learning_rate=3e-4),
+                              "mrpc": dict(learning_rate=3e-4), "cola": dict(learning_rate=5e-4),
+                              "qnli": dict(learning_rate=1e-4), "qqp": dict(learning_rate=1e-4),
+                              "rte": dict(learning_rate=7e-4), "stsb": dict(learning_rate=5e-4)}),
 }
 
 
-def train_hparams(method: str, model_name: str | None) -> dict:
-    """Training hyperparameters for a method on a model: defaults ← method ← method and model."""
+def train_hparams(method: str, model_names: tuple = (), pipeline: str = "llm", task: str | None = None) -> dict:
+    """Training hyperparameters: defaults ← pipeline ← method (its LLaMA settings apply to the
+    LLaMA pipeline only, unless by_pipeline says otherwise) ← method and model ← method and task."""
     preset = dict(TRAIN_PRESETS.get(method, {}))
-    by_model = preset.pop("by_model", {})
-    hp = dict(TRAIN_DEFAULTS, **preset, **by_model.get(model_name, {}))
+    by_model, by_pipeline, by_task = (preset.pop(k, {}) for k in ("by_model", "by_pipeline", "by_task"))
+    hp = dict(TRAIN_DEFAULTS, **PIPELINE_DEFAULTS[pipeline])
+    hp.update(preset if pipeline == "llm" else by_pipeline.get(pipeline, {}))
+    for name in model_names:
+        hp.update(by_model.get(name, {}))
+    hp.update(by_task.get(task, {}))
     hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
     return hp

@@ -557,6 +557,10 @@ class Roberta(nn.Module):
             attention_mask = (input_ids != self.cfg.pad_id).long()
         real = (input_ids != self.cfg.pad_id).long()
         pos = real.cumsum(-1) * real + self.cfg.pad_id                  # pads keep position pad_id
+        if int(pos.max()) >= self.cfg.max_positions:
+            raise ValueError(f"{int(real.sum(-1).max())} tokens, but this model has room for "
+                             f"{self.cfg.max_positions - self.cfg.pad_id - 1} (max_position_embeddings "
+                             f"{self.cfg.max_positions} minus padding_idx + 1): truncate the inputs")
         x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_token_types(torch.zeros_like(input_ids))
         x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
         mask = padding_mask(attention_mask)
@@ -604,6 +608,9 @@ class Bart(nn.Module):
                        p.dtype, p.device)
 
     def embed(self, part, ids, past=0):
+        if past + ids.shape[1] > self.cfg.max_positions:
+            raise ValueError(f"{past + ids.shape[1]} tokens, but this model has {self.cfg.max_positions} positions "
+                             f"(max_position_embeddings): truncate the inputs")
         pos = torch.arange(past, past + ids.shape[1], device=ids.device) + 2
         x = self.shared(ids) * self.embed_scale + part.embed_positions(pos)
         return F.dropout(part.layernorm_embedding(x), self.cfg.dropout, self.training)

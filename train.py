@@ -1,14 +1,19 @@
-"""Fine-tune a LLaMA checkpoint with a PEFT method on LLM-Adapters-format data.
+"""Fine-tune a checkpoint with a PEFT method: LLaMA on LLM-Adapters-format data, RoBERTa on GLUE,
+BART on XSum, mBART on WMT16 en-ro.
 
     python train.py                                                 # the embedded CPU demo (demo.py)
     python train.py --model llama-7b --method lorada_q --dry-run    # parameter report, no weights
     python train.py --model /ckpt/llama-7b-hf --method lorada_la --data commonsense_170k --out_dir runs/la
     python train.py ... --out_dir runs/la --resume                  # continue exactly where it stopped
+    python train.py --model /ckpt/roberta-base --method lorada_a --task sst2 --data glue_data/SST-2
+    python train.py --model /ckpt/bart-large --method lorada_a --task xsum --data xsum_dir
+    python train.py --model /ckpt/mbart-large-cc25 --method lorada_a --task wmt16-en-ro --data wmt_en_ro_dir
 
 Everything a run writes goes to --out_dir: checkpoint.pt (the latest step: trainable tensors,
-optimizer, scheduler, data position, RNG), best.safetensors (best validation loss), adapter.safetensors
-(the result: best by validation loss if there is a validation split, else the last), log.jsonl and
-args.json. Ctrl-C or SIGTERM saves a checkpoint before exiting.
+optimizer, scheduler, data position, RNG), best.safetensors (best validation score), adapter.safetensors
+(the result: best by validation if there is a validation split, else the last), log.jsonl and
+args.json. Ctrl-C or SIGTERM saves a checkpoint before exiting. Validation: LLaMA, BART, mBART by
+loss on held-out examples; RoBERTa by the task's GLUE metric on the dev set.
 """
 import argparse
 import json
@@ -24,7 +29,9 @@ import torch.nn.functional as F
 
 import methods
 import model as M
+from data import glue as G
 from data import llm_adapters as D
+from data import seq2seq as S
 
 
 def parse_args(argv=None):
@@ -32,12 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--model", default="llama-tiny", help=f"a checkpoint path, or a preset ({', '.join(M.LLAMA_PRESETS)}) for --dry-run")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the checkpoint directory)")
     p.add_argument("--method", default="lorada_la", help=f"one of: {', '.join(methods.METHODS)}")
-    p.add_argument("--data", default="commonsense_170k", help="a JSON file or a name: " + ", ".join(D.TRAIN_SETS))
+    p.add_argument("--data", default="commonsense_170k", help="LLaMA: a JSON file or a name (" + ", ".join(D.TRAIN_SETS)
+                   + "); GLUE: the task's folder of TSVs; XSum / WMT: a folder of train/val JSON lines or .source/.target")
+    p.add_argument("--task", default=None, help="RoBERTa: a GLUE task (" + ", ".join(G.TASKS) + "); BART: xsum; "
+                   "mBART: wmt16-en-ro. Not for LLaMA.")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--dry-run", action="store_true", help="apply the method, print the trainable-parameter line, exit")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    t = p.add_argument_group("training (default: the registry's preset for the method and model)")
+    t = p.add_argument_group("training (default: the registry's preset for the method, model and task)")
     for name, value in methods.TRAIN_DEFAULTS.items():
         t.add_argument(f"--{name}", type=type(value), default=None)
     t.add_argument("--mask_prompt", action="store_true", help="loss on the response only (train_on_inputs=False)")
@@ -103,7 +112,7 @@ def set_rng_state(s):
 
 
 def token_loss_sum(model, batch, device, autocast):
-    """Sum of next-token cross-entropies over the labelled tokens of a micro-batch."""
+    """Sum of next-token cross-entropies over the labelled tokens of a micro-batch (LLaMA)."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         logits = model(ids, attention_mask=mask)
@@ -111,70 +120,195 @@ def token_loss_sum(model, batch, device, autocast):
                            reduction="sum")
 
 
-@torch.no_grad()
-def validation_loss(model, examples, micro, pad_id, device, autocast):
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), micro):
-        batch = D.collate(examples[i:i + micro], pad_id)
-        total += float(token_loss_sum(model, batch, device, autocast))
-        n += int((batch["labels"][:, 1:] != -100).sum())
-    model.train()
-    return total / max(n, 1)
+def glue_loss_sum(model, batch, device, autocast):
+    """Sum over the examples: cross-entropy, or squared error for STS-B's regression (num_labels 1)."""
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids, attention_mask=mask).float()
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def decoder_start(model):
+    """BART: the decoder starts from decoder_start_token_id; mBART (None): the target's language
+    code is wrapped around to the front (shift_tokens_right)."""
+    return None if model.cfg.pre_norm else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
+
+
+def seq2seq_loss_sum(model, batch, device, autocast, smoothing=0.0):
+    """Sum over the target tokens of the label-smoothed cross-entropy (transformers' LabelSmoother:
+    (1 - ε)·NLL + ε·mean over the vocabulary of -log p)."""
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    dec = M.shift_tokens_right(labels, model.cfg.pad_id, decoder_start(model))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids, mask, dec)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           label_smoothing=smoothing, reduction="sum")
+
+
+class Pipeline:
+    """What differs between the benchmarks: examples, batches, the loss and validation.
+
+    loss_sum(model, batch) sums the loss over `units(examples)` (labelled tokens, or examples for
+    GLUE), so that a step's loss is the mean over its units whatever the micro-batching.
+    validate(model) -> (score, its name): a loss, or a GLUE metric negated (lower is better)."""
+
+    def __init__(self, kind, train_set, val_set, hp, pad_id, device, autocast, task=None, model=None):
+        self.kind, self.train_set, self.val_set, self.hp, self.task = kind, train_set, val_set, hp, task
+        self.pad_id, self.device, self.autocast = pad_id, device, autocast
+        self.collate = {"llm": lambda ex: D.collate(ex, pad_id), "glue": lambda ex: G.collate(ex, pad_id)}.get(
+            kind, lambda ex: S.collate(ex, pad_id))
+        if kind in ("xsum", "mt"):
+            self.start = decoder_start(model)
+
+    def loss_sum(self, model, batch):
+        if self.kind == "llm":
+            return token_loss_sum(model, batch, self.device, self.autocast)
+        if self.kind == "glue":
+            return glue_loss_sum(model, batch, self.device, self.autocast)
+        return seq2seq_loss_sum(model, batch, self.device, self.autocast, self.hp["label_smoothing"])
+
+    def units(self, examples):
+        if self.kind == "llm":
+            return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+        if self.kind == "glue":
+            return len(examples)
+        return sum(len(e["labels"]) for e in examples)
+
+    def tokens(self, examples):
+        return sum(len(e["input_ids"]) + len(e.get("labels", [])) * (self.kind in ("xsum", "mt")) for e in examples)
+
+    def steps_per_epoch(self):
+        return len(self.epoch_batches(0))
+
+    def epoch_batches(self, epoch):
+        """The optimizer steps of one epoch, each a list of micro-batches (lists of example indices)."""
+        hp, seed = self.hp, self.hp["seed"] + epoch
+        if self.kind == "mt" and hp["max_tokens"]:
+            lengths = [max(len(e["input_ids"]), len(e["labels"])) for e in self.train_set]
+            micro = S.token_batches(lengths, hp["max_tokens"], seed)
+            k = hp["update_freq"]
+            return [micro[i:i + k] for i in range(0, len(micro), k)]
+        if self.kind == "llm":
+            steps = D.length_grouped_batches([len(e["input_ids"]) for e in self.train_set], hp["batch_size"], seed)
+        else:
+            steps = G.shuffled_batches(len(self.train_set), hp["batch_size"], seed)
+        m = hp["micro_batch_size"]
+        return [[b[i:i + m] for i in range(0, len(b), m)] for b in steps]
+
+    @torch.no_grad()
+    def validate(self, model):
+        model.eval()
+        try:
+            if self.kind == "glue":
+                import eval as E
+                preds = E.glue_predictions(model, self.val_set, self.pad_id, self.hp["micro_batch_size"], self.device)
+                metric = E.glue_metric(self.task, preds, [e["label"] for e in self.val_set])
+                main = E.MAIN_METRIC[self.task]
+                return -metric[main], main                     # negated: lower is better
+            total, n = 0.0, 0
+            for i in range(0, len(self.val_set), self.hp["micro_batch_size"]):
+                part = self.val_set[i:i + self.hp["micro_batch_size"]]
+                total += float(self.loss_sum(model, self.collate(part)))
+                n += self.units(part)
+            return total / max(n, 1), "loss"
+        finally:
+            model.train()
+
+
+def pipeline_kind(model, task):
+    if isinstance(model, M.Llama):
+        if task is not None:
+            raise ValueError(f"--task {task} is for RoBERTa (GLUE) or BART/mBART (xsum, wmt16-en-ro); "
+                             f"LLaMA trains on --data")
+        return "llm"
+    if isinstance(model, M.Roberta):
+        if task not in G.TASKS:
+            raise ValueError(f"RoBERTa trains on GLUE: give --task, one of {', '.join(G.TASKS)} (got {task})")
+        return "glue"
+    if task not in S.TASKS:
+        raise ValueError(f"BART/mBART train on --task xsum or wmt16-en-ro (got {task})")
+    return "xsum" if task == "xsum" else "mt"
 
 
 def prepare(args):
-    """Model (method applied), tokenizer, train/validation examples, training hyperparameters."""
+    """Model (method applied), tokenizer, pipeline (data, batches, loss), training hyperparameters."""
     overrides = {k: getattr(args, k) for k in methods.HPARAMS if getattr(args, k) is not None}
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     if args.dry_run:
         model = M.build(args.model)
-        methods.apply_method(model, args.method, **overrides)
-        return model, None, None, None, None
-    if args.model in M.LLAMA_PRESETS:
+        methods.apply_method(model, args.method, task=args.task, **overrides)
+        return model, None, None
+    if args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS:
         raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path "
                          f"(or use --dry-run)")
     tokenizer = M.load_tokenizer(args.tokenizer or (args.model if os.path.isdir(args.model) else os.path.dirname(args.model)))
-    records = D.load_records(D.resolve(args.data, split="train"))
     trains_base = methods.METHODS[args.method]["parts"][0] in ("full", "bitfit")
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda and not trains_base else torch.float32
-    model = M.load(args.model, dtype=dtype, device=args.device)
-    hp = methods.train_hparams(args.method, M.preset_name(model.cfg))
+    num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
+    torch.manual_seed(args.seed if args.seed is not None else methods.TRAIN_DEFAULTS["seed"])   # a fresh GLUE head
+    model = M.load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
+    kind = pipeline_kind(model, args.task)
+    hp = methods.train_hparams(args.method, methods.model_names(model.cfg), kind, args.task)
     hp.update({k: getattr(args, k) for k in methods.TRAIN_DEFAULTS if getattr(args, k) is not None})
     hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+    if num_labels is not None and model.head is not None and model.head.dense.weight.dtype != torch.float32:
+        model.head.float()                   # a fresh head trains in fp32 next to bf16 frozen weights
     torch.manual_seed(hp["seed"])        # the method's initialisation, then dropout: one seeded stream
-    methods.apply_method(model, args.method, **overrides)
-    # validation split: a seeded shuffle, as LLM-Adapters' train_test_split(seed=42)
-    order = list(range(len(records)))
-    random.Random(hp["seed"]).shuffle(order)
-    n_val = min(hp["val_set_size"], len(records) // 2)
-    examples = [D.tokenize(tokenizer, records[i], hp["cutoff_len"], not args.mask_prompt) for i in order]
-    return model, tokenizer, examples[n_val:], examples[:n_val], hp
+    methods.apply_method(model, args.method, task=args.task, **overrides)
+    autocast = cuda and next(model.parameters()).dtype == torch.float32   # full / bitfit on GPU
+    if kind == "llm":
+        records = D.load_records(D.resolve(args.data, split="train"))
+        # validation split: a seeded shuffle, as LLM-Adapters' train_test_split(seed=42)
+        order = list(range(len(records)))
+        random.Random(hp["seed"]).shuffle(order)
+        n_val = min(hp["val_set_size"], len(records) // 2)
+        examples = [D.tokenize(tokenizer, records[i], hp["cutoff_len"], not args.mask_prompt) for i in order]
+        train_set, val_set = examples[n_val:], examples[:n_val]
+    elif kind == "glue":
+        first_dev = next(iter(G.EVAL_SPLITS[args.task]))
+        train_set, val_set = ([G.tokenize(tokenizer, r, hp["cutoff_len"]) for r in
+                               G.load_glue(args.task, G.split_file(args.task, args.data, split))]
+                              for split in ("train", first_dev))
+        val_set = val_set[:hp["val_set_size"]]
+    else:
+        langs = ("en_XX", "ro_RO") if kind == "mt" and model.cfg.pre_norm else (None, None)
+        tgt_len = hp["max_target_len"] or hp["cutoff_len"]
+        load = lambda split: [S.tokenize(tokenizer, p, hp["cutoff_len"], tgt_len, *langs)
+                              for p in S.load_pairs(args.task, args.data, split)]
+        train_set = load("train")
+        try:
+            val_set = load("val")[:hp["val_set_size"]]
+        except FileNotFoundError:
+            val_set = []
+    pipe = Pipeline(kind, train_set, val_set, hp, tokenizer.pad_id, args.device, autocast, args.task, model)
+    return model, pipe, hp
 
 
 def train(args):
-    model, tokenizer, train_set, val_set, hp = prepare(args)
+    model, pipe, hp = prepare(args)
     print(methods.parameter_report(model))
     if args.dry_run:
         return None
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    device, cuda = args.device, args.device.startswith("cuda")
-    autocast = cuda and next(model.parameters()).dtype == torch.float32   # full / bitfit on GPU
     if args.gradient_checkpointing:
         model.gradient_checkpointing = True
     forward_model = torch.compile(model, dynamic=True) if args.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {args.method!r} trains no parameter of this model")
-    optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
-    per_epoch = math.ceil(len(train_set) / hp["batch_size"])
+    optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
+                                  betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
+    per_epoch = pipe.steps_per_epoch()
     total = per_epoch * hp["num_epochs"]
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp["warmup_steps"], total))
-    lengths = [len(e["input_ids"]) for e in train_set]
+    if hp["max_steps"]:
+        total = min(total, hp["max_steps"]) if hp["num_epochs"] else hp["max_steps"]
+    warmup = math.ceil(hp["warmup_ratio"] * total) if hp["warmup_ratio"] else hp["warmup_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+    every = lambda k: k if k > 0 else per_epoch                     # 0: once per epoch
     state = {"step": 0, "best_val": float("inf")}
 
     if args.resume:
@@ -208,18 +342,20 @@ def train(args):
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
     progress = Progress(total, state["step"], args.quiet)
     model.train()
-    micro = hp["micro_batch_size"]
+    epoch_cache = {}
     try:
         while state["step"] < total:
             epoch, index = divmod(state["step"], per_epoch)
-            batch_ids = D.length_grouped_batches(lengths, hp["batch_size"], hp["seed"] + epoch)[index]
-            examples = [train_set[i] for i in batch_ids]
-            n_tokens = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = pipe.epoch_batches(epoch)
+            micro_batches = [[pipe.train_set[i] for i in b] for b in epoch_cache[epoch][index]]
+            examples = [e for b in micro_batches for e in b]
+            n_units = pipe.units(examples)
             t0 = time.time()
             loss_sum = 0.0
-            for i in range(0, len(examples), micro):
-                batch = D.collate(examples[i:i + micro], tokenizer.pad_id)
-                loss = token_loss_sum(forward_model, batch, device, autocast) / max(n_tokens, 1)
+            for part in micro_batches:
+                loss = pipe.loss_sum(forward_model, pipe.collate(part)) / max(n_units, 1)
                 loss.backward()
                 loss_sum += float(loss.detach())
             if not math.isfinite(loss_sum):
@@ -230,19 +366,21 @@ def train(args):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            real = sum(len(e["input_ids"]) for e in examples)
+            real = pipe.tokens(examples)
             tok_s = real / max(time.time() - t0, 1e-9)
             lr = scheduler.get_last_lr()[0]
             record = {"step": state["step"], "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s, "tokens": real}
-            if val_set and (state["step"] % hp["eval_step"] == 0 or state["step"] == total):
-                record["val_loss"] = validation_loss(model, val_set, micro, tokenizer.pad_id, device, autocast)
-                if record["val_loss"] < state["best_val"]:
-                    state["best_val"] = record["val_loss"]
+            if pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total):
+                score, what = pipe.validate(model)
+                record["val_" + what] = score if what == "loss" else -score
+                state["val_what"] = what
+                if score < state["best_val"]:
+                    state["best_val"] = score
                     methods.save_adapter(model, os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT))
             log.write(json.dumps(record) + "\n")
             log.flush()
             progress.update(state["step"], loss_sum, lr, tok_s)
-            if state["step"] % hp["save_step"] == 0 or stop["signal"] is not None:
+            if state["step"] % every(hp["save_step"]) == 0 or stop["signal"] is not None:
                 save_checkpoint()
             if stop["signal"] is not None:
                 progress.close()
@@ -257,9 +395,10 @@ def train(args):
             signal.signal(s, h)
     final = os.path.join(args.out_dir, "adapter" + methods.ADAPTER_EXT)
     best = os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT)
-    if val_set and os.path.exists(best):
-        os.replace(best, final)          # the checkpoint with the lowest validation loss
-        print(f"best validation loss {state['best_val']:.4f}; adapter written to {final}")
+    if pipe.val_set and os.path.exists(best):
+        os.replace(best, final)          # the checkpoint with the best validation score
+        what, best_val = state.get("val_what", "loss"), state["best_val"]
+        print(f"best validation {what} {best_val if what == 'loss' else -best_val:.4f}; adapter written to {final}")
     else:
         methods.save_adapter(model, final)
         print(f"adapter written to {final}")

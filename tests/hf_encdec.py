@@ -37,12 +37,13 @@ def tiny_bart(kind="bart", seed=0, init=0.02, **extra):
     common = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                   init_std=init, pad_token_id=1, bos_token_id=0, eos_token_id=2, forced_eos_token_id=2)
+    common.update(extra)
     if kind == "bart":
-        model = BartForConditionalGeneration(BartConfig(**common, scale_embedding=False, **extra))
+        model = BartForConditionalGeneration(BartConfig(**common, scale_embedding=False))
         g = model.generation_config           # facebook/bart-large's
         g.forced_bos_token_id, g.early_stopping, g.num_beams, g.no_repeat_ngram_size = 0, True, 4, 3
     else:
-        model = MBartForConditionalGeneration(MBartConfig(**common, scale_embedding=True, **extra))
+        model = MBartForConditionalGeneration(MBartConfig(**common, scale_embedding=True))
     with torch.no_grad():
         model.final_logits_bias.normal_(0, 0.1)
     return randomise_norms(model).eval()
@@ -96,4 +97,21 @@ def train_mbart_spm(lines, out, vocab_size=500):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sentencepiece.bpe.model"), "wb") as f:
         f.write(buf.getvalue())
+    return str(out)
+
+
+def byte_vocab_dir(out):
+    """A GPT-2-style byte-level vocab.json + merges.txt with no merges (every byte its own token)
+    and RoBERTa's special ids: 0-3 <s> <pad> </s> <unk>, bytes 4-259, <mask> 260."""
+    import model
+    os.makedirs(out, exist_ok=True)
+    chars = model.bytes_to_unicode()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for b in range(256):
+        vocab[chars[b]] = 4 + b
+    vocab["<mask>"] = 260
+    with open(os.path.join(out, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(out, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
     return str(out)

@@ -67,7 +67,8 @@ class AdapterFFN(nn.Module):
 
         FFN'(x) = FFN(x) + s · (W_up dropout(ReLU(W_down x + b_down)) + b_up)
 
-    x is the FFN's input. W_down: (r, d), W_up: (d, r), with biases: 2·d·r + r + d parameters.
+    x is the FFN's input (in a pre-LN layer, mBART: the residual stream before the LayerNorm, as He
+    et al. place it). W_down: (r, d), W_up: (d, r), with biases: 2·d·r + r + d parameters.
     LoRA-style init as in the reference (init_option "lora"): W_down kaiming-uniform (a = √5), W_up
     and both biases zero, so the adapter starts as an exact no-op. Attached as `MLP.adapter`.
     """

@@ -32,11 +32,14 @@ HPARAMS = {
 # A part attaches one kind of module. Each takes (model, hyperparameters) and returns nothing.
 
 def linear_targets(model, target_modules: str):
-    """(parent module, attribute name) of every nn.Linear whose name is one of `target_modules`."""
+    """(parent module, attribute name) of every nn.Linear whose name is one of `target_modules`,
+    outside RoBERTa's classification head (which trains whole)."""
     names = [t.strip() for t in target_modules.split(",") if t.strip()]
     found = {n: [] for n in names}
     linear_names = set()
-    for _, parent in model.named_modules():
+    for qualified, parent in model.named_modules():
+        if qualified == "head" or qualified.startswith("head."):
+            continue
         for attr, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 linear_names.add(attr)
@@ -211,33 +214,37 @@ LORADA_LA_PRESETS = {
     **{t: dict(lmam_heads=2, lmam_len=16, lmam_scale=0.01, adapter_r=4) for t in TINY},
 }
 LMAM_PRESETS = {k: {h: v for h, v in p.items() if h.startswith("lmam_")} for k, p in LORADA_LA_PRESETS.items()}
+# LMAM on the medium models: Table 16 (RoBERTa-base, GLUE: h_s=3, r=3, 1/s=255, n per task) and
+# Table 15's underlined choices (BART-large XSum: h_s=16, r=22, n=512, s=1; mBART-large MT: h_s=16,
+# r=64, s=1, n=128 (all of 128/256/512 are underlined; 128 is taken)).
+LMAM_PRESETS.update({"roberta": dict(lmam_heads=3, lmam_rank=3, lmam_len=512, lmam_scale=1 / 255),
+                     "bart": dict(lmam_heads=16, lmam_rank=22, lmam_len=512, lmam_scale=1.0),
+                     "mbart": dict(lmam_heads=16, lmam_rank=64, lmam_len=128, lmam_scale=1.0)})
+GLUE_LMAM_LEN = {t: dict(lmam_len=n) for t, n in (("mnli", 512), ("sst2", 512), ("mrpc", 256), ("cola", 512),
+                                                  ("qnli", 256), ("qqp", 256), ("rte", 512), ("stsb", 256))}
 
 METHODS.update({
-    "lmam":      dict(parts=("lmam",), defaults=LMAM_BASE, presets=LMAM_PRESETS),
+    "lmam":      dict(parts=("lmam",), defaults=LMAM_BASE, presets=LMAM_PRESETS, task_presets=GLUE_LMAM_LEN),
     "lorada_la": dict(parts=("lmam", "lora", "adapter_ffn"), defaults=LORADA_LA, presets=LORADA_LA_PRESETS),
     # Table 17: LMAM r=1, n=128, h_s=32 (40 on 13B) + QuanTA 16-8-8-4 on q_proj, v_proj
     "lorada_q":  dict(parts=("lmam", "quanta"), defaults=dict(LMAM_BASE, lmam_rank=1, quanta_dims="16-8-8-4",
                                                             target_modules="q_proj,v_proj"),
                       presets={m: dict(p, **METHODS["quanta"]["presets"].get(m, {}))
                                for m, p in LMAM_PRESETS.items()}),
-    # LoRaDA-A (Section 4.2): LMAM + Adapter-FFN on the medium models. Table 16 (RoBERTa-base, GLUE):
-    # LMAM h_s=3, r=3, 1/s=255, n per task; Adapter-FFN r=16, s=2, dropout 0.1. Table 15 (underlined):
-    # BART-large (XSum) h_s=16, r=22, n=512, s=1, adapter r=512, s=4; mBART-large (MT) h_s=16, r=64,
-    # s=1, adapter r=820, s=4, n=128 (all of 128/256/512 are underlined; 128 is taken).
-    # (On LLaMA, the defaults: Table 19's LMAM with He et al.'s GLUE adapter; the paper gives none.)
+    # LoRaDA-A (Section 4.2): LMAM + Adapter-FFN on the medium models, LMAM_PRESETS' LMAM with Table 16's
+    # adapter (r=16, s=2, dropout 0.1; RoBERTa) and Table 15's (r=512 XSum, 820 MT, s=4). On LLaMA, the
+    # defaults: Table 19's LMAM with He et al.'s GLUE adapter (the paper gives none).
     "lorada_a":  dict(parts=("lmam", "adapter_ffn"),
                       defaults=dict(LMAM_BASE, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
                       presets={**LMAM_PRESETS,
-                               "roberta": dict(lmam_heads=3, lmam_rank=3, lmam_len=512, lmam_scale=1 / 255),
-                               "bart": dict(lmam_heads=16, lmam_rank=22, lmam_len=512, lmam_scale=1.0,
-                                            adapter_r=512, adapter_scale=4.0),
-                               "mbart": dict(lmam_heads=16, lmam_rank=64, lmam_len=128, lmam_scale=1.0,
-                                             adapter_r=820, adapter_scale=4.0)},
-                      task_presets={t: dict(lmam_len=n) for t, n in (("mnli", 512), ("sst2", 512), ("mrpc", 256),
-                                    ("cola", 512), ("qnli", 256), ("qqp", 256), ("rte", 512), ("stsb", 256))}),
+                               "bart": dict(LMAM_PRESETS["bart"], adapter_r=512, adapter_scale=4.0),
+                               "mbart": dict(LMAM_PRESETS["mbart"], adapter_r=820, adapter_scale=4.0)},
+                      task_presets=GLUE_LMAM_LEN),
     # the plug-in pairs of Tables 6 and 18: the baseline's own preset plus LMAM
     **{f"{b}+lmam": dict(parts=(b, "lmam"), defaults=dict(METHODS[b]["defaults"], **LMAM_BASE),
-                         presets=LMAM_PRESETS) for b in ("lora", "dora", "parallel", "series")},
+                         presets={k: dict(METHODS[b].get("presets", {}).get(k, {}), **LMAM_PRESETS.get(k, {}))
+                                  for k in {*METHODS[b].get("presets", {}), *LMAM_PRESETS}},
+                         task_presets=GLUE_LMAM_LEN) for b in ("lora", "dora", "parallel", "series")},
 })
 
 
@@ -417,7 +424,8 @@ PIPELINE_DEFAULTS = {
                label_smoothing=0.1, adam_beta2=0.98, adam_eps=1e-6),
 }
 TRAIN_PRESETS = {
-    "prefix": dict(batch_size=8, num_epochs=5, learning_rate=3e-2, eval_step=10, save_step=10),  # math command
+    "prefix": dict(batch_size=8, num_epochs=5, learning_rate=3e-2, eval_step=10, save_step=10,   # math command
+                   by_pipeline={"mt": dict(label_smoothing=0.0, weight_decay=0.0)}),  # He et al.'s run_en_ro note
     "dora": dict(learning_rate=2e-4, by_model={"llama3-8b": dict(learning_rate=1e-4)}),          # DoRA scripts
     "quanta": dict(batch_size=4, micro_batch_size=1, num_epochs=5, learning_rate=5e-5, warmup_steps=0),  # ft_com.sh
     "lorada_q": dict(batch_size=8, learning_rate=1e-4, warmup_steps=0),                           # Table 17

@@ -455,7 +455,9 @@ class MultiHeadAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """fc2(act(fc1(x))) with biases; an FFN-level adapter adds adapter(x, y) to the output."""
+    """fc2(act(fc1(x))) with biases; an FFN-level adapter adds adapter(a, y) to the output, a being
+    the block's input x, or in a pre-LN layer (mBART) the residual stream before the LayerNorm
+    (He et al.'s placement)."""
 
     def __init__(self, dim: int, hidden_dim: int, activation: str, activation_dropout: float):
         super().__init__()
@@ -464,10 +466,10 @@ class FFN(nn.Module):
         self.act, self.activation_dropout = ACTIVATIONS[activation], activation_dropout
         self.adapter = None
 
-    def forward(self, x):
+    def forward(self, x, adapter_input=None):
         y = self.fc2(F.dropout(self.act(self.fc1(x)), self.activation_dropout, self.training))
         if self.adapter is not None:
-            y = self.adapter(x, y)
+            y = self.adapter(x if adapter_input is None else adapter_input, y)
         return y
 
 
@@ -491,7 +493,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x, mask, positions):
         x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, mask, positions=positions)[0])
-        return self.residual(x, self.final_layer_norm, self.ffn)
+        return self.residual(x, self.final_layer_norm, lambda h: self.ffn(h, x))
 
 
 class DecoderLayer(EncoderLayer):
@@ -509,7 +511,7 @@ class DecoderLayer(EncoderLayer):
             h, self_mask, is_causal=is_causal, positions=positions, cache=cache)[0])
         x = self.residual(x, self.encoder_attn_layer_norm,
                           lambda h: self.encoder_attn(h, enc_mask, kv=enc_kv)[0])
-        return self.residual(x, self.final_layer_norm, self.ffn)
+        return self.residual(x, self.final_layer_norm, lambda h: self.ffn(h, x))
 
 
 class ClassificationHead(nn.Module):

@@ -21,7 +21,6 @@ def shared(*parts):
 def assert_decode_equals_full(model, ids, mask, prefill):
     """Prefill `prefill` tokens into a KV cache, decode the rest one token at a time, and compare
     the logits of every real token with one full forward."""
-    import model as M
     B, T = ids.shape
     with torch.no_grad():
         full = model(ids, attention_mask=mask)

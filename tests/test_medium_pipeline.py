@@ -285,3 +285,23 @@ def test_mt_end_to_end(tmp_path):
     res = E.main(["--model", ckpt, "--adapter", str(tmp_path / "o" / "adapter.safetensors"), "--task",
                   "wmt16-en-ro", "--data", data, "--limit", "3", "--num_beams", "2", "--out_dir", str(tmp_path / "e")])
     assert set(res["wmt16-en-ro"]) == {"sacrebleu", "bleu_ro_tok", "total"}
+
+
+def test_glue_layouts_absent_from_shared(tmp_path):
+    """MNLI (two dev files, gold_label last), QNLI and QQP in their GLUE layouts (not in ../shared)."""
+    d = tmp_path / "MNLI"
+    d.mkdir()
+    head = "index\tpromptID\tpairID\tgenre\ts1_bin\ts2_bin\ts1_parse\ts2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    (d / "dev_matched.tsv").write_text(head + "0\tp\tq\tg\tb\tb\tp\tp\tA cat sits.\tAn animal sits.\tentailment\tentailment\n")
+    (d / "dev_mismatched.tsv").write_text(head + "0\tp\tq\tg\tb\tb\tp\tp\tIt rains.\tIt is dry.\tcontradiction\tcontradiction\n"
+                                                  "1\tp\tq\tg\tb\tb\tp\tp\tX.\tY.\tneutral\tneutral\n")
+    m = G.load_glue("mnli", G.split_file("mnli", str(tmp_path), "mnli-m"))
+    mm = G.load_glue("mnli", G.split_file("mnli", str(d), "mnli-mm"))
+    assert m == [{"text_a": "A cat sits.", "text_b": "An animal sits.", "label": 0}]
+    assert [r["label"] for r in mm] == [2, 1] and G.num_labels("mnli") == 3
+    q = tmp_path / "qnli.tsv"
+    q.write_text("index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tnot_entailment\n")
+    assert G.load_glue("qnli", str(q)) == [{"text_a": "Who?", "text_b": "Him.", "label": 1}]
+    qq = tmp_path / "qqp.tsv"
+    qq.write_text("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n0\t1\t2\tHow?\tHow so?\t1\n1\t3\t4\tbroken row\n")
+    assert G.load_glue("qqp", str(qq)) == [{"text_a": "How?", "text_b": "How so?", "label": 1}]   # bad row skipped

@@ -7,7 +7,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from model import linear   # F.linear, with the model's fast path for decoding on CPU
 
 
 class AdditiveUpdate(nn.Module):
@@ -58,7 +59,7 @@ class LoRALinear(AdditiveUpdate):
         return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(x.dtype)  # never builds BA
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return y if self.merged else y + self.lora_term(self.dropout(x))
 
     def delta_weight(self):
@@ -89,14 +90,14 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x):
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         scale = (self.magnitude / self.weight_norm()).to(x.dtype)             # m / ‖W + sBA‖
         xd = self.dropout(x)                                                   # one mask for both terms
-        wx = F.linear(x, self.weight)
+        wx = linear(x, self.weight)
         if xd is x:
             y = scale * wx                                                     # = W x + (m/n − 1) W x
         else:
-            y = wx + (scale - 1) * F.linear(xd, self.weight)
+            y = wx + (scale - 1) * linear(xd, self.weight)
         y = y + scale * self.lora_term(xd)
         return y if self.bias is None else y + self.bias
 

@@ -142,6 +142,28 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def linear(x, weight, bias=None):
+    """F.linear, except for a few rows on CPU (decoding), where it is computed by bmm over the
+    weight's two row halves: for (out, in) weights the BLAS matrix-vector product behind F.linear
+    runs 2-5x slower on this project's CPU than the batched form (bench.py's decode row; decoding
+    reads every weight once per token, so this is most of a step). Same result up to rounding."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > 32 or weight.shape[0] % 2:
+        return F.linear(x, weight, bias)
+    out, d = weight.shape
+    y = torch.bmm(weight.view(2, out // 2, d), x.reshape(rows, d).t().expand(2, d, rows))   # (2, out/2, rows)
+    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear` (fast decoding on CPU); the projections of the models below.
+    Still an nn.Linear: PEFT methods find and wrap it like any other."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None, positions=None,
            need_weights=False, dropout_p=0.0):
     """softmax(q kᵀ / √d + mask) v, the one attention function of this file.
@@ -200,10 +222,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
 
@@ -227,9 +249,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.adapter = None
 
     def forward(self, x):
@@ -298,7 +320,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -327,8 +349,8 @@ class Llama(nn.Module):
 
         # Mask: key slot s is visible to query slot t if s <= t and s is a real token. A padded
         # query also sees itself, so that its (unused) softmax row is never empty.
-        if past == 0 and bool(attention_mask.all()):
-            mask, is_causal = None, True          # the plain causal case: SDPA's fastest kernels
+        if bool(attention_mask.all()) and (past == 0 or T == 1):
+            mask, is_causal = None, T > 1         # no padding: SDPA's fastest kernels, no mask to build
         else:
             q_slot = torch.arange(past, past + T, device=device)[:, None]
             k_slot = torch.arange(past + T, device=device)[None, :]
@@ -424,10 +446,10 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
 
@@ -461,8 +483,8 @@ class FFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str, activation_dropout: float):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = Linear(dim, hidden_dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.act, self.activation_dropout = ACTIVATIONS[activation], activation_dropout
         self.adapter = None
 
@@ -519,8 +541,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, dim: int, num_labels: int, dropout: float):
         super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, num_labels)
+        self.dense = Linear(dim, dim)
+        self.out_proj = Linear(dim, num_labels)
         self.dropout = dropout
 
     def forward(self, h):
@@ -638,8 +660,10 @@ class Bart(nn.Module):
         """Keys and values of every decoder layer's cross-attention, computed once per source."""
         return [layer.encoder_attn.kv(enc_out) for layer in self.decoder.layers]
 
-    def decode(self, decoder_input_ids, enc_kv, attention_mask=None, cache: KVCache | None = None):
-        """Target tokens (B, T) -> logits (B, T, vocab), attending to the encoder through enc_kv."""
+    def decode(self, decoder_input_ids, enc_kv, attention_mask=None, cache: KVCache | None = None,
+               return_hidden=False):
+        """Target tokens (B, T) -> logits (B, T, vocab), attending to the encoder through enc_kv
+        (return_hidden: the final hidden states instead, for lm_loss)."""
         past = cache.length if cache is not None else 0
         x = self.embed(self.decoder, decoder_input_ids, past)
         enc_mask = padding_mask(attention_mask)
@@ -658,12 +682,14 @@ class Bart(nn.Module):
             cache.advance(T)
         if self.cfg.pre_norm:
             x = self.decoder.layer_norm(x)
-        return F.linear(x, self.shared.weight) + self.final_logits_bias       # tied LM head
+        if return_hidden:
+            return x
+        return linear(x, self.shared.weight) + self.final_logits_bias         # tied LM head
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, return_hidden=False):
         """Source (B, S) and decoder input (B, T) -> logits (B, T, vocab)."""
         enc = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, self.cross_kv(enc), attention_mask)
+        return self.decode(decoder_input_ids, self.cross_kv(enc), attention_mask, return_hidden=return_hidden)
 
 
 # The released checkpoints' shapes (roberta-base with a 2-label GLUE head).
@@ -1422,6 +1448,72 @@ def load_tokenizer(path: str):
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first):
         return TiktokenTokenizer(path)
     return SentencePieceTokenizer(path)
+
+
+# -----------------------------------------------------------------------------
+# The language-model loss
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ_rows cross_entropy(h Wᵀ + b, labels) without materialising the (N, V) logits: rows go
+    through in chunks, and each chunk's gradient (softmax − target) is turned into dh (and dW when
+    W trains) right away, so only (chunk, V) floats live at a time. Backward scales the saved dh,
+    dW. With V = 32000 and N = 2048 this avoids ~0.5 GB of logits, their log-softmax and its
+    gradient: about 1.7x faster training steps on CPU (bench.py). Label smoothing ε as
+    torch's cross_entropy: (1 − ε)·NLL + ε·mean_j(−log p_j)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, label_smoothing, chunk, needs_grad):
+        N, V = h.shape[0], weight.shape[0]
+        eps = float(label_smoothing)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if needs_grad else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad and weight.requires_grad else None
+        for s in range(0, N, chunk):
+            hc, y = h[s:s + chunk], labels[s:s + chunk]
+            valid = (y != -100).unsqueeze(1)
+            y = y.clamp(min=0).unsqueeze(1)
+            z = (hc @ weight.t()).float()                                      # (c, V)
+            if bias is not None:
+                z += bias.float()
+            lse = z.logsumexp(-1, keepdim=True)
+            nll = lse - z.gather(1, y)
+            if eps:
+                nll = (1 - eps) * nll + eps * (lse - z.mean(-1, keepdim=True))
+            loss += (nll * valid).sum()
+            if not needs_grad:
+                continue
+            g = z.sub_(lse).exp_()                                             # softmax, in place
+            g.scatter_add_(1, y, torch.full_like(lse, -(1 - eps)))
+            if eps:
+                g.sub_(eps / V)
+            g = g.mul_(valid).to(weight.dtype)
+            dh[s:s + chunk] = g @ weight
+            if dw is not None:
+                dw.addmm_(g.t().float(), hc.float())
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh * grad, None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None, None, None, None
+
+
+def lm_loss(hidden, head, labels, bias=None, label_smoothing=0.0, chunk=None):
+    """Summed cross-entropy of the logits head(hidden) + bias against labels (-100: ignored), fp32.
+
+    hidden (..., d), labels (...). `head`: the LM head module, or its weight (V, d) when it is tied
+    to the embedding (BART). A weight or a plain bias-free Linear goes through
+    LinearCrossEntropy; a head that a PEFT method has wrapped computes its logits."""
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if not (isinstance(head, torch.Tensor) or (type(head) in (nn.Linear, Linear) and head.bias is None)):
+        logits = head(h).float() + (0 if bias is None else bias.float())
+        return F.cross_entropy(logits, y, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+    weight = head if isinstance(head, torch.Tensor) else head.weight
+    chunk = chunk or max(64, 2 ** 24 // weight.shape[0])              # (chunk, V) fp32: 64 MB at most
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(h, weight, bias, y, label_smoothing, chunk, needs_grad)
 
 
 # -----------------------------------------------------------------------------

@@ -115,9 +115,8 @@ def token_loss_sum(model, batch, device, autocast):
     """Sum of next-token cross-entropies over the labelled tokens of a micro-batch (LLaMA)."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(ids, attention_mask=mask)
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction="sum")
+        hidden = model(ids, attention_mask=mask, return_hidden=True)
+        return M.lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])      # the LM head fused with the loss
 
 
 def glue_loss_sum(model, batch, device, autocast):
@@ -142,9 +141,8 @@ def seq2seq_loss_sum(model, batch, device, autocast, smoothing=0.0):
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     dec = M.shift_tokens_right(labels, model.cfg.pad_id, decoder_start(model))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(ids, mask, dec)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           label_smoothing=smoothing, reduction="sum")
+        hidden = model(ids, mask, dec, return_hidden=True)
+        return M.lm_loss(hidden, model.shared.weight, labels, model.final_logits_bias, smoothing)   # tied LM head
 
 
 class Pipeline:

@@ -316,3 +316,53 @@ def test_meta_unknown_key_and_missing_shard_tensor(tmp_path):
     torch.save(part, tmp_path / "consolidated.00.pth")
     with pytest.raises(model.CheckpointError, match=r"unexpected tensor 'layers\.0\.attention\.lora\.weight'"):
         model.load(str(tmp_path))
+
+
+def test_linear_fast_path_equals_f_linear():
+    """model.linear: bmm over row halves for a few rows on CPU (decoding), F.linear otherwise;
+    the same values and gradients up to rounding, with and without bias, for 1-32 and 33 rows."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 16, generator=g, requires_grad=True), torch.randn(64, generator=g, requires_grad=True)
+    for shape in [(16,), (1, 16), (3, 1, 16), (32, 16), (33, 16)]:
+        x = torch.randn(*shape, generator=g, requires_grad=True)
+        for bias in (None, b):
+            out, ref = model.linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+            assert out.shape == ref.shape
+            assert_close(out, ref, atol=1e-6, rtol=1e-6)
+            gx, gw = torch.autograd.grad(out.sum(), (x, w))
+            rx, rw = torch.autograd.grad(ref.sum(), (x, w))
+            assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+            assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+    odd = torch.randn(7, 16)                                    # an odd number of rows: F.linear
+    assert torch.equal(model.linear(torch.ones(1, 16), odd), torch.nn.functional.linear(torch.ones(1, 16), odd))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_lm_loss_equals_cross_entropy(smoothing, head_trains):
+    """The chunked linear cross-entropy against logits + F.cross_entropy: loss, dh and dW (when
+    the head trains), a bias (BART's final_logits_bias), ignored labels, a chunk that does not
+    divide the rows; and a PEFT-wrapped head takes the logits path."""
+    g = torch.Generator().manual_seed(1)
+    head = model.Linear(16, 50, bias=False)
+    head.weight.requires_grad_(head_trains)
+    bias = torch.randn(1, 50, generator=g)
+    h = torch.randn(2, 19, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (2, 19), generator=g)
+    y[0, :4] = -100
+    out = model.lm_loss(h, head, y, bias, smoothing, chunk=8)
+    ref = torch.nn.functional.cross_entropy((head(h) + bias).flatten(0, 1), y.flatten(), ignore_index=-100,
+                                            label_smoothing=smoothing, reduction="sum")
+    assert_close(out, ref, atol=1e-4, rtol=1e-6)
+    wanted = (h, head.weight) if head_trains else (h,)
+    for a, b in zip(torch.autograd.grad(out, wanted), torch.autograd.grad(ref, wanted)):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert_close(model.lm_loss(h, head.weight, y, bias, smoothing), ref.detach(), atol=1e-4, rtol=1e-6)
+    from lora import LoRALinear
+    wrapped = LoRALinear(head, 2, 4, 0.0)
+    with torch.no_grad():
+        wrapped.lora_B.normal_()
+    ref = torch.nn.functional.cross_entropy(wrapped(h).flatten(0, 1), y.flatten(), ignore_index=-100,
+                                            reduction="sum")
+    assert_close(model.lm_loss(h, wrapped, y), ref)

@@ -2,12 +2,19 @@
 
     python bench.py             # the default shapes (4 layers, d=512, batch 4 x 512 tokens, fp32, CPU)
     python bench.py --quick     # a smoke run of a few seconds (what the tests call)
+    python bench.py --no-compile --device cuda --dtype bf16 --seq 2048   # other shapes, bf16, the GPU
 
 Each pair (ours, reference) is warmed up, then timed interleaved (A B A B ...); the table gives
-median times, the ratio reference/ours (> 1: ours is faster), tokens/s and achieved GFLOP/s against
-the fp32 matmul rate measured at the start of the same run. FLOPs per training token are counted as
-4N (forward plus activation gradients; the frozen weights get no weight gradient) + 12·L·d·T for
-attention, N being the matrix weights. transformers and peft are imported here and in tests only.
+median times, the ratio reference/ours (> 1: ours is faster), tokens/s, achieved GFLOP/s and its
+share of the matmul rate measured at the start of the same run (on a GPU: model-FLOPs utilisation),
+and each side's peak memory during one eager step (CPU: the process's peak RSS above what it held
+before the step, reset through /proc/self/clear_refs, so memory the allocator kept from earlier
+steps is not counted; GPU: max allocated). FLOPs per training token are
+counted as 4N (forward plus activation gradients; the frozen weights get no weight gradient) +
+12·L·d·T for attention, N being the matrix weights. Each side computes its loss the way its users
+do: ours as train.py (the LM head fused with the cross-entropy, model.lm_loss), transformers with
+`labels=`; the two losses are checked to be equal first. transformers and peft are imported here
+and in tests only.
 """
 import argparse
 import copy
@@ -15,7 +22,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import methods
 import model as M
@@ -32,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
+    p.add_argument("--compile_repeats", type=int, default=3, help="repeats of the compiled pairs (slow to build)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd steps")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the base weights' dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, no compile")
     args = p.parse_args(argv)
@@ -42,15 +50,37 @@ def parse_args(argv=None):
     return args
 
 
-def matmul_gflops(device, n=1024, reps=10):
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    t = time.perf_counter()
+def matmul_gflops(device, dtype, n=2048, reps=5):
+    """The best rate of an n×n matrix product, the peak the table's percentages refer to."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
     for _ in range(reps):
-        a @ b
+        best = max(best, 2 * n ** 3 / timed(lambda: a @ b, device) / 1e9)
+    return best
+
+
+def peak_memory_mb(fn, device):
+    """Extra memory at the peak of one call of fn: max allocated on a GPU; on CPU the peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) above the RSS before the call. None if unknown."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                      # reset the peak RSS to the current RSS
+        before = status("VmRSS:")
+        fn()
+        return status("VmHWM:") - before
+    except OSError:
+        return None
 
 
 def timed(fn, device):
@@ -73,36 +103,52 @@ def interleaved(a, b, repeats, device):
     return statistics.median(ta), statistics.median(tb)
 
 
-def train_step(forward, params, ids):
+def train_step(loss_fn, params, ids):
+    """One optimizer step: the mean next-token cross-entropy over the batch, backward, AdamW."""
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        logits = forward(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = loss_fn(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
     return step
+
+
+def our_loss(model):
+    """What train.py computes: the LM head fused with the cross-entropy (model.lm_loss)."""
+    def loss(ids):
+        hidden = model(ids, return_hidden=True)
+        return M.lm_loss(hidden[:, :-1], model.lm_head, ids[:, 1:]) / (ids.shape[0] * (ids.shape[1] - 1))
+    return loss
+
+
+def reference_loss(model):
+    """What a transformers user computes: the model's own loss from labels= (logits, then CE)."""
+    return lambda ids: model(input_ids=ids, labels=ids).loss
 
 
 def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn,
                                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                       num_key_value_heads=args.heads, max_position_embeddings=4096,
-                                      attn_implementation="sdpa")).to(args.device).eval()
+                                      attn_implementation="sdpa")).to(args.device, dtype).eval()
     ours = M.Llama(M.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
                                  hidden_dim=args.ffn, vocab_size=args.vocab, norm_eps=hf.config.rms_norm_eps))
     ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
-    return hf, ours.to(args.device).eval()
+    return hf, ours.to(args.device, dtype).eval()
 
 
 def main(argv=None):
     args = parse_args(argv)
     from peft import LoraConfig, get_peft_model
     dev = args.device
-    peak = matmul_gflops(dev)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    peak = matmul_gflops(dev, dtype)
     hf, base = build(args)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), device=dev)
     tokens = args.batch * args.seq
@@ -111,8 +157,11 @@ def main(argv=None):
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     rows = []
 
-    def row(name, t_ours, t_ref, unit_tokens=tokens, step_flops=flops):
-        rows.append((name, t_ours, t_ref, t_ref / t_ours, unit_tokens / t_ours, step_flops / t_ours / 1e9))
+    def row(name, times, fa=None, fb=None):
+        t_ours, t_ref = times
+        mem = (peak_memory_mb(fa, dev), peak_memory_mb(fb, dev)) if fa is not None else (None, None)
+        gf = flops / t_ours / 1e9
+        rows.append((name, t_ours, t_ref, t_ref / t_ours, tokens / t_ours, gf, 100 * gf / peak, *mem))
 
     for use_dora in (False, True):
         name = "DoRA" if use_dora else "LoRA r=32"
@@ -122,14 +171,15 @@ def main(argv=None):
                                                            target_modules=targets, use_dora=use_dora)).train()
         mine = [p for p in ours.parameters() if p.requires_grad]
         theirs = [p for p in ref.parameters() if p.requires_grad]
-        fa = train_step(lambda x: ours(x), mine, ids)
-        fb = train_step(lambda x: ref(input_ids=x).logits, theirs, ids)
-        row(f"train step, {name}, eager", *interleaved(fa, fb, args.repeats, dev))
+        with torch.no_grad():                      # the same loss on the same weights: the same work
+            la, lb = float(our_loss(ours)(ids)), float(reference_loss(ref)(ids))
+        assert abs(la - lb) <= 2e-2 * abs(lb), (la, lb)
+        fa, fb = train_step(our_loss(ours), mine, ids), train_step(reference_loss(ref), theirs, ids)
+        row(f"train step, {name}, eager", interleaved(fa, fb, args.repeats, dev), fa, fb)
         if args.compile:
             co, cr = torch.compile(ours), torch.compile(ref)
-            fa = train_step(lambda x: co(x), mine, ids)
-            fb = train_step(lambda x: cr(input_ids=x).logits, theirs, ids)
-            row(f"train step, {name}, compiled", *interleaved(fa, fb, args.repeats, dev))
+            fa, fb = train_step(our_loss(co), mine, ids), train_step(reference_loss(cr), theirs, ids)
+            row(f"train step, {name}, compiled", interleaved(fa, fb, args.compile_repeats, dev))
 
     # LMAM's overhead: lorada_la against the same LoRA + Adapter-FFN with the map removed
     kw = dict(lmam_heads=args.heads, lmam_len=min(128, args.seq), lmam_rank=2, lmam_scale=1e-3, lora_r=1,
@@ -138,11 +188,10 @@ def main(argv=None):
     without = copy.deepcopy(with_map)
     for layer in without.layers:
         layer.self_attn.attn_map = None
-    fa = train_step(lambda x: with_map(x), [p for p in with_map.parameters() if p.requires_grad], ids)
-    fb = train_step(lambda x: without(x), [p for p in without.parameters() if p.requires_grad], ids)
-    t_map, t_plain = interleaved(fa, fb, args.repeats, dev)
-    rows.append((f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", t_map, t_plain, t_plain / t_map,
-                 tokens / t_map, flops / t_map / 1e9))
+    fa = train_step(our_loss(with_map), [p for p in with_map.parameters() if p.requires_grad], ids)
+    fb = train_step(our_loss(without), [p for p in without.parameters() if p.requires_grad], ids)
+    # (a difference of a few percent: more repeats than the other rows, against this machine's noise)
+    row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev))
 
     # generation: greedy, KV cache, batch 1
     prompt = ids[:1, :min(64, args.seq)]
@@ -152,14 +201,22 @@ def main(argv=None):
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     with torch.no_grad():
         t_ours, t_ref = interleaved(ga, gb, args.repeats, dev)
-    rows.append(("generate, greedy, batch 1", t_ours, t_ref, t_ref / t_ours, new / t_ours, float("nan")))
+        mem = (peak_memory_mb(ga, dev), peak_memory_mb(gb, dev))
+    rows.append(("generate, greedy, batch 1", t_ours, t_ref, t_ref / t_ours, new / t_ours, float("nan"), float("nan"),
+                 *mem))
 
-    print(f"device: {dev}; {args.layers} layers, d={args.dim}, {args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, "
-          f"batch {args.batch} x {args.seq}; fp32 matmul peak measured: {peak:.1f} GFLOP/s; median of {args.repeats}")
-    print("| benchmark | ours (s) | reference (s) | ratio ref/ours | ours tokens/s | ours GFLOP/s |")
-    print("|---|---|---|---|---|---|")
-    for name, a, b, ratio, tps, gf in rows:
-        print(f"| {name} | {a:.4f} | {b:.4f} | {ratio:.2f} | {tps:,.0f} | {gf:.1f} |")
+    what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
+    print(f"device: {dev} ({torch.get_num_threads()} threads); {args.dtype}; {args.layers} layers, d={args.dim}, "
+          f"{args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}; "
+          f"{args.dtype} matmul peak measured: {peak:.1f} GFLOP/s; median of {args.repeats} "
+          f"({args.compile_repeats} compiled)")
+    print(f"| benchmark | ours (s) | reference (s) | ratio ref/ours | ours tokens/s | ours GFLOP/s | {what} | "
+          f"peak MB ours / ref |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, f: "–" if v is None or v != v else format(v, f)
+    for name, a, b, ratio, tps, gf, pct, ma, mb in rows:
+        print(f"| {name} | {a:.4f} | {b:.4f} | {ratio:.2f} | {tps:,.0f} | {fmt(gf, '.1f')} | {fmt(pct, '.0f')} | "
+              f"{fmt(ma, ',.0f')} / {fmt(mb, ',.0f')} |")
     return rows
 
 

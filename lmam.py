@@ -15,11 +15,10 @@ Parameters: 2·h_s·n·r per layer (full_rank: h_s·n²).
 
 Computation: (softmax(S) + A)·V = SDPA(Q, K, V) + A·V. The main attention stays in
 scaled_dot_product_attention; the extra term gathers the values of the n tokens on the map
-(B, h, n, hd) and, for the low-rank map, applies the factors directly with a prefix sum for the
-causal mask: s·Wa'[i]·Σ_{j≤i} Wb'[:, j]·v_j, O(h·n·r·hd). The ablations and merged inference
-(Attn_s precomputed once) multiply the (h, T, n) rows of the map instead, O(h·T·n·hd). Nothing
-N×N is built. A naive path that materialises the (B, h, T, S) map is kept for tests and
-pictures (`need_weights=True`).
+(B, h, n, hd), multiplies them once by the (h, n, n) map, u = Attn_s·V_map, O(h·n²·hd), and hands
+each query the row of u at its map index (a query's row of A·V only depends on its map index).
+Nothing T×T is built. A naive path that materialises the (B, h, T, S) map is kept for tests and
+pictures (`need_weights=True`). `merge()` computes Attn_s once for inference.
 
 Ablations (Table 9): variant "pre_softmax" (¬N: softmax(QKᵀ/√d + Attn_s)·V, which needs the
 dense bias), "softmax_map" (¬S: + softmax(Attn_s) over keys), "full_rank" (¬L, FMAM: a trainable
@@ -145,37 +144,23 @@ class LMAM(nn.Module):
         y = sdpa(q, k, v, mask, is_causal, dropout_p)
         # Gather the values of the tokens on the map: slot of map index j per row (B, n).
         B, S = k_pos.shape
-        slot = torch.full((B, self.length + 1), S, dtype=torch.long, device=q.device)
-        slot.scatter_(1, torch.where(kok, ki, self.length), torch.arange(S, device=q.device).expand(B, S))
-        slot = slot[:, :self.length]                                            # S = "no token"
-        v_pad = F.pad(v, (0, 0, 0, 1))                                          # slot S holds zeros
-        v_map = v_pad[torch.arange(B, device=q.device)[:, None], :, slot]       # (B, n, Hkv, hd)
-        v_map = v_map.permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)    # (B, H, n, hd)
-        if self.merged_map is None and self.variant in ("default", "no_pos"):
-            term = self.lowrank_term(qi, v_map)                                 # O(h·n·r·hd)
-        else:
-            rows = self.heads_map(self.attn_map()).to(q.dtype)[:, qi]           # (H, B, T, n)
-            term = rows.transpose(0, 1) @ v_map                                 # O(h·T·n·hd)
-        return y + term * qok[:, None, :, None], None                           # (B, H, T, hd)
+        n, T, hd = self.length, q_pos.shape[1], v.shape[-1]
+        slot = torch.full((B, n + 1), S, dtype=torch.long, device=q.device)
+        slot.scatter_(1, torch.where(kok, ki, n), torch.arange(S, device=q.device).expand(B, S))
+        slot = slot[:, :n]                                                      # S = "no token"
+        v_map = v.gather(2, slot.clamp(max=S - 1)[:, None, :, None].expand(B, Hkv, n, hd))
+        v_map = v_map * (slot < S)[:, None, :, None]                            # zero where no token
+        v_map = v_map.repeat_interleave(H // Hkv, dim=1)                        # (B, H, n, hd)
+        u = self.heads_map(self.attn_map()).to(q.dtype) @ v_map                 # (B, H, n, hd) = Attn_s·V
+        u = F.pad(u, (0, 0, 0, 1))                                              # row n: zeros
+        row = torch.where(qok, qi, n)                                           # queries off the map get row n
+        return y + u.gather(2, row[:, None, :, None].expand(B, H, T, hd)), None  # each query's map row
 
     def factors(self):
         """(Wa + PE on its rows, Wb + PE on its columns), Eq. 8-9; the stored parameters never change."""
         if self.variant == "no_pos":
             return self.wa, self.wb
         return self.wa + self.pe[:, None], self.wb + self.pe[None, :]
-
-    def lowrank_term(self, qi, v_map):
-        """Attn_s·V from the factors, without the n×n map: for query index i,
-        s · Wa'[i] · Σ_{j(≤i)} Wb'[:, j] v_j, the causal sum being a prefix sum over j."""
-        wa, wb = (self.heads_map(w).to(v_map.dtype) for w in self.factors())   # (H, n, r), (H, r, n)
-        B = v_map.shape[0]
-        a_q = wa[:, qi].transpose(0, 1)                                         # (B, H, T, r)
-        if not self.causal:
-            u = wb @ v_map                                                      # (B, H, r, hd)
-            return (a_q @ u) * self.scale
-        c = (wb.transpose(1, 2)[None, :, :, :, None] * v_map[:, :, :, None, :]).cumsum(2)  # (B, H, n, r, hd)
-        c_q = c[torch.arange(B, device=c.device)[:, None], :, qi]               # (B, T, H, r, hd)
-        return torch.einsum("bhtr,bthrd->bhtd", a_q, c_q) * self.scale
 
     def extra_repr(self):
         return (f"heads={self.heads}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "

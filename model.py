@@ -340,6 +340,7 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         device = input_ids.device
+        padded = attention_mask is not None and not bool(attention_mask.all())   # (no sync without a mask)
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
         if attention_mask.shape != (B, past + T):
@@ -349,7 +350,7 @@ class Llama(nn.Module):
 
         # Mask: key slot s is visible to query slot t if s <= t and s is a real token. A padded
         # query also sees itself, so that its (unused) softmax row is never empty.
-        if bool(attention_mask.all()) and (past == 0 or T == 1):
+        if not padded and (past == 0 or T == 1):
             mask, is_causal = None, T > 1         # no padding: SDPA's fastest kernels, no mask to build
         else:
             q_slot = torch.arange(past, past + T, device=device)[:, None]
@@ -1472,17 +1473,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             hc, y = h[s:s + chunk], labels[s:s + chunk]
             valid = (y != -100).unsqueeze(1)
             y = y.clamp(min=0).unsqueeze(1)
-            z = (hc @ weight.t()).float()                                      # (c, V)
+            z = (hc @ weight.t()).float()                                      # (c, V) logits
             if bias is not None:
                 z += bias.float()
-            lse = z.logsumexp(-1, keepdim=True)
-            nll = lse - z.gather(1, y)
+            z_y = z.gather(1, y)
+            z_mean = z.mean(-1, keepdim=True) if eps else None
+            m = z.amax(-1, keepdim=True)
+            p = z.sub_(m).exp_()                                               # in place: no other (c, V) buffer
+            total = p.sum(-1, keepdim=True)
+            lse = m + total.log()                                              # log Σ exp(z)
+            nll = lse - z_y
             if eps:
-                nll = (1 - eps) * nll + eps * (lse - z.mean(-1, keepdim=True))
+                nll = (1 - eps) * nll + eps * (lse - z_mean)
             loss += (nll * valid).sum()
             if not needs_grad:
                 continue
-            g = z.sub_(lse).exp_()                                             # softmax, in place
+            g = p.div_(total)                                                  # softmax
             g.scatter_add_(1, y, torch.full_like(lse, -(1 - eps)))
             if eps:
                 g.sub_(eps / V)

@@ -114,6 +114,8 @@ def set_rng_state(s):
 def token_loss_sum(model, batch, device, autocast):
     """Sum of next-token cross-entropies over the labelled tokens of a micro-batch (LLaMA)."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    if bool(batch["attention_mask"].all()):       # (checked on the CPU copy) no padding: no mask,
+        mask = None                               # one graph for torch.compile
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         hidden = model(ids, attention_mask=mask, return_hidden=True)
         return M.lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])      # the LM head fused with the loss

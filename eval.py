@@ -75,6 +75,18 @@ def response_of(generated_text: str) -> str:
     return generated_text.split("### Response:")[0].strip()
 
 
+def finished(out_path, field: str) -> dict:
+    """{index: record[field]} of the predictions already in a JSON-lines file (a rerun resumes)."""
+    done = {}
+    if out_path and os.path.exists(out_path):
+        with open(out_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[r["index"]] = r[field]
+    return done
+
+
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, num_beams=4,
                   max_new_tokens=None, progress=True, prompt=D.eval_prompt):
@@ -82,13 +94,7 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
     `prompt` builds the prompt of a record (LLM-Adapters' evaluation prompt by default)."""
     if max_new_tokens is None:
         max_new_tokens = 32 if task in D.COMMONSENSE else 256
-    done = {}
-    if out_path and os.path.exists(out_path):
-        with open(out_path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    done[r["index"]] = r["correct"]
+    done = finished(out_path, "correct")
     todo = [i for i in range(len(records)) if i not in done]
     prompts = {i: tokenizer.encode(prompt(records[i]), bos=True) for i in todo}
     todo.sort(key=lambda i: len(prompts[i]))                     # similar lengths share a batch
@@ -312,13 +318,7 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
     src_lang = "en_XX" if mbart else None
     if mbart:
         settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))
-    done = {}
-    if out_path and os.path.exists(out_path):
-        with open(out_path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    done[r["index"]] = r["hypothesis"]
+    done = finished(out_path, "hypothesis")
     todo = [i for i in range(len(pairs)) if i not in done]
     max_src = min(max_source_len or (512 if task == "xsum" else 150), model.cfg.max_positions)
     sources = {i: S.encode(tokenizer, pairs[i]["source"], max_src, src_lang) for i in todo}

@@ -1227,17 +1227,21 @@ def load_llama2c(file, dtype=torch.float32, device="cpu"):
 # -----------------------------------------------------------------------------
 # Tokenizers
 
+def load_sentencepiece(path: str):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+    return sp
+
+
 class SentencePieceTokenizer:
     """LLaMA 1/2 (and llama2.c) sentencepiece tokenizer.model."""
 
     def __init__(self, path: str):
-        import sentencepiece as spm
-        self.path = path
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(path)
-        except Exception as e:
-            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self.path, self.sp = path, load_sentencepiece(path)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.vocab_size = self.sp.vocab_size()
@@ -1394,13 +1398,7 @@ class MBartTokenizer:
     OFFSET = 1
 
     def __init__(self, path: str):
-        import sentencepiece as spm
-        self.path = path
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(path)
-        except Exception as e:
-            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self.path, self.sp = path, load_sentencepiece(path)
         n = self.sp.GetPieceSize()
         self.bos_id, self.pad_id, self.eos_id, self.unk_id = 0, 1, 2, 3
         self.lang_code_to_id = {c: n + self.OFFSET + i for i, c in enumerate(self.LANGUAGE_CODES)}

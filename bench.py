@@ -7,17 +7,23 @@
 Each pair (ours, reference) is warmed up, then timed interleaved (A B A B ...); the table gives
 median times, the ratio reference/ours (> 1: ours is faster), tokens/s, achieved GFLOP/s and its
 share of the matmul rate measured at the start of the same run (on a GPU: model-FLOPs utilisation),
-and each side's peak memory during one eager step (CPU: the process's peak RSS above what it held
-before the step, reset through /proc/self/clear_refs, so memory the allocator kept from earlier
-steps is not counted; GPU: max allocated). FLOPs per training token are
+each side's peak memory in one more run (CPU: the peak RSS above the RSS before the run, after
+malloc_trim; GPU: max allocated) and the median page faults per run (CPU). FLOPs per training token are
 counted as 4N (forward plus activation gradients; the frozen weights get no weight gradient) +
 12·L·d·T for attention, N being the matrix weights. Each side computes its loss the way its users
 do: ours as train.py (the LM head fused with the cross-entropy, model.lm_loss), transformers with
 `labels=`; the two losses are checked to be equal first. transformers and peft are imported here
 and in tests only.
+
+On CPU, glibc's malloc hands large freed blocks back to the OS, and every step then faults its
+activations in again, page by page: on a VM that is most of what separates the two sides (the
+page-faults column). `--keep-memory` keeps freed memory in the process (as jemalloc, tcmalloc or a
+GPU's caching allocator do) for an allocator-neutral comparison; its memory column is then empty.
 """
 import argparse
 import copy
+import ctypes
+import resource
 import statistics
 import time
 
@@ -42,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd steps")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the base weights' dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--keep-memory", dest="keep_memory", action="store_true",
+                   help="glibc never returns freed memory to the OS (mallopt): no page faults per step; see keep_freed_memory")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, no compile")
     args = p.parse_args(argv)
     if args.quick:
@@ -59,9 +67,18 @@ def matmul_gflops(device, dtype, n=2048, reps=5):
     return best
 
 
+def libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def peak_memory_mb(fn, device):
-    """Extra memory at the peak of one call of fn: max allocated on a GPU; on CPU the peak RSS
-    (VmHWM, reset through /proc/self/clear_refs) above the RSS before the call. None if unknown."""
+    """Extra memory at the peak of one call of fn. GPU: max allocated. CPU: the peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) above the RSS before the call, after glibc's malloc_trim
+    has handed every free page back to the OS, so memory the allocator kept from earlier calls is
+    not reused unseen. None where unknown."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -73,7 +90,11 @@ def peak_memory_mb(fn, device):
     def status(key):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    c = libc()
+    if c is None:
+        return None
     try:
+        c.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                                      # reset the peak RSS to the current RSS
         before = status("VmRSS:")
@@ -81,6 +102,26 @@ def peak_memory_mb(fn, device):
         return status("VmHWM:") - before
     except OSError:
         return None
+
+
+def page_faults():
+    """Minor page faults so far: pages the process touches for the first time, or again after the
+    allocator gave them back to the OS (on a VM each costs several µs)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def keep_freed_memory():
+    """glibc's malloc returns freed blocks of more than ~32 MB (and the heap's free top) to the OS,
+    so each training step faults its large activations in again (on a VM, several µs per 4 KB
+    page). Serve everything from the heap and never trim it: what jemalloc, tcmalloc or a GPU's
+    caching allocator do, and an allocator-neutral comparison of the two implementations."""
+    c = libc()
+    if c is None:
+        raise SystemExit("--keep-memory: needs glibc (libc.so.6)")
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3           # malloc.h
+    if not (c.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1) and c.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+            and c.mallopt(M_TOP_PAD, 2 ** 30)):
+        raise SystemExit("--keep-memory: glibc's mallopt refused the settings")
 
 
 def timed(fn, device):
@@ -94,13 +135,14 @@ def timed(fn, device):
 
 
 def interleaved(a, b, repeats, device):
-    """Warm up both, then time them alternately; median seconds of each."""
+    """Warm up both, then run them alternately: ((median seconds, median page faults) of a, of b)."""
     a(), b()
-    ta, tb = [], []
+    runs = {a: [], b: []}
     for _ in range(repeats):
-        ta.append(timed(a, device))
-        tb.append(timed(b, device))
-    return statistics.median(ta), statistics.median(tb)
+        for fn in (a, b):
+            faults = page_faults()
+            runs[fn].append((timed(fn, device), page_faults() - faults))
+    return [tuple(statistics.median(x) for x in zip(*runs[fn])) for fn in (a, b)]
 
 
 def train_step(loss_fn, params, ids):
@@ -146,6 +188,8 @@ def build(args):
 def main(argv=None):
     args = parse_args(argv)
     from peft import LoraConfig, get_peft_model
+    if args.keep_memory:
+        keep_freed_memory()
     dev = args.device
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     peak = matmul_gflops(dev, dtype)
@@ -157,11 +201,11 @@ def main(argv=None):
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     rows = []
 
-    def row(name, times, fa=None, fb=None):
-        t_ours, t_ref = times
-        mem = (peak_memory_mb(fa, dev), peak_memory_mb(fb, dev)) if fa is not None else (None, None)
-        gf = flops / t_ours / 1e9
-        rows.append((name, t_ours, t_ref, t_ref / t_ours, tokens / t_ours, gf, 100 * gf / peak, *mem))
+    def row(name, runs, fa, fb, work=tokens):
+        (t_ours, pf_ours), (t_ref, pf_ref) = runs
+        gf = flops / t_ours / 1e9 if work == tokens else float("nan")
+        mem = (None, None) if args.keep_memory else (peak_memory_mb(fa, dev), peak_memory_mb(fb, dev))
+        rows.append((name, t_ours, t_ref, t_ref / t_ours, work / t_ours, gf, 100 * gf / peak, *mem, pf_ours, pf_ref))
 
     for use_dora in (False, True):
         name = "DoRA" if use_dora else "LoRA r=32"
@@ -179,7 +223,7 @@ def main(argv=None):
         if args.compile:
             co, cr = torch.compile(ours), torch.compile(ref)
             fa, fb = train_step(our_loss(co), mine, ids), train_step(reference_loss(cr), theirs, ids)
-            row(f"train step, {name}, compiled", interleaved(fa, fb, args.compile_repeats, dev))
+            row(f"train step, {name}, compiled", interleaved(fa, fb, args.compile_repeats, dev), fa, fb)
 
     # LMAM's overhead: lorada_la against the same LoRA + Adapter-FFN with the map removed
     kw = dict(lmam_heads=args.heads, lmam_len=min(128, args.seq), lmam_rank=2, lmam_scale=1e-3, lora_r=1,
@@ -191,7 +235,8 @@ def main(argv=None):
     fa = train_step(our_loss(with_map), [p for p in with_map.parameters() if p.requires_grad], ids)
     fb = train_step(our_loss(without), [p for p in without.parameters() if p.requires_grad], ids)
     # (a difference of a few percent: more repeats than the other rows, against this machine's noise)
-    row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev))
+    row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev),
+        fa, fb)
 
     # generation: greedy, KV cache, batch 1
     prompt = ids[:1, :min(64, args.seq)]
@@ -200,23 +245,21 @@ def main(argv=None):
     gb = lambda: hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     with torch.no_grad():
-        t_ours, t_ref = interleaved(ga, gb, args.repeats, dev)
-        mem = (peak_memory_mb(ga, dev), peak_memory_mb(gb, dev))
-    rows.append(("generate, greedy, batch 1", t_ours, t_ref, t_ref / t_ours, new / t_ours, float("nan"), float("nan"),
-                 *mem))
+        row("generate, greedy, batch 1", interleaved(ga, gb, args.repeats, dev), ga, gb, work=new)
 
+    freed = "freed memory kept (--keep-memory)" if args.keep_memory else "freed memory returned to the OS (default)"
     what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
     print(f"device: {dev} ({torch.get_num_threads()} threads); {args.dtype}; {args.layers} layers, d={args.dim}, "
           f"{args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}; "
           f"{args.dtype} matmul peak measured: {peak:.1f} GFLOP/s; median of {args.repeats} "
-          f"({args.compile_repeats} compiled)")
+          f"({args.compile_repeats} compiled); {freed}")
     print(f"| benchmark | ours (s) | reference (s) | ratio ref/ours | ours tokens/s | ours GFLOP/s | {what} | "
-          f"peak MB ours / ref |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"peak MB ours / ref | page faults per run ours / ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "–" if v is None or v != v else format(v, f)
-    for name, a, b, ratio, tps, gf, pct, ma, mb in rows:
+    for name, a, b, ratio, tps, gf, pct, ma, mb, fa, fb in rows:
         print(f"| {name} | {a:.4f} | {b:.4f} | {ratio:.2f} | {tps:,.0f} | {fmt(gf, '.1f')} | {fmt(pct, '.0f')} | "
-              f"{fmt(ma, ',.0f')} / {fmt(mb, ',.0f')} |")
+              f"{fmt(ma, ',.0f')} / {fmt(mb, ',.0f')} | {fmt(fa, ',.0f')} / {fmt(fb, ',.0f')} |")
     return rows
 
 

@@ -1,5 +1,13 @@
 """bench.py runs and reports (a smoke run; speed targets live in bench.py's own output, not in tests)."""
+import pathlib
+import subprocess
+import sys
+
+import torch
+
 import bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_bench_quick_runs_and_reports(capsys):
@@ -10,3 +18,20 @@ def test_bench_quick_runs_and_reports(capsys):
     assert all(r[1] > 0 and r[2] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "| benchmark | ours (s) | reference (s) |" in out and "fp32 matmul peak measured" in out
+
+
+def test_peak_memory_and_page_faults_see_a_fresh_64mb_tensor():
+    touch = lambda: torch.ones(16 * 2 ** 20)                        # 64 MB: above glibc's mmap threshold
+    peak = bench.peak_memory_mb(touch, "cpu")
+    assert peak is None or 60 <= peak < 200
+    faults = bench.page_faults()
+    touch()
+    assert bench.page_faults() - faults >= 64 // 2                  # one per page written: 4 KB, or 2 MB if huge
+
+
+def test_bench_keep_memory_runs_in_its_own_process():
+    # --keep-memory changes glibc's malloc for the whole process: not in pytest's
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--keep-memory"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "freed memory kept (--keep-memory)" in out.stdout and "page faults per run ours / ref" in out.stdout

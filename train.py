@@ -5,6 +5,7 @@ BART on XSum, mBART on WMT16 en-ro.
     python train.py --model llama-7b --method lorada_q --dry-run    # parameter report, no weights
     python train.py --model /ckpt/llama-7b-hf --method lorada_la --data commonsense_170k --out_dir runs/la
     python train.py ... --out_dir runs/la --resume                  # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node 8 train.py --model ... --method lorada_la --out_dir runs/la   # 8 GPUs
     python train.py --model /ckpt/roberta-base --method lorada_a --task sst2 --data glue_data/SST-2
     python train.py --model /ckpt/bart-large --method lorada_a --task xsum --data xsum_dir
     python train.py --model /ckpt/mbart-large-cc25 --method lorada_a --task wmt16-en-ro --data wmt_en_ro_dir
@@ -14,6 +15,13 @@ optimizer, scheduler, data position, RNG), best.safetensors (best validation sco
 (the result: best by validation if there is a validation split, else the last), log.jsonl and
 args.json. Ctrl-C or SIGTERM saves a checkpoint before exiting. Validation: LLaMA, BART, mBART by
 loss on held-out examples; RoBERTa by the task's GLUE metric on the dev set.
+
+Several GPUs (or CPU processes, over gloo): start it with torchrun. Data parallel with the same
+global batch: each process runs its share of every step's micro-batches (micro-batch k goes to
+process k mod N), then the gradients, already divided by the step's total tokens, are summed
+across processes once per step, so the update is the single-process one (dropout masks aside).
+Process 0 validates, logs and writes every file; a checkpoint holds each process's RNG state,
+so --resume needs the same number of processes.
 """
 import argparse
 import json
@@ -25,6 +33,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import methods
@@ -82,6 +91,36 @@ class Progress:
     def close(self):
         if self.tty and not self.quiet:
             print(file=sys.stderr)
+
+
+def setup_distributed(args):
+    """(rank, world size): (0, 1) unless torchrun started several processes (WORLD_SIZE > 1); then
+    one process per GPU over NCCL (args.device becomes cuda:LOCAL_RANK), or over gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def sum_across_processes(params, loss_sum, stopping, world):
+    """Data parallel: add up every process's gradients (its micro-batches' share of the step), the
+    step's loss and the stop flags, so that all processes take the same step, or all stop. A
+    process with no micro-batch this step contributes zeros."""
+    if world == 1:
+        return loss_sum, stopping
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    extra = torch.tensor([loss_sum, float(stopping)], device=params[0].device)
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [extra])
+    dist.all_reduce(flat)                                               # sum
+    for p, g in zip(params, flat.split([p.numel() for p in params] + [2])):
+        p.grad.copy_(g.view_as(p.grad))
+    return float(flat[-2]), bool(flat[-1] > 0)
 
 
 def linear_schedule(warmup: int, total: int):
@@ -288,10 +327,14 @@ def prepare(args):
 
 
 def train(args):
+    rank, world = (0, 1) if args.dry_run else setup_distributed(args)
     model, pipe, hp = prepare(args)
-    print(methods.parameter_report(model))
+    if rank == 0:
+        print(methods.parameter_report(model))
     if args.dry_run:
         return None
+    if world > 1:
+        torch.manual_seed(hp["seed"] + rank)       # the same initialisation everywhere, then own dropout masks
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     if args.gradient_checkpointing:
@@ -321,26 +364,37 @@ def train(args):
             current = methods.adapter_state(model)
             for k, t in ck["tensors"].items():
                 current[k].copy_(t)
+        rngs = ck["rng"]                                          # one RNG state per process
+        if len(rngs) != world:
+            raise ValueError(f"--resume: {ckpt_path} was written by {len(rngs)} process(es) and this run has "
+                             f"{world}: resume with the same number (torchrun --nproc_per_node {len(rngs)})")
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         state = ck["state"]
-        set_rng_state(ck["rng"])
-        print(f"resumed from {ckpt_path} at step {state['step']}")
-    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-        json.dump({"args": vars(args), "train": hp, "method": model.peft_method}, f, indent=2)
+        set_rng_state(rngs[rank])
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {state['step']}")
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump({"args": vars(args), "train": hp, "method": model.peft_method, "processes": world}, f, indent=2)
 
-    def save_checkpoint():
-        atomic_save({"tensors": {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()},
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "state": dict(state), "rng": rng_state(), "method": model.peft_method}, ckpt_path)
+    def save_checkpoint():                          # every process calls it (it gathers their RNG states)
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if rank == 0:
+            atomic_save({"tensors": {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()},
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "state": dict(state), "rng": rngs, "method": model.peft_method}, ckpt_path)
 
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
-    progress = Progress(total, state["step"], args.quiet)
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    progress = Progress(total, state["step"], args.quiet or rank > 0)
     model.train()
     epoch_cache = {}
     try:
@@ -354,10 +408,11 @@ def train(args):
             n_units = pipe.units(examples)
             t0 = time.time()
             loss_sum = 0.0
-            for part in micro_batches:
+            for part in micro_batches[rank::world]:            # this process's share of the step
                 loss = pipe.loss_sum(forward_model, pipe.collate(part)) / max(n_units, 1)
                 loss.backward()
                 loss_sum += float(loss.detach())
+            loss_sum, stopping = sum_across_processes(params, loss_sum, stop["signal"] is not None, world)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last "
                                          f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
@@ -370,29 +425,35 @@ def train(args):
             tok_s = real / max(time.time() - t0, 1e-9)
             lr = scheduler.get_last_lr()[0]
             record = {"step": state["step"], "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s, "tokens": real}
-            if pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total):
+            if rank == 0 and pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total):
                 score, what = pipe.validate(model)
                 record["val_" + what] = score if what == "loss" else -score
                 state["val_what"] = what
                 if score < state["best_val"]:
                     state["best_val"] = score
                     methods.save_adapter(model, os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if rank == 0:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             progress.update(state["step"], loss_sum, lr, tok_s)
-            if state["step"] % every(hp["save_step"]) == 0 or stop["signal"] is not None:
+            if state["step"] % every(hp["save_step"]) == 0 or stopping:
                 save_checkpoint()
-            if stop["signal"] is not None:
+            if stopping:
                 progress.close()
-                print(f"stopped by signal {stop['signal']} at step {state['step']}; checkpoint saved to {ckpt_path}; "
-                      f"continue with --resume", file=sys.stderr)
-                sys.exit(128 + stop["signal"])
+                signum = int(stop["signal"] or signal.SIGTERM)         # (or another process got it)
+                if rank == 0:
+                    print(f"stopped by signal {signum} at step {state['step']}; checkpoint saved to {ckpt_path}; "
+                          f"continue with --resume", file=sys.stderr)
+                sys.exit(128 + signum)
         save_checkpoint()
     finally:
         progress.close()
-        log.close()
+        if log is not None:
+            log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    if rank > 0:
+        return model
     final = os.path.join(args.out_dir, "adapter" + methods.ADAPTER_EXT)
     best = os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT)
     if pipe.val_set and os.path.exists(best):
@@ -415,6 +476,9 @@ def main(argv=None):
         return train(args)
     except (ValueError, FileNotFoundError, FloatingPointError, M.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import eval as E
 import methods
@@ -311,3 +312,62 @@ def test_bf16_frozen_weights_with_fp32_trainable_tensors(tiny_ckpt, name):
     assert logits.dtype == torch.bfloat16
     logits.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+def test_two_processes_take_the_single_process_steps(tiny_ckpt, tmp_path):
+    """Data parallel over 2 CPU processes (torchrun, gloo): the same global batches with the
+    gradients summed across processes give the adapter, the optimizer moments and the losses of
+    one process (no dropout), up to rounding. Every second step has a single micro-batch, so
+    process 1 sits it out with zero gradients. Resuming with another process count is refused."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--max_steps", "4", "--lora_dropout", "0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")                     # as torchrun sets for each process
+    out = subprocess.run(run_train(tiny_ckpt, one, *args), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = subprocess.run(torchrun + run_train(tiny_ckpt, two, *args)[1:], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("trainable params") == 1                # process 0 reports, logs, writes
+    a = M.read_safetensors(str(one / "adapter.safetensors"))
+    b = M.read_safetensors(str(two / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (one, two))
+    assert len(ca["rng"]) == 1 and len(cb["rng"]) == 2
+    assert not torch.equal(cb["rng"][0]["torch"], cb["rng"][1]["torch"])   # each process its own dropout stream
+    moments = lambda ck: [s["exp_avg"] for s in ck["optimizer"]["state"].values()]
+    for ma, mb in zip(moments(ca), moments(cb), strict=True):
+        assert_close(mb, ma, rtol=1e-5, atol=1e-9)                  # ∝ the gradients: a 1/N slip shows here
+    la, lb = ([json.loads(x)["loss"] for x in (d / "log.jsonl").read_text().splitlines()] for d in (one, two))
+    assert len(la) == len(lb) == 4 and la == pytest.approx(lb, rel=1e-5)
+    out = subprocess.run(run_train(tiny_ckpt, two, *args, "--resume"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "written by 2 process(es)" in out.stderr, out.stderr[-2000:]
+
+
+def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
+    """SIGTERM to torchrun reaches both processes: they agree to stop after the same step, save
+    one checkpoint with both RNG states, and the resumed run (with dropout) ends bit for bit where
+    an uninterrupted two-process run does."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = lambda out, *extra: torchrun + run_train(tiny_ckpt, out, "--lora_dropout", "0.1", *extra)[1:]
+    out = subprocess.run(cmd(tmp_path / "a"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    b = tmp_path / "b"
+    p = subprocess.Popen(cmd(b), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = b / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "checkpoint saved" in err, err[-3000:]
+    assert 2 <= torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"] < 8
+    out = subprocess.run(cmd(b, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    ref = M.read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))
+    got = M.read_safetensors(str(b / "adapter.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

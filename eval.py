@@ -320,6 +320,8 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
         settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))
     done = finished(out_path, "hypothesis")
     todo = [i for i in range(len(pairs)) if i not in done]
+    if max_source_len is not None and not 0 < max_source_len <= model.cfg.max_positions:
+        raise ValueError(f"--max_source_len {max_source_len}: expected 1 to the model's {model.cfg.max_positions} positions")
     max_src = min(max_source_len or (512 if task == "xsum" else 150), model.cfg.max_positions)
     sources = {i: S.encode(tokenizer, pairs[i]["source"], max_src, src_lang) for i in todo}
     todo.sort(key=lambda i: len(sources[i]))
@@ -385,6 +387,8 @@ def main(argv=None):
     p.add_argument("--num_beams", type=int, default=None, help="default: 4 (LLaMA), 6 (XSum), 5 (WMT)")
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    p.add_argument("--max_source_len", type=int, default=None,
+                   help="XSum / WMT: source tokens kept (default: 512 XSum, 150 WMT, at most the model's positions)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -407,7 +411,8 @@ def main(argv=None):
                     raise ValueError(f"{args.task} needs a BART / mBART checkpoint")
                 results[args.task] = evaluate_seq2seq(model, tok, args.task, args.data,
                                                       os.path.join(args.out_dir, f"{args.task}.jsonl"), args.split,
-                                                      args.batch_size, args.limit, num_beams=args.num_beams)
+                                                      args.batch_size, args.limit, num_beams=args.num_beams,
+                                                      max_source_len=args.max_source_len)
         else:
             tasks = GROUPS.get(args.task, [args.task])
             for t in tasks:

@@ -259,6 +259,10 @@ def test_xsum_end_to_end(tmp_path):
     assert set(res["xsum"]) == {"rouge1", "rouge2", "rougeL", "total"} and res["xsum"]["total"] == 3
     lines = (tmp_path / "e" / "xsum.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("hypothesis" in json.loads(x) for x in lines)
+    positions = M.load(ckpt).cfg.max_positions
+    with pytest.raises(SystemExit, match=f"--max_source_len {positions + 1}: expected 1 to the model's {positions}"):
+        E.main(["--model", ckpt, "--task", "xsum", "--data", str(data), "--limit", "1", "--max_source_len",
+                str(positions + 1), "--out_dir", str(tmp_path / "e2")])
 
 
 def test_mt_end_to_end(tmp_path):

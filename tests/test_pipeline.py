@@ -166,21 +166,26 @@ def run_train(ckpt, out, *extra, method="lora"):
             "--quiet", *extra]
 
 
+def sigterm_after_two_steps(cmd, out_dir):
+    """Start a training command, send it SIGTERM once its log has two steps: (return code, stderr)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out_dir / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
 def test_resume_is_bit_exact_and_sigterm_saves(tiny_ckpt, tmp_path):
     """A run stopped by SIGTERM and resumed ends with the same adapter, bit for bit, as an
     uninterrupted one (with LoRA dropout, so the RNG state matters too)."""
     subprocess.run(run_train(tiny_ckpt, tmp_path / "a2", "--lora_dropout", "0.1"), cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
     b = tmp_path / "b2"
-    p = subprocess.Popen(run_train(tiny_ckpt, b, "--lora_dropout", "0.1"), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    log = b / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + signal.SIGTERM, err
+    returncode, err = sigterm_after_two_steps(run_train(tiny_ckpt, b, "--lora_dropout", "0.1"), b)
+    assert returncode == 128 + signal.SIGTERM, err
     assert "checkpoint saved" in err and (b / "checkpoint.pt").exists()
     stopped_at = torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"]
     assert 2 <= stopped_at < 12, stopped_at         # 3 train records / batch 2 = 2 steps x 4 epochs... or fewer
@@ -357,14 +362,8 @@ def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
     out = subprocess.run(cmd(tmp_path / "a"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     b = tmp_path / "b"
-    p = subprocess.Popen(cmd(b), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = b / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode != 0 and "checkpoint saved" in err, err[-3000:]
+    returncode, err = sigterm_after_two_steps(cmd(b), b)
+    assert returncode != 0 and "checkpoint saved" in err, err[-3000:]
     assert 2 <= torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"] < 8
     out = subprocess.run(cmd(b, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]

@@ -143,12 +143,13 @@ def apply_rope(x, cos, sin):
 
 
 def linear(x, weight, bias=None):
-    """F.linear, except for a few rows on CPU (decoding), where it is computed by bmm over the
+    """F.linear, except for a few fp32 rows on CPU (decoding), where it is computed by bmm over the
     weight's two row halves: for (out, in) weights the BLAS matrix-vector product behind F.linear
     runs 2-5x slower on this project's CPU than the batched form (bench.py's decode row; decoding
-    reads every weight once per token, so this is most of a step). Same result up to rounding."""
+    reads every weight once per token, so this is most of a step). Same result up to rounding.
+    Not for bf16, whose own kernel is ~2x faster than the batched form there."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > 32 or weight.shape[0] % 2:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 32 or weight.shape[0] % 2:
         return F.linear(x, weight, bias)
     out, d = weight.shape
     y = torch.bmm(weight.view(2, out // 2, d), x.reshape(rows, d).t().expand(2, d, rows))   # (2, out/2, rows)

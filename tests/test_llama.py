@@ -336,6 +336,14 @@ def test_linear_fast_path_equals_f_linear():
     odd = torch.randn(7, 16)                                    # an odd number of rows: F.linear
     assert torch.equal(model.linear(torch.ones(1, 16), odd), torch.nn.functional.linear(torch.ones(1, 16), odd))
 
+    def uses_bmm(x, w):
+        with torch.profiler.profile() as prof:
+            model.linear(x, w)
+        return any(e.name == "aten::bmm" for e in prof.events())
+    x1, w1 = torch.randn(1, 16), w.detach()
+    assert uses_bmm(x1, w1) and not uses_bmm(torch.randn(33, 16), w1)
+    assert not uses_bmm(x1.bfloat16(), w1.bfloat16())            # bf16: its own kernel is the faster one
+
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("head_trains", [False, True])

@@ -1458,9 +1458,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     through in chunks, and each chunk's gradient (softmax − target) is turned into dh (and dW when
     W trains) right away, so only (chunk, V) floats live at a time. Backward scales the saved dh,
     dW. With V = 32000 and N = 2048 this avoids ~0.5 GB of logits, their log-softmax and its
-    gradient: 2-2.7x less peak memory per training step (bench.py). The matrix products are the same, so the
-    speed is the plain path's, except where fresh memory is slow (glibc on a VM: bench.py). Label
-    smoothing ε as torch's cross_entropy: (1 − ε)·NLL + ε·mean_j(−log p_j)."""
+    gradient: 2-2.7x less peak memory per training step (bench.py). The matrix products are the
+    same, so the speed is the plain path's, except where fresh memory is slow (glibc on a VM:
+    bench.py). Label smoothing ε as torch's cross_entropy: (1 − ε)·NLL + ε·mean_j(−log p_j)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, label_smoothing, chunk, needs_grad):
@@ -1469,13 +1469,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if needs_grad else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad and weight.requires_grad else None
-        # one (chunk, V) buffer for every chunk's logits: a fresh 64 MB tensor per chunk costs ~5% in page faults
-        buf = torch.empty(min(chunk, N), V, dtype=weight.dtype, device=h.device)
+        buf = None
         for s in range(0, N, chunk):
             hc, y = h[s:s + chunk], labels[s:s + chunk]
             valid = (y != -100).unsqueeze(1)
             y = y.clamp(min=0).unsqueeze(1)
-            z = torch.mm(hc, weight.t(), out=buf[:len(hc)]).float()           # (c, V) logits
+            if buf is None:
+                z = hc @ weight.t()                                            # (c, V) logits
+                # reused by the next chunks (a fresh 64 MB each costs page faults); not when autocast
+                # changed the dtype: out= bypasses it
+                buf = z if z.dtype == hc.dtype == weight.dtype else None
+            else:
+                z = torch.mm(hc, weight.t(), out=buf[:len(hc)])
+            z = z.float()
             if bias is not None:
                 z += bias.float()
             z_y = z.gather(1, y)

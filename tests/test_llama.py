@@ -345,6 +345,24 @@ def test_linear_fast_path_equals_f_linear():
     assert not uses_bmm(x1.bfloat16(), w1.bfloat16())            # bf16: its own kernel is the faster one
 
 
+def test_lm_loss_under_autocast():
+    """Full fine-tuning and BitFit on a GPU compute the loss under bf16 autocast: bf16 hidden
+    states, an fp32 head. Same loss and gradient as autocast's logits + F.cross_entropy (CPU
+    autocast here), over several chunks."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(50, 16, generator=g)
+    y = torch.randint(0, 50, (19,), generator=g)
+    for hidden_dtype in (torch.bfloat16, torch.float32):            # from a matmul, or from a norm kept in fp32
+        x = torch.randn(19, 16, generator=g, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = (x @ torch.eye(16)).to(hidden_dtype)
+            out = model.lm_loss(h, w, y, chunk=8)
+            ref = torch.nn.functional.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+        assert_close(out, ref, atol=1e-3, rtol=1e-5)
+        assert_close(torch.autograd.grad(out, x, retain_graph=True)[0], torch.autograd.grad(ref, x)[0], atol=2e-2,
+                     rtol=2e-2)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("head_trains", [False, True])
 def test_lm_loss_equals_cross_entropy(smoothing, head_trains):

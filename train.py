@@ -360,14 +360,14 @@ def train(args):
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["method"] != model.peft_method:
             raise ValueError(f"--resume: {ckpt_path} was written for {ck['method']}, not {model.peft_method}")
-        with torch.no_grad():
-            current = methods.adapter_state(model)
-            for k, t in ck["tensors"].items():
-                current[k].copy_(t)
         rngs = ck["rng"]                                          # one RNG state per process
         if len(rngs) != world:
             raise ValueError(f"--resume: {ckpt_path} was written by {len(rngs)} process(es) and this run has "
                              f"{world}: resume with the same number (torchrun --nproc_per_node {len(rngs)})")
+        with torch.no_grad():
+            current = methods.adapter_state(model)
+            for k, t in ck["tensors"].items():
+                current[k].copy_(t)
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         state = ck["state"]

@@ -11,12 +11,10 @@ import torch.nn.functional as F
 
 from model import linear   # F.linear, with the model's fast path for decoding on CPU
 
-ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu}
-
 
 class BottleneckLinear(nn.Module):
     """LLM-Adapters' bottleneck adapter around a frozen linear W (Hu et al. 2023, "LLM-Adapters";
-    peft/tuners/bottleneck.py in their repo), with f(z) = s · up(act(down(dropout(z)))):
+    peft/tuners/bottleneck.py in their repo), with f(z) = s · up(tanh(down(dropout(z)))):
 
         kind "series_in"  (mh_adapter, on gate_proj/up_proj):  y = W (x + f(x)) + b
         kind "series_out" (output_adapter, on down_proj):      h = W x + b;  y = h + f(h)
@@ -25,14 +23,10 @@ class BottleneckLinear(nn.Module):
     down: (d_in → r), up: (r → d_out), no biases; d_in = d_out = in (series_in), out (series_out),
     or in → out (parallel). Parameters added: r · (d_in + d_out). Init "bert": both N(0, 0.02), so
     the adapter is near (not exactly) the identity at the start, as in the reference. Runs in fp32.
-
-    Houlsby's adapter as He et al. run it on RoBERTa/BART (their "sequential" adapter) is the
-    series_out kind with act="relu", biases (zero-initialised; + r + d_out parameters) and, after
-    the attention output projection, a LayerNorm on the adapter's input (+ 2·d_out parameters).
+    (Houlsby's adapter on RoBERTa/BART is HoulsbyAdapter below: it acts after the block's dropout.)
     """
 
-    def __init__(self, base: nn.Linear, r: int, kind: str, act: str = "tanh", scale: float = 1.0,
-                 dropout: float = 0.0, bias: bool = False, layer_norm: bool = False):
+    def __init__(self, base: nn.Linear, r: int, kind: str, scale: float = 1.0, dropout: float = 0.0):
         super().__init__()
         if r <= 0:
             raise ValueError(f"adapter rank must be positive, got adapter_r={r}")
@@ -42,25 +36,52 @@ class BottleneckLinear(nn.Module):
                        "series_out": (self.out_features, self.out_features),
                        "parallel": (self.in_features, self.out_features)}[kind]
         dev = base.weight.device
-        self.adapter_down = nn.Linear(d_in, r, bias=bias, device=dev, dtype=torch.float32)
-        self.adapter_up = nn.Linear(r, d_out, bias=bias, device=dev, dtype=torch.float32)
+        self.adapter_down = nn.Linear(d_in, r, bias=False, device=dev, dtype=torch.float32)
+        self.adapter_up = nn.Linear(r, d_out, bias=False, device=dev, dtype=torch.float32)
         for lin in (self.adapter_down, self.adapter_up):
             nn.init.normal_(lin.weight, std=0.02)
-            if bias:
-                nn.init.zeros_(lin.bias)
-        self.adapter_norm = nn.LayerNorm(d_in, device=dev, dtype=torch.float32) if layer_norm else nn.Identity()
-        self.act = ACTIVATIONS[act]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def f(self, z):
-        h = self.adapter_down(self.dropout(self.adapter_norm(z.float())))
-        return self.adapter_up(self.act(h)).to(z.dtype) * self.scale
+        """s · up(tanh(down(dropout(z)))), in fp32."""
+        h = self.adapter_down(self.dropout(z.float()))
+        return self.adapter_up(torch.tanh(h)).to(z.dtype) * self.scale
 
     def forward(self, x):
         if self.kind == "series_in":
             return linear(x + self.f(x), self.weight, self.bias)
         h = linear(x, self.weight, self.bias)
         return h + self.f(h if self.kind == "series_out" else x)
+
+
+class HoulsbyAdapter(nn.Module):
+    """Houlsby et al.'s adapter as He et al. run it on RoBERTa/BART/mBART (their "sequential"
+    adapter), after a sub-block's output projection and its dropout:
+
+        y' = y + up(dropout(ReLU(down(LN(y)))))        y: the sub-block's output after dropout
+
+    with a LayerNorm on the adapter's input after attention only (layer_norm=True) and biases.
+    down: (d → r), up: (r → d): 2·d·r + r + d parameters (+ 2·d for the LayerNorm). Init "bert":
+    weights N(0, 0.02), biases 0, as in the reference. Attached in a sub-block's `adapter` slot
+    (model.py: MultiHeadAttention.adapter, FFN.adapter), which the layer applies after dropout.
+    """
+
+    def __init__(self, dim: int, r: int, dropout: float = 0.0, layer_norm: bool = False, device=None):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"adapter rank must be positive, got adapter_r={r}")
+        self.adapter_down = nn.Linear(dim, r, device=device, dtype=torch.float32)
+        self.adapter_up = nn.Linear(r, dim, device=device, dtype=torch.float32)
+        for lin in (self.adapter_down, self.adapter_up):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        self.adapter_norm = nn.LayerNorm(dim, device=device, dtype=torch.float32) if layer_norm else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x, y):
+        """x: the sub-block's input (unused: the adapter reads y), y: its output after dropout."""
+        h = self.dropout(F.relu(self.adapter_down(self.adapter_norm(y.float()))))      # dropout after ReLU
+        return y + self.adapter_up(h).to(y.dtype)
 
 
 class AdapterFFN(nn.Module):
@@ -70,7 +91,8 @@ class AdapterFFN(nn.Module):
         FFN'(x) = FFN(x) + s · (W_up dropout(ReLU(W_down x + b_down)) + b_up)
 
     x is the FFN's input (in a pre-LN layer, mBART: the residual stream before the LayerNorm, as He
-    et al. place it). W_down: (r, d), W_up: (d, r), with biases: 2·d·r + r + d parameters.
+    et al. place it). On RoBERTa/BART/mBART the term is added after the block's residual dropout,
+    as in He et al.'s code (the layer applies `FFN.adapter` after dropout); LLaMA has no dropout there. W_down: (r, d), W_up: (d, r), with biases: 2·d·r + r + d parameters.
     LoRA-style init as in the reference (init_option "lora"): W_down kaiming-uniform (a = √5), W_up
     and both biases zero, so the adapter starts as an exact no-op. Attached as `MLP.adapter`.
     """

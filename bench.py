@@ -11,7 +11,7 @@ each side's peak memory in one more run (CPU: the peak RSS above the RSS before 
 malloc_trim; GPU: max allocated) and the median page faults per run (CPU). FLOPs per training token are
 counted as 4N (forward plus activation gradients; the frozen weights get no weight gradient) +
 12·L·d·T for attention, N being the matrix weights. Each side computes its loss the way its users
-do: ours as train.py (the LM head fused with the cross-entropy, model.lm_loss), transformers with
+do: ours as train.py (the LM head fused with the cross-entropy, loss.lm_loss), transformers with
 `labels=`; the two losses are checked to be equal first. transformers and peft are imported here
 and in tests only.
 
@@ -31,6 +31,8 @@ import torch
 
 import methods
 import model as M
+from generate import generate
+from loss import lm_loss
 
 
 def parse_args(argv=None):
@@ -159,10 +161,10 @@ def train_step(loss_fn, params, ids):
 
 
 def our_loss(model):
-    """What train.py computes: the LM head fused with the cross-entropy (model.lm_loss)."""
+    """What train.py computes: the LM head fused with the cross-entropy (loss.lm_loss)."""
     def loss(ids):
         hidden = model(ids, return_hidden=True)
-        return M.lm_loss(hidden[:, :-1], model.lm_head, ids[:, 1:]) / (ids.shape[0] * (ids.shape[1] - 1))
+        return lm_loss(hidden[:, :-1], model.lm_head, ids[:, 1:]) / (ids.shape[0] * (ids.shape[1] - 1))
     return loss
 
 
@@ -241,7 +243,7 @@ def main(argv=None):
     # generation: greedy, KV cache, batch 1
     prompt = ids[:1, :min(64, args.seq)]
     new = args.new_tokens
-    ga = lambda: M.generate(base, prompt, max_new_tokens=new)
+    ga = lambda: generate(base, prompt, max_new_tokens=new)
     gb = lambda: hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 1. Generate a corpus of simple facts ("the grass is green.") and train a sentencepiece tokenizer.
 2. Pretrain a small LLaMA-architecture model on it and save it as a Hugging Face checkpoint
-   (config.json + model.safetensors), the layout model.load() reads. Cached in .cache/demo/.
+   (config.json + model.safetensors), the layout checkpoint.load() reads. Cached in .cache/demo/.
 3. Generate a multiple-choice task in LLM-Adapters' ARC format ("What color is the grass?\n\n
    Answer1: blue Answer2: green Answer3: red Answer4: yellow\n\nAnswer format: answer1/.../answer4"
    -> "the correct answer is answer2"); the base model knows the facts, not the format.
@@ -22,7 +22,9 @@ import eval as E
 import methods
 import model as M
 import train as T
+from checkpoint import write_safetensors
 from data import llm_adapters as D
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, ".cache", "demo")
@@ -89,7 +91,7 @@ def train_tokenizer(lines, path):
 
 
 def save_hf(model, path):
-    """Write our model in the Hugging Face layout, so model.load() reads it like any checkpoint."""
+    """Write our model in the Hugging Face layout, so checkpoint.load() reads it like any checkpoint."""
     c = model.cfg
     cfg = {"model_type": "llama", "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "intermediate_size": c.hidden_dim,
@@ -98,7 +100,7 @@ def save_hf(model, path):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     tensors = {("" if k == "lm_head.weight" else "model.") + k: v.contiguous() for k, v in model.state_dict().items()}
-    M.write_safetensors(tensors, os.path.join(path, "model.safetensors"))
+    write_safetensors(tensors, os.path.join(path, "model.safetensors"))
 
 
 def pretrain(path, steps=500, seq=128, batch=24, seed=0):
@@ -110,7 +112,7 @@ def pretrain(path, steps=500, seq=128, batch=24, seed=0):
     rng = random.Random(seed)
     lines = corpus(rng)
     train_tokenizer(lines, os.path.join(path, "tokenizer.model"))
-    tok = M.load_tokenizer(path)
+    tok = load_tokenizer(path)
     stream = []
     for line in lines:
         stream += tok.encode(line, bos=True, eos=True)
@@ -165,11 +167,13 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
     print(f"[2/4] generated a multiple-choice task in LLM-Adapters' format: {n_train} training, {n_test} test records")
     print("      e.g. " + json.dumps(test[0])[:160] + "...")
     before = accuracy(base, None, test), accuracy(base, None, test, training_style_prompt)
-    # LoRaDA-LA: LMAM over the whole prompt (n = 160 tokens) + LoRA r=1 on o_proj, down_proj +
-    # Adapter-FFN r=4 (17,808 parameters); LoRA alone at about the same budget (r=3 on q,k,v,up,down:
-    # 20,736). The loss is on the response only (--mask_prompt) so that a few steps suffice.
-    runs = {"lorada_la": ["--lmam_heads", "4", "--lmam_rank", "2", "--lmam_len", "160", "--lmam_scale", "0.01",
-                          "--lora_r", "1", "--lora_alpha", "2", "--adapter_r", "4"],
+    # LoRaDA-LA: LMAM over the whole prompt (n = 160 tokens, s = 1/(d·600) as Table 19's 1/(4096·600)
+    # for d = 4096, the default init) + LoRA r=1 on o_proj, down_proj + Adapter-FFN r=4 (17,808
+    # parameters); LoRA alone at about the same budget (r=3 on q,k,v,up,down: 20,736). The loss is on
+    # the response only (--mask_prompt) so that a few steps suffice.
+    runs = {"lorada_la": ["--lmam_heads", "4", "--lmam_rank", "2", "--lmam_len", "160",
+                          "--lmam_scale", str(1 / (CONFIG.dim * 600)), "--lora_r", "1", "--lora_alpha", "2",
+                          "--adapter_r", "4"],
             "lora": ["--lora_r", "3", "--lora_alpha", "6"]}
     after = {}
     for i, (name, flags) in enumerate(runs.items()):

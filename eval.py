@@ -26,9 +26,12 @@ import torch
 
 import methods
 import model as M
+from checkpoint import CheckpointError, atomic_write, load
 from data import glue as G
 from data import llm_adapters as D
 from data import seq2seq as S
+from generate import generate, generate_seq2seq
+from tokenizer import load_tokenizer
 
 CHOICES = {"boolq": r"true|false", "piqa": r"solution1|solution2", "hellaswag": r"ending1|ending2|ending3|ending4",
            "winogrande": r"option1|option2",
@@ -105,8 +108,8 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
             idx = todo[b:b + batch_size]
             batch = D.collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_id, side="left")
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            seqs = M.generate(model, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            seqs = generate(model, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
             for row, i in enumerate(idx):
                 gen = [t for t in seqs[row, ids.shape[1]:].tolist() if t not in (tokenizer.eos_id, tokenizer.pad_id)]
                 response = response_of(tokenizer.decode(gen))
@@ -331,8 +334,8 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
         for b in range(0, len(todo), batch_size):
             idx = todo[b:b + batch_size]
             batch = S.collate([{"input_ids": sources[i], "labels": [0]} for i in idx], tokenizer.pad_id)
-            seqs = M.generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      **settings)
+            seqs = generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    **settings)
             for row, i in enumerate(idx):
                 done[i] = tokenizer.decode(seqs[row].tolist()).strip()
                 if out:
@@ -362,14 +365,14 @@ def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_la
     """Base model + adapter, in eval mode with the adapter merged where the method allows it.
     num_labels: a RoBERTa checkpoint's GLUE head (the adapter file holds its trained weights)."""
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = M.load(model_path, dtype=dtype, device=device, num_labels=num_labels)
+    model = load(model_path, dtype=dtype, device=device, num_labels=num_labels)
     if adapter:
         methods.load_adapter(model, adapter)
     model.eval()
     for m in model.modules():
         if hasattr(m, "merge"):
             m.merge()
-    tok = M.load_tokenizer(tokenizer or (model_path if os.path.isdir(model_path) else os.path.dirname(model_path)))
+    tok = load_tokenizer(tokenizer or (model_path if os.path.isdir(model_path) else os.path.dirname(model_path)))
     return model, tok
 
 
@@ -433,11 +436,9 @@ def main(argv=None):
                 correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
                                                args.batch_size, args.num_beams or 4, args.max_new_tokens)
                 results[t] = {"accuracy": correct / total, "correct": correct, "total": total}
-    except (ValueError, FileNotFoundError, ImportError, M.CheckpointError) as e:
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    with open(results_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(results_path + ".tmp", results_path)
+    atomic_write(results_path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     name = model.peft_method["name"] if getattr(model, "peft_method", None) else "base"
     if isinstance(model, M.Roberta):
         print(glue_table(results, name))

@@ -24,11 +24,23 @@ Ablations (Table 9): variant "pre_softmax" (¬N: softmax(QKᵀ/√d + Attn_s)·V
 dense bias), "softmax_map" (¬S: + softmax(Attn_s) over keys), "full_rank" (¬L, FMAM: a trainable
 (h_s, n, n) map, no positional term), "no_pos" (¬P).
 
-Initialisation (the paper gives none). Default init="scaled": Wa, Wb ~ N(0, σ²) with
-σ = (n·r·s)^(-1/2), so the entries of Attn_s start with standard deviation ≈ 1/n, the size of an
-attention probability over n keys, whatever s is. (With N(0, 1), init="normal", and the paper's
-s = 1/(4096·600), Attn_s starts ~1e-6 and AdamW steps move the outputs only at fp32 rounding
-level.) init="zero": Wa as "scaled", Wb = −PE, so Attn_s is exactly 0 at the start (identity).
+Initialisation and parametrisation (the paper gives no initialisation). Two modes:
+
+  init="zero" (default). The stored factors are wa = √s·Wa and wb = √s·Wb, so
+      Attn_s = s·(Wa + PE)(Wb + PE) = (wa + √s·PE)(wb + √s·PE),
+  the same function of (Wa, Wb) at every point (Eq. 8-10), with s absorbed into the factors.
+  wa ~ N(0, 1/r) and wb = −√s·PE, so Attn_s ≡ 0 at step 0: the adapted model is the base model,
+  as with LoRA's B = 0. Why absorb s: Adam moves every parameter by about lr per step whatever
+  its gradient's size. With the paper's s = 1/(4096·600) and factors in the literal
+  parametrisation, a step of lr = 1e-4 on Wa changes Attn_s by about s·|Wb|·lr, so the map can
+  never grow to the size of an attention probability; in the absorbed one a step changes it by
+  about |wb|·lr, whatever s is. (Same trajectory as an lr multiplier of 1/√s on the literal
+  factors; README, "Why LMAM absorbs s".)
+  init="paper": the literal reading, for faithfulness studies. Wa, Wb ~ N(0, 1) stored as they
+  are, Attn_s = s·(Wa + PE)(Wb + PE). It is not the base model at step 0 (for s = 1, Attn_s[0, 0]
+  ≈ r from the PE term alone) and, for LLaMA's s, the map barely moves at lr 1e-4.
+FMAM (variant "full_rank", ¬L of §4.3): the full (h, n, n) map of every head, trained directly,
+no factors and no s, starting at 0.
 """
 
 import torch
@@ -38,11 +50,12 @@ import torch.nn.functional as F
 from model import attention_naive, sdpa
 
 VARIANTS = ("default", "pre_softmax", "softmax_map", "full_rank", "no_pos")
+INITS = ("zero", "paper")
 
 
 class LMAM(nn.Module):
     def __init__(self, n_heads: int, heads: int, rank: int, length: int, scale: float, causal: bool,
-                 variant: str = "default", tail: bool = False, init: str = "scaled", device=None):
+                 variant: str = "default", tail: bool = False, init: str = "zero", device=None):
         super().__init__()
         if heads <= 0 or n_heads % heads:
             raise ValueError(f"the model's {n_heads} attention heads are not divisible by lmam_heads={heads}")
@@ -50,23 +63,29 @@ class LMAM(nn.Module):
             raise ValueError(f"lmam_rank and lmam_len must be positive, got {rank} and {length}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown lmam_variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown lmam_init {init!r}; valid: {', '.join(INITS)}")
+        if variant != "full_rank" and not scale > 0:
+            raise ValueError(f"lmam_scale must be positive, got {scale}")
+        if variant == "full_rank":                          # ¬L: every head has its own map, no s
+            heads, scale = n_heads, 1.0
         self.n_heads, self.heads, self.rank, self.length = n_heads, heads, rank, length
-        self.scale, self.causal, self.variant, self.tail = float(scale), causal, variant, tail
+        self.scale, self.causal, self.variant, self.tail, self.init = float(scale), causal, variant, tail, init
         pe = 1.0 / 10000 ** (2 * torch.arange(length, device=device, dtype=torch.float32) / length)   # Eq. 7
         self.register_buffer("pe", pe, persistent=False)
         if variant == "full_rank":
             self.w = nn.Parameter(torch.zeros(heads, length, length, device=device))
-            if init == "normal":
-                nn.init.normal_(self.w)
-        else:
-            if init not in ("scaled", "normal", "zero"):
-                raise ValueError(f"unknown lmam_init {init!r}; valid: scaled, normal, zero")
-            std = 1.0 if init == "normal" or scale == 0 else (length * rank * abs(scale)) ** -0.5
-            self.wa = nn.Parameter(torch.randn(heads, length, rank, device=device) * std)
-            self.wb = nn.Parameter(torch.randn(heads, rank, length, device=device) * std)
-            if init == "zero":
+        elif init == "paper":                               # literal: Wa, Wb ~ N(0, 1) as stored
+            self.root, self.gain = 1.0, self.scale
+            self.wa = nn.Parameter(torch.randn(heads, length, rank, device=device))
+            self.wb = nn.Parameter(torch.randn(heads, rank, length, device=device))
+        else:                                               # zero: √s absorbed, Attn_s ≡ 0 at step 0
+            self.root, self.gain = self.scale ** 0.5, 1.0
+            self.wa = nn.Parameter(torch.randn(heads, length, rank, device=device) * rank ** -0.5)
+            self.wb = nn.Parameter(torch.zeros(heads, rank, length, device=device))
+            if variant != "no_pos":
                 with torch.no_grad():
-                    self.wb.copy_(-pe.expand(heads, rank, length))
+                    self.wb.copy_(-self.root * pe.expand(heads, rank, length))
         self.merged_map = None
 
     def attn_map(self):
@@ -74,10 +93,10 @@ class LMAM(nn.Module):
         if self.merged_map is not None:
             return self.merged_map
         if self.variant == "full_rank":
-            a = self.w * self.scale
+            a = self.w                                                          # ¬L: the map itself
         else:
             wa, wb = self.factors()
-            a = (wa @ wb) * self.scale                                          # Eq. 10
+            a = (wa @ wb) * self.gain                                           # Eq. 10 (gain: s, or 1 if absorbed)
         if self.causal:
             keep = torch.ones(self.length, self.length, dtype=torch.bool, device=a.device).tril()
             if self.variant == "softmax_map":
@@ -157,11 +176,22 @@ class LMAM(nn.Module):
         return y + u.gather(2, row[:, None, :, None].expand(B, H, T, hd)), None  # each query's map row
 
     def factors(self):
-        """(Wa + PE on its rows, Wb + PE on its columns), Eq. 8-9; the stored parameters never change."""
+        """(Wa + PE on its rows, Wb + PE on its columns), Eq. 8-9, each times root (√s when s is
+        absorbed, else 1); the stored parameters never change."""
         if self.variant == "no_pos":
             return self.wa, self.wb
-        return self.wa + self.pe[:, None], self.wb + self.pe[None, :]
+        pe = self.root * self.pe
+        return self.wa + pe[:, None], self.wb + pe[None, :]
 
     def extra_repr(self):
         return (f"heads={self.heads}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "
-                f"causal={self.causal}, variant={self.variant}, tail={self.tail}")
+                f"causal={self.causal}, variant={self.variant}, tail={self.tail}, init={self.init}")
+
+
+def map_sizes(model) -> list[float]:
+    """max |Attn_s| of every LMAM layer, in model order (train.py logs it: is the map learning?)."""
+    maps = [m for m in model.modules() if isinstance(m, LMAM)]
+    if not maps:
+        return []
+    with torch.no_grad():
+        return torch.stack([m.attn_map().detach().abs().amax().float() for m in maps]).tolist()

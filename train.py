@@ -1,8 +1,8 @@
 """Fine-tune a checkpoint with a PEFT method: LLaMA on LLM-Adapters-format data, RoBERTa on GLUE,
 BART on XSum, mBART on WMT16 en-ro.
 
-    python train.py                                                 # the embedded CPU demo (demo.py)
-    python train.py --model llama-7b --method lorada_q --dry-run    # parameter report, no weights
+    python train.py                                                 # the CPU demo (demo.py)
+    python train.py --model llama-7b --method lorada_q --dry_run    # parameter report, no weights
     python train.py --model /ckpt/llama-7b-hf --method lorada_la --data commonsense_170k --out_dir runs/la
     python train.py ... --out_dir runs/la --resume                  # continue exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py --model ... --method lorada_la --out_dir runs/la   # 8 GPUs
@@ -10,18 +10,18 @@ BART on XSum, mBART on WMT16 en-ro.
     python train.py --model /ckpt/bart-large --method lorada_a --task xsum --data xsum_dir
     python train.py --model /ckpt/mbart-large-cc25 --method lorada_a --task wmt16-en-ro --data wmt_en_ro_dir
 
+Every setting defaults to the paper's (or the method's reference's) value for the method, model and
+task: presets.py has them, one row each, with their source; a flag overrides it.
+
 Everything a run writes goes to --out_dir: checkpoint.pt (the latest step: trainable tensors,
-optimizer, scheduler, data position, RNG), best.safetensors (best validation score), adapter.safetensors
-(the result: best by validation if there is a validation split, else the last), log.jsonl and
-args.json. Ctrl-C or SIGTERM saves a checkpoint before exiting. Validation: LLaMA, BART, mBART by
-loss on held-out examples; RoBERTa by the task's GLUE metric on the dev set.
+optimizer, scheduler, data position, RNG), best.safetensors (best validation score),
+adapter.safetensors (the result: best by validation if there is a validation split, else the
+last), log.jsonl and args.json. Ctrl-C or SIGTERM saves a checkpoint before exiting.
 
 Several GPUs (or CPU processes, over gloo): start it with torchrun. Data parallel with the same
-global batch: each process runs its share of every step's micro-batches (micro-batch k goes to
-process k mod N), then the gradients, already divided by the step's total tokens, are summed
-across processes once per step, so the update is the single-process one (dropout masks aside).
-Process 0 validates, logs and writes every file; a checkpoint holds each process's RNG state,
-so --resume needs the same number of processes.
+global batch: each process runs its share of every step's micro-batches, then the gradients are
+summed across processes once per step, so the update is the single-process one (dropout masks
+aside). Process 0 validates, logs and writes every file; --resume needs the same process count.
 """
 import argparse
 import json
@@ -31,6 +31,8 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,59 +40,282 @@ import torch.nn.functional as F
 
 import methods
 import model as M
-from data import glue as G
-from data import llm_adapters as D
-from data import seq2seq as S
+from checkpoint import CheckpointError, atomic_write, build, load
+from data import glue, llm_adapters, seq2seq
+from eval import MAIN_METRIC, glue_metric, glue_predictions
+from lmam import map_sizes
+from loss import lm_loss
+from presets import TRAIN_DEFAULTS
+from tokenizer import load_tokenizer
+
+# ----------------------------------------------------------------------------- the command line
+
+# Training flags: what each is, and where its default comes from (presets.TRAIN_PRESETS has the rows).
+TRAIN_HELP = {
+    "batch_size": "examples per optimizer step (LLM-Adapters 16; Table 19: 4; Table 17: 8; GLUE 32, He et al.)",
+    "micro_batch_size": "examples per forward/backward; gradients accumulate up to batch_size (LLM-Adapters 4)",
+    "num_epochs": "passes over the training set (LLM-Adapters 3; Table 16: 20; QuanTA 5)",
+    "learning_rate": "AdamW's peak learning rate (LLM-Adapters 3e-4; Tables 17, 19: 1e-4; Table 16: per task)",
+    "cutoff_len": "tokens per example, the source's for seq2seq (LLM-Adapters 256; GLUE 512)",
+    "val_set_size": "held-out training examples for validation (LLM-Adapters 120; He et al.: the first 1600 dev)",
+    "eval_step": "validate every N steps, 0: once per epoch (LLM-Adapters 80)",
+    "save_step": "write checkpoint.pt every N steps, 0: once per epoch (LLM-Adapters 80)",
+    "warmup_steps": "linear warmup steps (LLM-Adapters and Table 19: 100; Table 17: 0)",
+    "weight_decay": "AdamW's decoupled weight decay (LLM-Adapters 0; He et al.'s GLUE 0.1)",
+    "max_grad_norm": "gradient clipping by global norm (transformers' Trainer 1.0; He et al.'s XSum 0.1)",
+    "seed": "seed of the method's initialisation, the data order and dropout (LLM-Adapters 42)",
+    "max_steps": "stop after N steps, 0: num_epochs decides (He et al.: XSum 100k, MT 50k)",
+    "warmup_ratio": "warmup as a share of the steps, instead of warmup_steps (He et al.'s GLUE 0.06)",
+    "label_smoothing": "label smoothing of the seq2seq loss (He et al. 0.1)",
+    "max_target_len": "target tokens for seq2seq, 0: cutoff_len (He et al.: XSum 128, MT 150)",
+    "max_tokens": "token budget per micro-batch for MT, 0: by examples (He et al. 4096)",
+    "update_freq": "micro-batches per step with max_tokens (He et al.'s MT 4: 16k tokens a step)",
+    "adam_beta2": "AdamW's β2 (0.999; He et al.'s GLUE and MT 0.98)",
+    "adam_eps": "AdamW's ε (1e-8; He et al.'s GLUE and MT 1e-6)",
+}
+# Method flags: the hyperparameters of methods.py's functions (their defaults and presets.py's rows).
+METHOD_HELP = {
+    "lora_r": "LoRA / DoRA rank r (LLM-Adapters 32; Table 19: 1; Tables 6, 18: 4; He et al. 16)",
+    "lora_alpha": "LoRA / DoRA α, the update is scaled by α/r (LLM-Adapters 64; Table 19: 2)",
+    "lora_dropout": "dropout on the LoRA input (LLM-Adapters and Table 19: 0.05)",
+    "target_modules": "comma-separated linear layers the method wraps (q_proj, o_proj, down_proj, fc2, ...)",
+    "adapter_r": "adapter bottleneck width (LLM-Adapters 256; Table 19: 18; He et al.'s GLUE 16)",
+    "adapter_scale": "adapter output scale s (He et al.'s scaled PA: 2 for GLUE, 4 for XSum / MT; Table 19: 4)",
+    "adapter_dropout": "dropout inside the adapter (He et al. 0.1)",
+    "prefix_len": "prefix length l (LLM-Adapters' math command 10; He et al. 200 / 30)",
+    "prefix_mid_dim": "prefix reparametrisation MLP width, 0: none (He et al. 800)",
+    "quanta_dims": "QuanTA's factorisation of the input width, e.g. 16-8-8-4 (QuanTA's scripts)",
+    "lmam_heads": "LMAM h_s, the number of maps; head i uses map i mod h_s (Eq. 17; Table 19: 32)",
+    "lmam_rank": "LMAM rank r of Wa (h_s, n, r) and Wb (h_s, r, n) (Table 19: 2; Table 17: 1)",
+    "lmam_len": "LMAM n, the token positions the map covers (Eq. 14-16; Table 19: 128; Table 16: 256/512)",
+    "lmam_scale": "LMAM s in Attn_s = s·(Wa + PE)(Wb + PE) (Eq. 10; Table 19: 1/(4096·600); Table 15: 1)",
+    "lmam_variant": "LMAM ablation (§4.3, Table 9): default, pre_softmax (¬N), softmax_map (¬S), "
+                    "full_rank (¬L, FMAM), no_pos (¬P)",
+    "lmam_mode": "LMAM placement: head (the first n tokens, Eq. 14-15) or tail (the last n, Eq. 16)",
+    "lmam_init": "LMAM initialisation (the paper gives none): zero (Attn_s = 0, √s absorbed into the "
+                 "factors; learns at the paper's lr) or paper (N(0, 1) factors, the literal s)",
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-tiny", help=f"a checkpoint path, or a preset ({', '.join(M.LLAMA_PRESETS)}) for --dry-run")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the checkpoint directory)")
+    p.add_argument("--model", default="llama-tiny",
+                   help=f"a checkpoint (directory or llama2.c .bin); with --dry_run also a preset name "
+                        f"({', '.join([*M.LLAMA_PRESETS, *M.ENCDEC_PRESETS])})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in the checkpoint directory)")
     p.add_argument("--method", default="lorada_la", help=f"one of: {', '.join(methods.METHODS)}")
-    p.add_argument("--data", default="commonsense_170k", help="LLaMA: a JSON file or a name (" + ", ".join(D.TRAIN_SETS)
-                   + "); GLUE: the task's folder of TSVs; XSum / WMT: a folder of train/val JSON lines or .source/.target")
-    p.add_argument("--task", default=None, help="RoBERTa: a GLUE task (" + ", ".join(G.TASKS) + "); BART: xsum; "
-                   "mBART: wmt16-en-ro. Not for LLaMA.")
-    p.add_argument("--out_dir", default="out")
-    p.add_argument("--dry-run", action="store_true", help="apply the method, print the trainable-parameter line, exit")
+    p.add_argument("--data", default="commonsense_170k",
+                   help="LLaMA: a JSON file or a name (" + ", ".join(llm_adapters.TRAIN_SETS) + "); GLUE: the "
+                        "task's folder of TSVs; XSum / WMT: a folder of train/val JSON lines or .source/.target")
+    p.add_argument("--task", default=None,
+                   help="picks the task's presets. LLaMA: commonsense or math (default: math for math_* data); "
+                        "RoBERTa: a GLUE task (" + ", ".join(glue.TASKS) + "); BART: xsum; mBART: wmt16-en-ro")
+    p.add_argument("--out_dir", default="out", help="where the run writes its files (see above)")
+    p.add_argument("--dry_run", "--dry-run", action="store_true",
+                   help="apply the method, print the trainable-parameter line (peft's format), exit")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    t = p.add_argument_group("training (default: the registry's preset for the method, model and task)")
-    for name, value in methods.TRAIN_DEFAULTS.items():
-        t.add_argument(f"--{name}", type=type(value), default=None)
-    t.add_argument("--mask_prompt", action="store_true", help="loss on the response only (train_on_inputs=False)")
+    t = p.add_argument_group("training (default: presets.py's value for the method, model and task)")
+    for name, value in TRAIN_DEFAULTS.items():
+        t.add_argument(f"--{name}", type=type(value), default=None, help=TRAIN_HELP[name])
+    t.add_argument("--mask_prompt", action="store_true",
+                   help="loss on the response only (LLM-Adapters' train_on_inputs=False; default: on everything)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--gradient_checkpointing", action="store_true")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--gradient_checkpointing", action="store_true", help="recompute each layer in the backward")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    hp = p.add_argument_group("method hyperparameters (default: the registry's preset for the model)")
-    for name, typ in methods.HPARAMS.items():
-        hp.add_argument(f"--{name}", type=typ, default=None)
+    h = p.add_argument_group("method hyperparameters (default: the method's, methods.py, or its preset, presets.py)")
+    for name, typ in methods.flag_types().items():
+        h.add_argument(f"--{name}", type=typ, default=None,
+                       help=METHOD_HELP.get(name, f"a hyperparameter of the methods that take it (methods.py)"))
     return p.parse_args(argv)
 
 
-class Progress:
-    """One status line on stderr: step, loss, lr, tokens/s (real tokens), ETA."""
+# ----------------------------------------------------------------------------- the benchmarks
 
-    def __init__(self, total, start=0, quiet=False):
-        self.total, self.start, self.quiet, self.t0 = total, start, quiet, time.time()
-        self.tty = sys.stderr.isatty()
+@dataclass
+class Pipeline:
+    """What differs between the benchmarks, as data: the examples, how to batch them, the loss and
+    the validation score. Each field is a small function, built by one of the *_pipeline
+    functions below.
 
-    def update(self, step, loss, lr, tok_s):
-        if self.quiet:
-            return
-        done = step - self.start
-        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif step % 10 == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
+    loss_sum(model, batch) sums the loss over the batch's units (labelled tokens; examples for
+    GLUE), and units(examples) counts them, so that a step's loss is the mean over its units
+    whatever the micro-batching. validate(model) -> (score, its name), lower is better."""
+    train_set: list
+    val_set: list
+    collate: Callable          # examples -> a batch of tensors
+    loss_sum: Callable         # (model, batch) -> the summed loss (a scalar tensor)
+    units: Callable            # examples -> how many loss terms they hold
+    tokens: Callable           # examples -> tokens processed (for tokens/s)
+    epoch_batches: Callable    # epoch -> its optimizer steps, each a list of micro-batches of indices
+    validate: Callable         # model -> (score, name)
 
-    def close(self):
-        if self.tty and not self.quiet:
-            print(file=sys.stderr)
+
+def micro_batches(steps, micro_batch_size):
+    """Split each step's examples into micro-batches."""
+    return [[b[i:i + micro_batch_size] for i in range(0, len(b), micro_batch_size)] for b in steps]
+
+
+def validation_loss(val_set, collate, loss_sum, units, micro_batch_size):
+    """validate(model) for the pipelines scored by their loss on held-out examples."""
+    def validate(model):
+        total, n = 0.0, 0
+        for i in range(0, len(val_set), micro_batch_size):
+            part = val_set[i:i + micro_batch_size]
+            total += float(loss_sum(model, collate(part)))
+            n += units(part)
+        return total / max(n, 1), "loss"
+    return validate
+
+
+def llm_pipeline(args, model, tokenizer, hp, device, autocast):
+    """LLaMA on LLM-Adapters' data: next-token cross-entropy over the prompt and the response
+    (train_on_inputs=True, their default), validation by loss on val_set_size held-out examples."""
+    records = llm_adapters.load_records(llm_adapters.resolve(args.data, split="train"))
+    order = list(range(len(records)))
+    random.Random(hp["seed"]).shuffle(order)               # held-out split: a seeded shuffle
+    n_val = min(hp["val_set_size"], len(records) // 2)
+    examples = [llm_adapters.tokenize(tokenizer, records[i], hp["cutoff_len"], not args.mask_prompt) for i in order]
+    train_set, val_set = examples[n_val:], examples[:n_val]
+
+    def collate(ex):
+        return llm_adapters.collate(ex, tokenizer.pad_id)
+
+    def loss_sum(model, batch):
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        if bool(batch["attention_mask"].all()):   # (checked on the CPU copy) no padding: no mask,
+            mask = None                           # one graph for torch.compile
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            hidden = model(ids, attention_mask=mask, return_hidden=True)
+            return lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])    # the LM head fused with the loss
+
+    def units(ex):
+        return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in ex)
+
+    def epoch_batches(epoch):
+        lengths = [len(e["input_ids"]) for e in train_set]
+        steps = llm_adapters.length_grouped_batches(lengths, hp["batch_size"], hp["seed"] + epoch)
+        return micro_batches(steps, hp["micro_batch_size"])
+
+    return Pipeline(train_set, val_set, collate, loss_sum, units, lambda ex: sum(len(e["input_ids"]) for e in ex),
+                    epoch_batches, validation_loss(val_set, collate, loss_sum, units, hp["micro_batch_size"]))
+
+
+def glue_pipeline(args, model, tokenizer, hp, device, autocast):
+    """RoBERTa on a GLUE task: cross-entropy (squared error for STS-B) over the examples,
+    validation by the task's metric on the first val_set_size dev examples (He et al.)."""
+    first_dev = next(iter(glue.EVAL_SPLITS[args.task]))
+    train_set, val_set = ([glue.tokenize(tokenizer, r, hp["cutoff_len"])
+                           for r in glue.load_glue(args.task, glue.split_file(args.task, args.data, split))]
+                          for split in ("train", first_dev))
+    val_set = val_set[:hp["val_set_size"]]
+
+    def loss_sum(model, batch):
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids, attention_mask=mask).float()
+        if logits.shape[-1] == 1:                                         # STS-B: regression
+            return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def epoch_batches(epoch):
+        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
+        return micro_batches(steps, hp["micro_batch_size"])
+
+    def validate(model):
+        preds = glue_predictions(model, val_set, tokenizer.pad_id, hp["micro_batch_size"], device)
+        main = MAIN_METRIC[args.task]
+        return -glue_metric(args.task, preds, [e["label"] for e in val_set])[main], main   # negated: lower is better
+
+    return Pipeline(train_set, val_set, lambda ex: glue.collate(ex, tokenizer.pad_id), loss_sum, len,
+                    lambda ex: sum(len(e["input_ids"]) for e in ex), epoch_batches, validate)
+
+
+def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
+    """BART on XSum, mBART on WMT16 en-ro: label-smoothed cross-entropy over the target tokens
+    (transformers' LabelSmoother), validation by loss; MT batches by a token budget (fairseq)."""
+    mt = args.task != "xsum"
+    langs = ("en_XX", "ro_RO") if mt and model.cfg.pre_norm else (None, None)
+    tgt_len = hp["max_target_len"] or hp["cutoff_len"]
+
+    def read(split):
+        return [seq2seq.tokenize(tokenizer, p, hp["cutoff_len"], tgt_len, *langs)
+                for p in seq2seq.load_pairs(args.task, args.data, split)]
+    train_set = read("train")
+    try:
+        val_set = read("val")[:hp["val_set_size"]]
+    except FileNotFoundError:
+        val_set = []
+    # BART's decoder starts from decoder_start_token_id; mBART's (None) from the target's
+    # language code, wrapped around to the front (shift_tokens_right)
+    start = None if model.cfg.pre_norm else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
+
+    def collate(ex):
+        return seq2seq.collate(ex, tokenizer.pad_id)
+
+    def loss_sum(model, batch):
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        dec = M.shift_tokens_right(labels, model.cfg.pad_id, start)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            hidden = model(ids, mask, dec, return_hidden=True)
+            return lm_loss(hidden, model.shared.weight, labels, model.final_logits_bias, hp["label_smoothing"])
+
+    def units(ex):
+        return sum(len(e["labels"]) for e in ex)
+
+    def epoch_batches(epoch):
+        if mt and hp["max_tokens"]:
+            lengths = [max(len(e["input_ids"]), len(e["labels"])) for e in train_set]
+            micro = seq2seq.token_batches(lengths, hp["max_tokens"], hp["seed"] + epoch)
+            k = hp["update_freq"]
+            return [micro[i:i + k] for i in range(0, len(micro), k)]
+        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
+        return micro_batches(steps, hp["micro_batch_size"])
+
+    return Pipeline(train_set, val_set, collate, loss_sum, units,
+                    lambda ex: sum(len(e["input_ids"]) + len(e["labels"]) for e in ex), epoch_batches,
+                    validation_loss(val_set, collate, loss_sum, units, hp["micro_batch_size"]))
+
+
+# pipeline name -> (the model class it trains, its tasks, the function that builds it)
+PIPELINES = {"llm": (M.Llama, ("commonsense", "math"), llm_pipeline),
+             "glue": (M.Roberta, tuple(glue.TASKS), glue_pipeline),
+             "xsum": (M.Bart, ("xsum",), seq2seq_pipeline),
+             "mt": (M.Bart, ("wmt16-en-ro",), seq2seq_pipeline)}
+
+
+def pipeline_name(model, args) -> str:
+    """Which benchmark a model and --task train on; LLaMA's task defaults from --data."""
+    if isinstance(model, M.Llama) and args.task is None:
+        args.task = "math" if os.path.basename(args.data).startswith("math") else "commonsense"
+    for name, (cls, tasks, _) in PIPELINES.items():
+        if isinstance(model, cls) and args.task in tasks:
+            return name
+    valid = [t for cls, tasks, _ in PIPELINES.values() if isinstance(model, cls) for t in tasks]
+    raise ValueError(f"--task {args.task} is not a task for {type(model).__name__}; valid: {', '.join(valid)}")
+
+
+# ----------------------------------------------------------------------------- schedule, RNG, processes
+
+def linear_schedule(warmup: int, total: int):
+    """Linear warmup from 0, then linear decay to 0 at `total` (transformers' default schedule)."""
+    def f(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def setup_distributed(args):
@@ -123,208 +348,67 @@ def sum_across_processes(params, loss_sum, stopping, world):
     return float(flat[-2]), bool(flat[-1] > 0)
 
 
-def linear_schedule(warmup: int, total: int):
-    """Linear warmup from 0, then linear decay to 0 at `total` (transformers' default schedule)."""
-    def f(step):
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
+class Progress:
+    """One status line on stderr: step, loss, lr, tokens/s (real tokens), ETA."""
+
+    def __init__(self, total, start=0, quiet=False):
+        self.total, self.start, self.quiet, self.t0 = total, start, quiet, time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step, loss, lr, tok_s):
+        if self.quiet:
+            return
+        done = step - self.start
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif step % 10 == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty and not self.quiet:
+            print(file=sys.stderr)
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def token_loss_sum(model, batch, device, autocast):
-    """Sum of next-token cross-entropies over the labelled tokens of a micro-batch (LLaMA)."""
-    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    if bool(batch["attention_mask"].all()):       # (checked on the CPU copy) no padding: no mask,
-        mask = None                               # one graph for torch.compile
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, attention_mask=mask, return_hidden=True)
-        return M.lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])      # the LM head fused with the loss
-
-
-def glue_loss_sum(model, batch, device, autocast):
-    """Sum over the examples: cross-entropy, or squared error for STS-B's regression (num_labels 1)."""
-    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(ids, attention_mask=mask).float()
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
-    return F.cross_entropy(logits, labels, reduction="sum")
-
-
-def decoder_start(model):
-    """BART: the decoder starts from decoder_start_token_id; mBART (None): the target's language
-    code is wrapped around to the front (shift_tokens_right)."""
-    return None if model.cfg.pre_norm else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
-
-
-def seq2seq_loss_sum(model, batch, device, autocast, smoothing=0.0):
-    """Sum over the target tokens of the label-smoothed cross-entropy (transformers' LabelSmoother:
-    (1 - ε)·NLL + ε·mean over the vocabulary of -log p)."""
-    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    dec = M.shift_tokens_right(labels, model.cfg.pad_id, decoder_start(model))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, mask, dec, return_hidden=True)
-        return M.lm_loss(hidden, model.shared.weight, labels, model.final_logits_bias, smoothing)   # tied LM head
-
-
-class Pipeline:
-    """What differs between the benchmarks: examples, batches, the loss and validation.
-
-    loss_sum(model, batch) sums the loss over `units(examples)` (labelled tokens, or examples for
-    GLUE), so that a step's loss is the mean over its units whatever the micro-batching.
-    validate(model) -> (score, its name): a loss, or a GLUE metric negated (lower is better)."""
-
-    def __init__(self, kind, train_set, val_set, hp, pad_id, device, autocast, task=None, model=None):
-        self.kind, self.train_set, self.val_set, self.hp, self.task = kind, train_set, val_set, hp, task
-        self.pad_id, self.device, self.autocast = pad_id, device, autocast
-        self.collate = {"llm": lambda ex: D.collate(ex, pad_id), "glue": lambda ex: G.collate(ex, pad_id)}.get(
-            kind, lambda ex: S.collate(ex, pad_id))
-        if kind in ("xsum", "mt"):
-            self.start = decoder_start(model)
-
-    def loss_sum(self, model, batch):
-        if self.kind == "llm":
-            return token_loss_sum(model, batch, self.device, self.autocast)
-        if self.kind == "glue":
-            return glue_loss_sum(model, batch, self.device, self.autocast)
-        return seq2seq_loss_sum(model, batch, self.device, self.autocast, self.hp["label_smoothing"])
-
-    def units(self, examples):
-        if self.kind == "llm":
-            return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
-        if self.kind == "glue":
-            return len(examples)
-        return sum(len(e["labels"]) for e in examples)
-
-    def tokens(self, examples):
-        return sum(len(e["input_ids"]) + len(e.get("labels", [])) * (self.kind in ("xsum", "mt")) for e in examples)
-
-    def steps_per_epoch(self):
-        return len(self.epoch_batches(0))
-
-    def epoch_batches(self, epoch):
-        """The optimizer steps of one epoch, each a list of micro-batches (lists of example indices)."""
-        hp, seed = self.hp, self.hp["seed"] + epoch
-        if self.kind == "mt" and hp["max_tokens"]:
-            lengths = [max(len(e["input_ids"]), len(e["labels"])) for e in self.train_set]
-            micro = S.token_batches(lengths, hp["max_tokens"], seed)
-            k = hp["update_freq"]
-            return [micro[i:i + k] for i in range(0, len(micro), k)]
-        if self.kind == "llm":
-            steps = D.length_grouped_batches([len(e["input_ids"]) for e in self.train_set], hp["batch_size"], seed)
-        else:
-            steps = G.shuffled_batches(len(self.train_set), hp["batch_size"], seed)
-        m = hp["micro_batch_size"]
-        return [[b[i:i + m] for i in range(0, len(b), m)] for b in steps]
-
-    @torch.no_grad()
-    def validate(self, model):
-        model.eval()
-        try:
-            if self.kind == "glue":
-                import eval as E
-                preds = E.glue_predictions(model, self.val_set, self.pad_id, self.hp["micro_batch_size"], self.device)
-                metric = E.glue_metric(self.task, preds, [e["label"] for e in self.val_set])
-                main = E.MAIN_METRIC[self.task]
-                return -metric[main], main                     # negated: lower is better
-            total, n = 0.0, 0
-            for i in range(0, len(self.val_set), self.hp["micro_batch_size"]):
-                part = self.val_set[i:i + self.hp["micro_batch_size"]]
-                total += float(self.loss_sum(model, self.collate(part)))
-                n += self.units(part)
-            return total / max(n, 1), "loss"
-        finally:
-            model.train()
-
-
-def pipeline_kind(model, task):
-    if isinstance(model, M.Llama):
-        if task is not None:
-            raise ValueError(f"--task {task} is for RoBERTa (GLUE) or BART/mBART (xsum, wmt16-en-ro); "
-                             f"LLaMA trains on --data")
-        return "llm"
-    if isinstance(model, M.Roberta):
-        if task not in G.TASKS:
-            raise ValueError(f"RoBERTa trains on GLUE: give --task, one of {', '.join(G.TASKS)} (got {task})")
-        return "glue"
-    if task not in S.TASKS:
-        raise ValueError(f"BART/mBART train on --task xsum or wmt16-en-ro (got {task})")
-    return "xsum" if task == "xsum" else "mt"
-
+# ----------------------------------------------------------------------------- setting up a run
 
 def prepare(args):
-    """Model (method applied), tokenizer, pipeline (data, batches, loss), training hyperparameters."""
-    overrides = {k: getattr(args, k) for k in methods.HPARAMS if getattr(args, k) is not None}
+    """Model (method applied), pipeline (data, batches, loss), training hyperparameters."""
+    overrides = {k: getattr(args, k) for k in methods.flag_types() if getattr(args, k) is not None}
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     if args.dry_run:
-        model = M.build(args.model)
+        model = build(args.model)
         methods.apply_method(model, args.method, task=args.task, **overrides)
         return model, None, None
     if args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS:
         raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path "
-                         f"(or use --dry-run)")
-    tokenizer = M.load_tokenizer(args.tokenizer or (args.model if os.path.isdir(args.model) else os.path.dirname(args.model)))
-    trains_base = methods.METHODS[args.method]["parts"][0] in ("full", "bitfit")
+                         f"(or use --dry_run)")
+    tokenizer = load_tokenizer(args.tokenizer or (args.model if os.path.isdir(args.model) else os.path.dirname(args.model)))
+    # The GPU recipe: frozen weights in bf16, the method's tensors in fp32. Full fine-tuning and
+    # BitFit train the base weights themselves: fp32 weights, bf16 autocast.
     cuda = args.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda and not trains_base else torch.float32
-    num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
-    torch.manual_seed(args.seed if args.seed is not None else methods.TRAIN_DEFAULTS["seed"])   # a fresh GLUE head
-    model = M.load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
-    kind = pipeline_kind(model, args.task)
-    hp = methods.train_hparams(args.method, methods.model_names(model.cfg), kind, args.task)
-    hp.update({k: getattr(args, k) for k in methods.TRAIN_DEFAULTS if getattr(args, k) is not None})
+    dtype = torch.bfloat16 if cuda and not methods.trains_base(args.method) else torch.float32
+    num_labels = glue.num_labels(args.task) if args.task in glue.TASKS else None
+    torch.manual_seed(args.seed if args.seed is not None else TRAIN_DEFAULTS["seed"])   # a fresh GLUE head
+    model = load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
+    kind = pipeline_name(model, args)
+    hp = methods.train_hparams(args.method, model.cfg.name, kind, args.task)
+    hp.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
     hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
     if num_labels is not None and model.head is not None and model.head.dense.weight.dtype != torch.float32:
         model.head.float()                   # a fresh head trains in fp32 next to bf16 frozen weights
     torch.manual_seed(hp["seed"])        # the method's initialisation, then dropout: one seeded stream
     methods.apply_method(model, args.method, task=args.task, **overrides)
+    print(f"presets: {args.method} on {model.cfg.name or 'a ' + type(model).__name__ + ' of no preset shape'}, "
+          f"task {args.task}")
     autocast = cuda and next(model.parameters()).dtype == torch.float32   # full / bitfit on GPU
-    if kind == "llm":
-        records = D.load_records(D.resolve(args.data, split="train"))
-        # validation split: a seeded shuffle, as LLM-Adapters' train_test_split(seed=42)
-        order = list(range(len(records)))
-        random.Random(hp["seed"]).shuffle(order)
-        n_val = min(hp["val_set_size"], len(records) // 2)
-        examples = [D.tokenize(tokenizer, records[i], hp["cutoff_len"], not args.mask_prompt) for i in order]
-        train_set, val_set = examples[n_val:], examples[:n_val]
-    elif kind == "glue":
-        first_dev = next(iter(G.EVAL_SPLITS[args.task]))
-        train_set, val_set = ([G.tokenize(tokenizer, r, hp["cutoff_len"]) for r in
-                               G.load_glue(args.task, G.split_file(args.task, args.data, split))]
-                              for split in ("train", first_dev))
-        val_set = val_set[:hp["val_set_size"]]
-    else:
-        langs = ("en_XX", "ro_RO") if kind == "mt" and model.cfg.pre_norm else (None, None)
-        tgt_len = hp["max_target_len"] or hp["cutoff_len"]
-        load = lambda split: [S.tokenize(tokenizer, p, hp["cutoff_len"], tgt_len, *langs)
-                              for p in S.load_pairs(args.task, args.data, split)]
-        train_set = load("train")
-        try:
-            val_set = load("val")[:hp["val_set_size"]]
-        except FileNotFoundError:
-            val_set = []
-    pipe = Pipeline(kind, train_set, val_set, hp, tokenizer.pad_id, args.device, autocast, args.task, model)
+    pipe = PIPELINES[kind][2](args, model, tokenizer, hp, args.device, autocast)
     return model, pipe, hp
 
+
+# ----------------------------------------------------------------------------- the training loop
 
 def train(args):
     rank, world = (0, 1) if args.dry_run else setup_distributed(args)
@@ -340,12 +424,15 @@ def train(args):
     if args.gradient_checkpointing:
         model.gradient_checkpointing = True
     forward_model = torch.compile(model, dynamic=True) if args.compile else model
+
+    # The optimizer sees only what the method attached (apply_method froze the rest): for LoRaDA-LA
+    # on LLaMA-7B that is 6.1M of 6.7B parameters, so AdamW's two moments are tiny too.
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {args.method!r} trains no parameter of this model")
     optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
                                   betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
-    per_epoch = pipe.steps_per_epoch()
+    per_epoch = len(pipe.epoch_batches(0))
     total = per_epoch * hp["num_epochs"]
     if hp["max_steps"]:
         total = min(total, hp["max_steps"]) if hp["num_epochs"] else hp["max_steps"]
@@ -354,6 +441,9 @@ def train(args):
     every = lambda k: k if k > 0 else per_epoch                     # 0: once per epoch
     state = {"step": 0, "best_val": float("inf")}
 
+    # Resume: the trainable tensors, AdamW's moments, the schedule's position, the step (which also
+    # says where in which epoch's shuffled order we are) and the RNG states, so that the resumed run
+    # continues bit for bit as if it had never stopped.
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
@@ -384,10 +474,13 @@ def train(args):
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
         if rank == 0:
-            atomic_save({"tensors": {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()},
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "state": dict(state), "rng": rngs, "method": model.peft_method}, ckpt_path)
+            snapshot = {"tensors": {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "state": dict(state), "rng": rngs, "method": model.peft_method}
+            atomic_write(ckpt_path, lambda f: torch.save(snapshot, f))   # never a half-written file
 
+    # Ctrl-C and SIGTERM (a cluster's preemption) only raise a flag; the loop finishes its step,
+    # saves a checkpoint and exits, so nothing is lost.
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -395,20 +488,28 @@ def train(args):
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if rank == 0 else None
     progress = Progress(total, state["step"], args.quiet or rank > 0)
-    model.train()
+    model.train()                                   # dropout on (load() returns eval mode)
+    has_lmam = bool(map_sizes(model))
     epoch_cache = {}
     try:
         while state["step"] < total:
+            # 1. This step's examples. An epoch's order is a function of (seed, epoch) alone, so a
+            #    resumed run finds the same batches from the step counter.
             epoch, index = divmod(state["step"], per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache.clear()
                 epoch_cache[epoch] = pipe.epoch_batches(epoch)
-            micro_batches = [[pipe.train_set[i] for i in b] for b in epoch_cache[epoch][index]]
-            examples = [e for b in micro_batches for e in b]
+            micro = [[pipe.train_set[i] for i in b] for b in epoch_cache[epoch][index]]
+            examples = [e for b in micro for e in b]
             n_units = pipe.units(examples)
             t0 = time.time()
+
+            # 2. Forward and backward, one micro-batch at a time. Each micro-batch's summed loss is
+            #    divided by the whole step's number of units (tokens, or examples for GLUE), so the
+            #    accumulated gradient is that of the step's mean loss, however it is split. With
+            #    several processes, each runs micro-batches k, k + N, ... of the step.
             loss_sum = 0.0
-            for part in micro_batches[rank::world]:            # this process's share of the step
+            for part in micro[rank::world]:
                 loss = pipe.loss_sum(forward_model, pipe.collate(part)) / max(n_units, 1)
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -416,17 +517,30 @@ def train(args):
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last "
                                          f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
+
+            # 3. The update: clip the gradient's global norm, one AdamW step, the schedule's next lr.
             torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+
+            # 4. Log the step. For LMAM, also max |Attn_s| per layer: it starts at 0 (the base
+            #    model) and should grow to the size of attention probabilities (README, "Why LMAM
+            #    absorbs s"); a map stuck near 0 means it is not learning.
             real = pipe.tokens(examples)
             tok_s = real / max(time.time() - t0, 1e-9)
             lr = scheduler.get_last_lr()[0]
             record = {"step": state["step"], "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s, "tokens": real}
+            if has_lmam:
+                record["lmam_max_abs"] = map_sizes(model)
+
+            # 5. Validate now and then (process 0), keeping the best adapter so far.
             if rank == 0 and pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total):
-                score, what = pipe.validate(model)
+                model.eval()
+                with torch.no_grad():
+                    score, what = pipe.validate(model)
+                model.train()
                 record["val_" + what] = score if what == "loss" else -score
                 state["val_what"] = what
                 if score < state["best_val"]:
@@ -436,6 +550,8 @@ def train(args):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             progress.update(state["step"], loss_sum, lr, tok_s)
+
+            # 6. Checkpoint now and then, and on a stop signal (all processes stop after the same step).
             if state["step"] % every(hp["save_step"]) == 0 or stopping:
                 save_checkpoint()
             if stopping:
@@ -467,14 +583,10 @@ def train(args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        import demo
-        return demo.main()
     args = parse_args(argv)
     try:
         return train(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, M.CheckpointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
@@ -482,4 +594,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 1:                # a bare `python train.py`: the CPU demo
+        import demo
+        demo.main()
+    else:
+        main()

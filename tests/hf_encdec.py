@@ -103,9 +103,9 @@ def train_mbart_spm(lines, out, vocab_size=500):
 def byte_vocab_dir(out):
     """A GPT-2-style byte-level vocab.json + merges.txt with no merges (every byte its own token)
     and RoBERTa's special ids: 0-3 <s> <pad> </s> <unk>, bytes 4-259, <mask> 260."""
-    import model
+    from tokenizer import bytes_to_unicode
     os.makedirs(out, exist_ok=True)
-    chars = model.bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for b in range(256):
         vocab[chars[b]] = 4 + b

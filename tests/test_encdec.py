@@ -7,8 +7,11 @@ import torch
 from torch.testing import assert_close
 
 import model
+from checkpoint import CheckpointError, build, load
 from conftest import shared
+from generate import generate_seq2seq
 from hf_encdec import V, batch, roberta_vocab_dir, save, tiny_bart, tiny_roberta, train_mbart_spm
+from tokenizer import GPT2BPETokenizer, MBartTokenizer, load_tokenizer
 
 
 # -- RoBERTa ---------------------------------------------------------------------------------------
@@ -16,7 +19,7 @@ from hf_encdec import V, batch, roberta_vocab_dir, save, tiny_bart, tiny_roberta
 @pytest.mark.parametrize("num_labels", [3, 1])        # classification, and STS-B's regression
 def test_roberta_matches_transformers(tmp_path, num_labels):
     hf = tiny_roberta(num_labels)
-    ours = model.load(save(hf, tmp_path / "r")).eval()
+    ours = load(save(hf, tmp_path / "r")).eval()
     assert isinstance(ours, model.Roberta) and ours.cfg.num_labels == num_labels
     ids, mask = batch()
     with torch.no_grad():
@@ -32,7 +35,7 @@ def test_roberta_matches_transformers(tmp_path, num_labels):
 def test_roberta_positions_skip_padding(tmp_path):
     """RoBERTa numbers positions from pad_id + 1 over real tokens only: a sequence's hidden states do
     not depend on the padding after it."""
-    ours = model.load(save(tiny_roberta(), tmp_path / "r")).eval()
+    ours = load(save(tiny_roberta(), tmp_path / "r")).eval()
     ids, mask = batch()
     with torch.no_grad():
         alone = ours.encode(ids[2:3, :4])
@@ -45,19 +48,19 @@ def test_roberta_fresh_head(tmp_path):
     hf = tiny_roberta()
     path = tmp_path / "enc"
     RobertaModel(hf.config).save_pretrained(path)        # an encoder checkpoint (with a pooler): no head
-    bare = model.load(str(path)).eval()
+    bare = load(str(path)).eval()
     assert bare.head is None
     with pytest.raises(ValueError, match="num_labels"):
         bare(*batch())
     torch.manual_seed(0)
-    m = model.load(str(path), num_labels=2).eval()
+    m = load(str(path), num_labels=2).eval()
     assert m.head.out_proj.weight.shape == (2, 32)
     assert m.head.dense.weight.std().item() == pytest.approx(0.2, rel=0.3) and m.head.out_proj.bias.abs().sum() == 0
     with torch.no_grad():
         assert_close(m.encode(*batch()), bare.encode(*batch()))
     assert m(*batch()).shape == (3, 2)
-    with pytest.raises(model.CheckpointError, match="3 labels, num_labels=2"):
-        model.load(save(hf, tmp_path / "cls"), num_labels=2)
+    with pytest.raises(CheckpointError, match="3 labels, num_labels=2"):
+        load(save(hf, tmp_path / "cls"), num_labels=2)
 
 
 def test_roberta_ignores_pretraining_head_only(tmp_path):
@@ -66,15 +69,15 @@ def test_roberta_ignores_pretraining_head_only(tmp_path):
     from transformers import RobertaForMaskedLM
     torch.manual_seed(0)
     mlm = RobertaForMaskedLM(tiny_roberta().config)
-    m = model.load(save(mlm, tmp_path / "mlm"), num_labels=2)
-    assert m.head is not None
+    m = load(save(mlm, tmp_path / "mlm"), num_labels=2)
+    assert m.head is not None and not any(x.training for x in m.modules())   # eval mode, the fresh head too
     from safetensors.torch import load_file, save_file
     file = str(tmp_path / "mlm" / "model.safetensors")
     sd = load_file(file)
     sd["roberta.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
     save_file(sd, file)
-    with pytest.raises(model.CheckpointError, match=r"model\.safetensors: unexpected tensor 'roberta\.encoder"):
-        model.load(str(tmp_path / "mlm"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'roberta\.encoder"):
+        load(str(tmp_path / "mlm"))
 
 
 # -- BART / mBART --------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def test_roberta_ignores_pretraining_head_only(tmp_path):
 @pytest.mark.parametrize("kind", ["bart", "mbart"])
 def test_bart_matches_transformers(tmp_path, kind):
     hf = tiny_bart(kind)
-    ours = model.load(save(hf, tmp_path / kind)).eval()
+    ours = load(save(hf, tmp_path / kind)).eval()
     assert isinstance(ours, model.Bart) and ours.cfg.pre_norm == (kind == "mbart")
     ids, mask = batch()
     dec = torch.randint(4, V, (3, 7), generator=torch.Generator().manual_seed(3))
@@ -95,7 +98,7 @@ def test_bart_matches_transformers(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["bart", "mbart"])
 def test_bart_cached_decoding_equals_full(tmp_path, kind):
-    ours = model.load(save(tiny_bart(kind), tmp_path / kind)).eval()
+    ours = load(save(tiny_bart(kind), tmp_path / kind)).eval()
     ids, mask = batch()
     dec = torch.randint(4, V, (3, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -136,11 +139,11 @@ def eos_prone(hf, bias=2.5):
 def test_beam_search_xsum_settings_match_transformers(tmp_path):
     """bart-large's generation config (forced BOS <s>, forced EOS, early stopping) with XSum's settings."""
     hf = eos_prone(tiny_bart("bart", init=0.2))
-    ours = model.load(save(hf, tmp_path / "b"))
+    ours = load(save(hf, tmp_path / "b"))
     assert ours.cfg.generation["early_stopping"] is True and ours.cfg.generation["forced_bos_token_id"] == 0
     ids, mask = batch()
     ref = hf_generate(hf, ids, mask, **XSUM)
-    out = model.generate_seq2seq(ours, ids, mask, **XSUM)
+    out = generate_seq2seq(ours, ids, mask, **XSUM)
     assert out.tolist() == ref.tolist()
     assert (out[:, 1] == 0).all()                                  # forced BOS
     lengths = (out != 1).sum(1)
@@ -148,7 +151,7 @@ def test_beam_search_xsum_settings_match_transformers(tmp_path):
     # the settings matter: without the n-gram rule or the length floor, the search finds other outputs
     for change in (dict(no_repeat_ngram_size=0), dict(min_length=0), dict(early_stopping=False)):
         kw = dict(XSUM, **change)
-        alt = model.generate_seq2seq(ours, ids, mask, **kw)
+        alt = generate_seq2seq(ours, ids, mask, **kw)
         assert alt.tolist() == hf_generate(hf, ids, mask, **kw).tolist()
         if "early_stopping" not in change:
             assert alt.tolist() != out.tolist()
@@ -158,13 +161,13 @@ def test_beam_search_translation_settings_match_transformers(tmp_path):
     """mBART en->ro: 5 beams, the decoder starts with the target language code (mbart-large-cc25's
     convention) or starts with </s> and forces the code (mBART-50's, forced BOS)."""
     hf = eos_prone(tiny_bart("mbart", init=0.2), 2.0)
-    ours = model.load(save(hf, tmp_path / "m"))
+    ours = load(save(hf, tmp_path / "m"))
     ids, mask = batch()
     ro = V - 3                                                     # stands for ro_RO
     for kw in (dict(decoder_start_token_id=ro), dict(decoder_start_token_id=2, forced_bos_token_id=ro)):
         kw.update(num_beams=5, max_length=30)
         ref = hf_generate(hf, ids, mask, **kw)
-        out = model.generate_seq2seq(ours, ids, mask, **kw)
+        out = generate_seq2seq(ours, ids, mask, **kw)
         assert out.tolist() == ref.tolist()
         assert (out[:, 0 if "forced_bos_token_id" not in kw else 1] == ro).all()
 
@@ -172,16 +175,16 @@ def test_beam_search_translation_settings_match_transformers(tmp_path):
 @pytest.mark.parametrize("kind", ["bart", "mbart"])
 def test_greedy_seq2seq_matches_transformers(tmp_path, kind):
     hf = eos_prone(tiny_bart(kind, init=0.2))
-    ours = model.load(save(hf, tmp_path / kind))
+    ours = load(save(hf, tmp_path / kind))
     ids, mask = batch()
     kw = dict(num_beams=1, max_length=25, decoder_start_token_id=2)
-    assert model.generate_seq2seq(ours, ids, mask, **kw).tolist() == hf_generate(hf, ids, mask, **kw).tolist()
+    assert generate_seq2seq(ours, ids, mask, **kw).tolist() == hf_generate(hf, ids, mask, **kw).tolist()
 
 
 def test_generate_seq2seq_rejects_unknown_settings(tmp_path):
-    ours = model.load(save(tiny_bart(), tmp_path / "b"))
+    ours = load(save(tiny_bart(), tmp_path / "b"))
     with pytest.raises(ValueError, match="num_beam"):
-        model.generate_seq2seq(ours, *batch(), num_beam=4)
+        generate_seq2seq(ours, *batch(), num_beam=4)
 
 
 # -- bad checkpoints -----------------------------------------------------------------------------
@@ -195,30 +198,30 @@ def test_bart_bad_checkpoints(tmp_path):
     sd = dict(good)
     del sd["model.decoder.layers.1.encoder_attn.v_proj.bias"]
     save_file(sd, file)
-    with pytest.raises(model.CheckpointError, match="missing tensor 'decoder.layers.1.encoder_attn.v_proj.bias'"):
-        model.load(path)
+    with pytest.raises(CheckpointError, match="missing tensor 'decoder.layers.1.encoder_attn.v_proj.bias'"):
+        load(path)
 
     sd = dict(good, **{"model.encoder.layers.0.fc3.weight": torch.zeros(2)})
     save_file(sd, file)
-    with pytest.raises(model.CheckpointError, match="unexpected tensor 'model.encoder.layers.0.fc3.weight'"):
-        model.load(path)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.encoder.layers.0.fc3.weight'"):
+        load(path)
 
     sd = dict(good, **{"lm_head.weight": good["model.shared.weight"] + 1})
     save_file(sd, file)
-    with pytest.raises(model.CheckpointError, match="untied embeddings"):
-        model.load(path)
+    with pytest.raises(CheckpointError, match="untied embeddings"):
+        load(path)
 
     save_file(good, file)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(dict(cfg, activation_function="swish"), f)
-    with pytest.raises(model.CheckpointError, match="config.json: activation_function 'swish'"):
-        model.load(path)
+    with pytest.raises(CheckpointError, match="config.json: activation_function 'swish'"):
+        load(path)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(dict(cfg, model_type="t5"), f)
-    with pytest.raises(model.CheckpointError, match="model_type 't5' is not supported"):
-        model.load(path)
+    with pytest.raises(CheckpointError, match="model_type 't5' is not supported"):
+        load(path)
 
 
 # -- tokenizers ----------------------------------------------------------------------------------
@@ -238,8 +241,8 @@ def glue_sentences(n=200):
 
 def test_gpt2_bpe_matches_roberta_tokenizer(roberta_tok_dir):
     from transformers import BartTokenizer, RobertaTokenizer
-    ours = model.load_tokenizer(roberta_tok_dir)
-    assert isinstance(ours, model.GPT2BPETokenizer) and ours.mask_id == 50264 and ours.vocab_size == 50265
+    ours = load_tokenizer(roberta_tok_dir)
+    assert isinstance(ours, GPT2BPETokenizer) and ours.mask_id == 50264 and ours.vocab_size == 50265
     # the ids fairseq's and transformers' docstrings give for roberta-base
     assert ours.encode("Hello world") == [0, 31414, 232, 2]
     assert ours.encode(" Hello world") == [0, 20920, 232, 2]
@@ -255,7 +258,7 @@ def test_gpt2_bpe_matches_roberta_tokenizer(roberta_tok_dir):
 def test_gpt2_bpe_pair_encoding_and_truncation(roberta_tok_dir):
     import random
     from transformers import RobertaTokenizer
-    ours, ref = model.load_tokenizer(roberta_tok_dir), RobertaTokenizer.from_pretrained(roberta_tok_dir)
+    ours, ref = load_tokenizer(roberta_tok_dir), RobertaTokenizer.from_pretrained(roberta_tok_dir)
     sents = glue_sentences(60)
     rng = random.Random(0)
     for i in range(150):
@@ -279,7 +282,7 @@ def test_gpt2_bpe_with_gpt2_ids():
         with open(os.path.join(tmp, "vocab.json"), "w") as f:
             json.dump(vocab, f)
         shutil.copy(os.path.join(d, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
-        tok = model.load_tokenizer(tmp)
+        tok = load_tokenizer(tmp)
         assert tok.encode("Hello world", bos=False, eos=False) == [15496, 995]     # SOURCE.md's check
         assert tok.encode(" Hello world", bos=False, eos=False) == [18435, 995]
 
@@ -290,15 +293,15 @@ def test_tokenizer_errors(tmp_path, roberta_tok_dir):
     d.mkdir()
     shutil.copy(os.path.join(roberta_tok_dir, "vocab.json"), d / "vocab.json")
     with pytest.raises(ValueError, match="vocab.json but no merges.txt"):
-        model.load_tokenizer(str(d))
+        load_tokenizer(str(d))
     (d / "merges.txt").write_text("#version: 0.2\nĠ t\nbad line here\n")
     with pytest.raises(ValueError, match=r"merges.txt:3: expected two space-separated tokens"):
-        model.load_tokenizer(str(d))
+        load_tokenizer(str(d))
     (d / "merges.txt").write_text("#version: 0.2\nĠ t\n")
     with open(d / "vocab.json", "w") as f:
         json.dump({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}, f)
     with pytest.raises(ValueError, match=r"vocab.json: has no entry for '.+', which .*merges.txt builds"):
-        model.load_tokenizer(str(d))
+        load_tokenizer(str(d))
 
 
 def en_ro_lines():
@@ -312,12 +315,12 @@ def en_ro_lines():
 
 
 def test_mbart_tokenizer_matches_transformers(tmp_path):
-    from transformers import MBartTokenizer
+    from transformers import MBartTokenizer as HFMBartTokenizer
     lines = en_ro_lines()
     path = train_mbart_spm(lines, tmp_path / "spm")
-    ours = model.load_tokenizer(path)
-    ref = MBartTokenizer.from_pretrained(path, src_lang="en_XX", tgt_lang="ro_RO")
-    assert isinstance(ours, model.MBartTokenizer) and ours.vocab_size == len(ref)
+    ours = load_tokenizer(path)
+    ref = HFMBartTokenizer.from_pretrained(path, src_lang="en_XX", tgt_lang="ro_RO")
+    assert isinstance(ours, MBartTokenizer) and ours.vocab_size == len(ref)
     assert ours.lang_id("ro_RO") == ref.convert_tokens_to_ids("ro_RO") == 500 + 1 + 19
     assert ours.mask_id == ref.mask_token_id
     for t in lines + ["Qqzx ∑ unknown ☃ symbols", "two  spaces"]:
@@ -343,6 +346,6 @@ def test_preset_parameter_counts_match_transformers():
                 "mbart-large-cc25": MBartForConditionalGeneration(MBartConfig(vocab_size=250027, scale_embedding=True,
                                                                              **large))}
     for name, ref in refs.items():
-        ours = model.build(name)
+        ours = build(name)
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()), name
         assert model.preset_name(ours.cfg) == name

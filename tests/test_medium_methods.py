@@ -6,7 +6,9 @@ from torch.testing import assert_close
 
 import methods
 import model as M
+from checkpoint import build, load
 from hf_encdec import V, batch, save, tiny_bart, tiny_roberta
+from lmam import LMAM
 from test_methods import grads_match
 
 MEDIUM = ("roberta-base", "bart-large", "mbart-large-cc25")
@@ -45,7 +47,7 @@ def closed_form(name, m, hp):
 @pytest.mark.parametrize("name", ["lora", "dora", "series", "adapter_ffn", "prefix", "mam", "lmam", "lorada_a"])
 @pytest.mark.parametrize("preset", MEDIUM)
 def test_parameter_counts_match_the_formula(name, preset):
-    m = M.build(preset)
+    m = build(preset)
     total = sum(p.numel() for p in m.parameters())
     methods.apply_method(m, name)
     trainable, everything = methods.count_parameters(m)
@@ -65,7 +67,7 @@ def test_bitfit_trains_every_bias_and_the_head():
                     vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
                     decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096))}
     for name, ref in refs.items():
-        m = methods.apply_method(M.build(name), "bitfit")
+        m = methods.apply_method(build(name), "bitfit")
         biases = sum(p.numel() for n, p in ref.named_parameters() if "bias" in n)
         head_weights = sum(p.numel() for n, p in ref.named_parameters() if n.startswith("classifier.") and "bias" not in n)
         assert methods.count_parameters(m)[0] == biases + head_weights
@@ -74,23 +76,23 @@ def test_bitfit_trains_every_bias_and_the_head():
 @pytest.mark.parametrize("preset,percent", [("bart-large", 6.7), ("mbart-large-cc25", 6.6)])
 def test_lorada_a_share_as_table_10(preset, percent):
     """Table 10 lists LoRaDA-A at 6.7% of BART-large, the MAM budget (peft's trainable% line)."""
-    m = methods.apply_method(M.build(preset), "lorada_a")
+    m = methods.apply_method(build(preset), "lorada_a")
     t, a = methods.count_parameters(m)
     assert int(1000 * t / a) / 10 == percent
 
 
 def test_where_the_methods_attach():
-    m = methods.apply_method(M.build("bart-large"), "lorada_a")
+    m = methods.apply_method(build("bart-large"), "lorada_a")
     assert all(l.self_attn.attn_map is not None for l in m.encoder.layers)
     assert all(l.self_attn.attn_map is None and l.encoder_attn.attn_map is None for l in m.decoder.layers)
     assert all(l.ffn.adapter is not None for l in [*m.encoder.layers, *m.decoder.layers])
-    m = methods.apply_method(M.build("bart-large"), "prefix")
+    m = methods.apply_method(build("bart-large"), "prefix")
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == \
         {"prefix_encoder", "prefix_decoder", "prefix_cross"}
     assert all(l.encoder_attn.prefix is not None for l in m.decoder.layers)
     with pytest.raises(ValueError, match="'up_proj' does not exist in this model; its linear layers are: "
                                          "fc1, fc2, k_proj, out_proj, q_proj, v_proj"):
-        methods.apply_method(M.build("roberta-base"), "lora", target_modules="q_proj,up_proj")
+        methods.apply_method(build("roberta-base"), "lora", target_modules="q_proj,up_proj")
 
 
 def peft_name(k):
@@ -108,7 +110,7 @@ def peft_name(k):
 def test_lora_and_dora_match_peft(tmp_path, kind, use_dora):
     from peft import LoraConfig, get_peft_model
     hf = tiny_roberta() if kind == "roberta" else tiny_bart(kind)
-    ours = M.load(save(hf, tmp_path / kind)).eval()
+    ours = load(save(hf, tmp_path / kind)).eval()
     targets = ["query", "value"] if kind == "roberta" else ["q_proj", "v_proj"]
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, use_dora=use_dora,
                      modules_to_save=["classifier"] if kind == "roberta" else None)
@@ -139,16 +141,17 @@ def test_lora_and_dora_match_peft(tmp_path, kind, use_dora):
 
 @pytest.mark.parametrize("kind", ["roberta", "bart", "mbart"])
 def test_identity_at_init_and_merge(tmp_path, kind):
-    """LoRaDA-A with LMAM's zero init and the adapter's LoRA-style init is exactly the base model;
+    """LoRaDA-A with the family's preset (s = 1 and r = 22 / 64 on BART / mBART, 1/255 and 3 on
+    RoBERTa), LMAM's default init and the adapter's LoRA-style init is exactly the base model;
     after training-like changes, merging LMAM (and LoRA) changes nothing."""
     hf = tiny_roberta() if kind == "roberta" else tiny_bart(kind)
     path = save(hf, tmp_path / kind)
-    base = M.load(path).eval()
+    base = load(path).eval()
     ids, mask = batch()
     dec = torch.randint(4, V, (3, 5), generator=torch.Generator().manual_seed(2))
     run = (lambda m: m(ids, mask)) if kind == "roberta" else (lambda m: m(ids, mask, dec))
-    m = methods.apply_method(M.load(path).eval(), "lorada_a", lmam_heads=2, lmam_len=8, lmam_init="zero",
-                             adapter_r=4)
+    m = methods.apply_method(load(path).eval(), "lorada_a", lmam_heads=2, lmam_len=8, adapter_r=4)
+    assert m.peft_method["hparams"]["lmam_scale"] == {"roberta": 1 / 255, "bart": 1.0, "mbart": 1.0}[kind]
     with torch.no_grad():
         assert torch.equal(run(m), run(base))
         for n, p in m.named_parameters():
@@ -160,7 +163,7 @@ def test_identity_at_init_and_merge(tmp_path, kind):
             if hasattr(mod, "merge"):
                 mod.merge()
         assert_close(run(m), before, atol=1e-5, rtol=1e-5)
-    lora = methods.apply_method(M.load(path).eval(), "lora", lora_r=2)
+    lora = methods.apply_method(load(path).eval(), "lora", lora_r=2)
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if "lora_B" in n:
@@ -174,7 +177,7 @@ def test_identity_at_init_and_merge(tmp_path, kind):
 
 def test_three_way_prefix_decodes_with_the_cache(tmp_path):
     """BART with prefixes on all three attentions: generation with the KV cache equals full forwards."""
-    ours = M.load(save(tiny_bart("bart"), tmp_path / "b")).eval()
+    ours = load(save(tiny_bart("bart"), tmp_path / "b")).eval()
     methods.apply_method(ours, "prefix", prefix_len=3, prefix_mid_dim=8)
     ids, mask = batch()
     dec = torch.randint(4, V, (3, 6), generator=torch.Generator().manual_seed(3))
@@ -184,5 +187,59 @@ def test_three_way_prefix_decodes_with_the_cache(tmp_path):
         cache = ours.new_cache(3, 6)
         steps = [ours.decode(dec[:, t:t + 1], enc_kv, mask, cache) for t in range(6)]
         assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-        plain = M.load(str(tmp_path / "b")).eval()(ids, mask, dec)
+        plain = load(str(tmp_path / "b")).eval()(ids, mask, dec)
     assert not torch.allclose(full, plain, atol=1e-4)              # the prefixes do act
+
+
+def test_fmam_share_as_table_13():
+    """¬L (FMAM) on RoBERTa-base: the full (h, n, n) map of all 12 heads, no s, with Adapter-FFN
+    r=16: 12·12·512² + the adapter = 38.05M, Table 13's 23.47% (of the model without its head)."""
+    m = methods.apply_method(build("roberta-base"), "lorada_a", lmam_variant="full_rank")
+    head = sum(p.numel() for n, p in m.named_parameters() if n.startswith("head."))
+    t, a = methods.count_parameters(m)
+    assert t - head == 12 * 12 * 512 ** 2 + 12 * (2 * 768 * 16 + 16 + 768)
+    assert round(100 * (t - head) / (a - head), 2) == 23.47
+
+
+def test_ffn_adapters_act_after_the_blocks_dropout():
+    """He et al.: dropout(fc2(·)), then the adapter term; Houlsby's adapter drops after its ReLU."""
+    from adapters import AdapterFFN, HoulsbyAdapter
+    torch.manual_seed(0)
+    layer = M.EncoderLayer(16, 2, 32, "gelu", dropout=1.0, attention_dropout=0.0, activation_dropout=0.0).train()
+    layer.ffn.adapter = AdapterFFN(16, 4, scale=2.0)
+    torch.nn.init.normal_(layer.ffn.adapter.adapter_up.weight)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():                      # p = 1 drops the whole FFN output; the adapter term stays
+        expected = layer.final_layer_norm(x + layer.ffn.adapter(x, torch.zeros_like(x)))
+        got = layer.residual(x, layer.final_layer_norm, layer.ffn, layer.ffn.adapter)
+    assert_close(got, expected)
+    assert not torch.allclose(got, layer.final_layer_norm(x))
+    houlsby = HoulsbyAdapter(16, 4, dropout=0.5, layer_norm=True).train()
+    y = torch.randn(2, 3, 16)
+    torch.manual_seed(1)
+    got = houlsby(x, y)
+    torch.manual_seed(1)
+    h = torch.nn.functional.dropout(torch.relu(houlsby.adapter_down(houlsby.adapter_norm(y))), 0.5)
+    assert_close(got, y + houlsby.adapter_up(h))
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bart"])
+def test_need_weights_returns_the_attention_maps(tmp_path, kind):
+    """RoBERTa and BART's encoder return every layer's attention probabilities, with LMAM's map
+    added (the naive path), and the same hidden states as the fast path."""
+    hf = tiny_roberta() if kind == "roberta" else tiny_bart(kind)
+    m = methods.apply_method(load(save(hf, tmp_path / kind)), "lmam", lmam_heads=2, lmam_len=8)
+    ids, mask = batch()
+    with torch.no_grad():
+        plain_out, plain = m.encode(ids, mask, need_weights=True)
+        for mod in m.modules():
+            if isinstance(mod, LMAM):
+                mod.wb.add_(0.5 * torch.randn_like(mod.wb))
+        out, probs = m.encode(ids, mask, need_weights=True)
+        assert_close(out, m.encode(ids, mask), atol=1e-5, rtol=1e-5)
+    layers = m.cfg.n_layers if kind == "roberta" else m.cfg.encoder_layers
+    assert len(probs) == layers and probs[0].shape == (3, m.cfg.n_heads, ids.shape[1], ids.shape[1])
+    real = mask.bool()
+    sums = plain[0].sum(-1).permute(0, 2, 1)[real]                   # (real queries, H): rows of a softmax
+    assert_close(sums, torch.ones_like(sums))
+    assert not torch.allclose(probs[0], plain[0], atol=1e-4)         # the learned map shows

@@ -10,12 +10,13 @@ import torch
 
 import eval as E
 import methods
-import model as M
 import train as T
+from checkpoint import load, read_safetensors
 from conftest import shared
 from data import glue as G
 from data import seq2seq as S
 from hf_encdec import byte_vocab_dir, save, train_mbart_spm
+from tokenizer import load_tokenizer
 
 # -- loaders -------------------------------------------------------------------------------------
 
@@ -206,20 +207,26 @@ def test_glue_end_to_end_and_resume(tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "eval" / "results.json"))["sst2"]["accuracy"] == pytest.approx(best)
     # a run stopped by SIGTERM after step 5 and resumed ends bit-identical (dropout 0.1: the RNG matters)
     calls = {"n": 0}
-    original = T.Pipeline.loss_sum
+    original = T.PIPELINES["glue"]
 
-    def loss_then_signal(self, model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, batch)
-    monkeypatch.setattr(T.Pipeline, "loss_sum", loss_then_signal)
+    def signalling_pipeline(*a):                     # the GLUE pipeline, whose 5th loss sends SIGTERM
+        pipe = original[2](*a)
+        loss_sum = pipe.loss_sum
+
+        def loss_then_signal(model, batch):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_sum(model, batch)
+        pipe.loss_sum = loss_then_signal
+        return pipe
+    monkeypatch.setitem(T.PIPELINES, "glue", (*original[:2], signalling_pipeline))
     with pytest.raises(SystemExit) as stop:
         T.main(args + ["--out_dir", str(tmp_path / "b")])
     assert stop.value.code == 128 + signal.SIGTERM
-    monkeypatch.setattr(T.Pipeline, "loss_sum", original)
+    monkeypatch.setitem(T.PIPELINES, "glue", original)
     T.main(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
-    a, b = (M.read_safetensors(str(tmp_path / d / "adapter.safetensors")) for d in ("a", "b"))
+    a, b = (read_safetensors(str(tmp_path / d / "adapter.safetensors")) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("head.") for k in a)                      # the GLUE head trained and saved
 
@@ -259,7 +266,7 @@ def test_xsum_end_to_end(tmp_path):
     assert set(res["xsum"]) == {"rouge1", "rouge2", "rougeL", "total"} and res["xsum"]["total"] == 3
     lines = (tmp_path / "e" / "xsum.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("hypothesis" in json.loads(x) for x in lines)
-    positions = M.load(ckpt).cfg.max_positions
+    positions = load(ckpt).cfg.max_positions
     with pytest.raises(SystemExit, match=f"--max_source_len {positions + 1}: expected 1 to the model's {positions}"):
         E.main(["--model", ckpt, "--task", "xsum", "--data", str(data), "--limit", "1", "--max_source_len",
                 str(positions + 1), "--out_dir", str(tmp_path / "e2")])
@@ -275,14 +282,14 @@ def test_mt_end_to_end(tmp_path):
     ckpt = str(tmp_path / "mbart")
     train_mbart_spm(lines, ckpt, vocab_size=300)
     tiny_bart_ckpt(ckpt, "mbart", vocab=327)
-    tok = M.load_tokenizer(ckpt)
+    tok = load_tokenizer(ckpt)
     assert tok.vocab_size == 327
     T.main(["--model", ckpt, "--method", "lorada_a", "--task", "wmt16-en-ro", "--data", data, "--max_tokens", "600",
             "--update_freq", "2", "--max_steps", "3", "--val_set_size", "4", "--eval_step", "3",
             "--out_dir", str(tmp_path / "o"), *LORADA_A_TINY])
     log = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and "val_loss" in log[-1]
-    model = M.load(ckpt)
+    model = load(ckpt)
     methods.load_adapter(model, str(tmp_path / "o" / "adapter.safetensors"))
     assert model.peft_method["hparams"]["adapter_r"] == 4 and model.encoder.layers[0].self_attn.attn_map is not None
     assert model.decoder.layers[0].self_attn.attn_map is None          # LMAM in the encoder only (Table 15)

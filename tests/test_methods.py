@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 import methods
 import model as M
+from checkpoint import build, read_safetensors
 from conftest import assert_decode_equals_full, ROOT
 from hf_llama import hf_positions, tiny_hf_llama
 from quanta import QuanTALinear
@@ -45,12 +46,16 @@ ALL = list(methods.METHODS)
 TINY_OVERRIDES = {"series": dict(adapter_r=8), "parallel": dict(adapter_r=8), "adapter_ffn": dict(adapter_r=8),
                   "mam": dict(prefix_len=3, prefix_mid_dim=16, adapter_r=8), "lora": dict(lora_r=4),
                   "dora": dict(lora_r=4), "prefix": dict(prefix_len=3),
-                  "quanta": dict(quanta_dims="4-4-4")}
-for _name, _spec in methods.METHODS.items():      # LMAM methods on the 4-head tiny model
-    if "lmam" in _spec["parts"]:
+                  "quanta": dict(quanta_dims="4-4-4"), "lmam": dict(lmam_heads=2, lmam_len=6)}
+# The methods made of several: their parts, for the tests' formulas (methods.py composes them)
+PARTS = {"mam": ("prefix", "adapter_ffn"), "lorada_la": ("lmam", "lora", "adapter_ffn"),
+         "lorada_q": ("lmam", "quanta"), "lorada_a": ("lmam", "adapter_ffn"), "lora+lmam": ("lora", "lmam"),
+         "dora+lmam": ("dora", "lmam"), "series+lmam": ("series", "lmam"), "parallel+lmam": ("parallel", "lmam")}
+for _name, _parts in PARTS.items():               # LMAM methods on the 4-head tiny model
+    if "lmam" in _parts:
         TINY_OVERRIDES[_name] = dict(TINY_OVERRIDES.get(_name.split("+")[0], {}), lmam_heads=2, lmam_len=6,
-                                     **({"quanta_dims": "4-4-4"} if "quanta" in _spec["parts"] else {}),
-                                     **({"adapter_r": 4} if "adapter_ffn" in _spec["parts"] else {}))
+                                     **({"quanta_dims": "4-4-4"} if "quanta" in _parts else {}),
+                                     **({"adapter_r": 4} if "adapter_ffn" in _parts else {}))
 
 
 # ----------------------------------------------------------------------------- identity at init
@@ -210,9 +215,10 @@ def test_quanta_update_is_exactly_zero_at_init():
 
 def closed_form(name, c, hp):
     """Each method's parameter count from its formula (docstrings of lora.py, adapters.py, quanta.py)."""
-    parts = methods.METHODS[name]["parts"]
-    if name != "mam" and len(parts) > 1:                  # LoRaDA variants and plug-in pairs: the sum
-        return sum(closed_form(p, c, hp) for p in parts)
+    if name != "mam" and name in PARTS:                   # LoRaDA variants and plug-in pairs: the sum
+        return sum(closed_form(p, c, hp) for p in PARTS[name])
+    if name == "lmam" and hp["lmam_variant"] == "full_rank":   # FMAM: the (h, n, n) map of every head
+        return c.n_layers * c.n_heads * hp["lmam_len"] ** 2
     if name == "lmam":                                    # Wa (h_s, n, r) + Wb (h_s, r, n) per layer
         return c.n_layers * 2 * hp["lmam_heads"] * hp["lmam_len"] * hp["lmam_rank"]
     d, f, L, kv = c.dim, c.hidden_dim, c.n_layers, c.n_kv_heads * c.head_dim
@@ -245,8 +251,7 @@ def closed_form(name, c, hp):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("preset", ["llama-7b", "llama2-70b", "llama3-8b", "llama-13b"])
 def test_parameter_counts_match_the_formula(name, preset):
-    with torch.device("meta"):
-        m = M.Llama(M.LlamaConfig.from_name(preset))
+    m = build(preset)
     total = sum(p.numel() for p in m.parameters())
     with pytest.warns(UserWarning) if name == "bitfit" else _nothing():
         methods.apply_method(m, name)
@@ -320,7 +325,7 @@ def test_adapter_file_holds_only_the_methods_tensors(tmp_path):
     methods.apply_method(ours, "lora", lora_r=2, target_modules="q_proj")
     path = str(tmp_path / "a.safetensors")
     methods.save_adapter(ours, path)
-    assert sorted(M.read_safetensors(path)) == [f"layers.{i}.self_attn.q_proj.lora_{x}" for i in range(2) for x in "AB"]
+    assert sorted(read_safetensors(path)) == [f"layers.{i}.self_attn.q_proj.lora_{x}" for i in range(2) for x in "AB"]
 
 
 def test_adapter_on_the_wrong_base_or_method(tmp_path):

@@ -15,8 +15,10 @@ import eval as E
 import methods
 import model as M
 import train as T
+from checkpoint import load, read_safetensors
 from conftest import ROOT, shared
 from data import llm_adapters as D
+from tokenizer import load_tokenizer
 
 INDENT = " " * 16
 
@@ -65,7 +67,7 @@ def test_tokenize_bos_eos_truncation_and_masking():
 
 
 def test_real_tokenizer_on_real_records():
-    tok = M.load_tokenizer(shared("llama2-tokenizer", "tokenizer.model"))
+    tok = load_tokenizer(shared("llama2-tokenizer", "tokenizer.model"))
     recs = D.load_records(shared("llm_adapters", "dataset", "boolq", "train.json"))
     assert len(recs) > 1000
     e = D.tokenize(tok, recs[0], 256)
@@ -193,8 +195,8 @@ def test_resume_is_bit_exact_and_sigterm_saves(tiny_ckpt, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "resumed from" in out.stdout
-    ref = M.read_safetensors(str(tmp_path / "a2" / "adapter.safetensors"))
-    got = M.read_safetensors(str(b / "adapter.safetensors"))
+    ref = read_safetensors(str(tmp_path / "a2" / "adapter.safetensors"))
+    got = read_safetensors(str(b / "adapter.safetensors"))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     # and the logs agree step by step after the resume
     la = [json.loads(x)["loss"] for x in (tmp_path / "a2" / "log.jsonl").read_text().splitlines()]
@@ -214,6 +216,19 @@ def test_outputs_of_a_run_and_the_adapter_reproduce(tiny_ckpt, tmp_path):
     assert model.peft_method["name"] == "lora"
 
 
+def test_lmam_map_size_is_logged_and_grows(tiny_ckpt, tmp_path):
+    """train.py logs max |Attn_s| per layer: 0 at the start (identity), then growing, at the
+    paper's lr 1e-4 (lorada_la's preset) and an s of the paper's form, 1/(d·600)."""
+    out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "4", "--warmup_steps", "0", method="lorada_la")
+                         + ["--lmam_heads", "2", "--lmam_len", "16", "--lmam_scale", str(1 / (32 * 600)),
+                            "--lora_r", "1", "--adapter_r", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    sizes = [r["lmam_max_abs"] for r in rows]
+    assert all(len(s) == 2 for s in sizes)                          # one per layer
+    assert 0 < max(sizes[0]) < max(sizes[-1]) < 0.1                 # a step of lr 1e-4 moves it by ~1e-4
+
+
 def test_compiled_steps_on_cpu(tiny_ckpt, tmp_path):
     out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "2", "--compile"), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -223,7 +238,7 @@ def test_compiled_steps_on_cpu(tiny_ckpt, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt):
-    m = M.load(tiny_ckpt)
+    m = load(tiny_ckpt).train()                   # gradient checkpointing runs in training mode only
     methods.apply_method(m, "lora", lora_r=2, lora_dropout=0.0)
     ids = torch.randint(3, 200, (2, 12))
     grads = []
@@ -301,9 +316,10 @@ def test_demo_pipeline_end_to_end_small(tmp_path, monkeypatch):
 def test_bf16_frozen_weights_with_fp32_trainable_tensors(tiny_ckpt, name):
     """The GPU recipe, checked on CPU: frozen weights in bf16, the method's tensors in fp32; forward
     and backward run and every gradient is fp32."""
-    m = M.load(tiny_ckpt, dtype=torch.bfloat16)
-    kw = {"quanta_dims": "4-8"} if "quanta" in methods.METHODS[name]["parts"] else {}
-    if "lmam" in methods.METHODS[name]["parts"]:
+    m = load(tiny_ckpt, dtype=torch.bfloat16).train()
+    takes = methods.hyperparameters(methods.METHODS[name])
+    kw = {"quanta_dims": "4-8"} if "quanta_dims" in takes else {}
+    if "lmam_heads" in takes:
         kw.update(lmam_heads=2, lmam_len=8)
     if name in ("series", "parallel", "adapter_ffn", "mam", "lorada_la", "parallel+lmam", "series+lmam"):
         kw["adapter_r"] = 4
@@ -335,8 +351,8 @@ def test_two_processes_take_the_single_process_steps(tiny_ckpt, tmp_path):
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("trainable params") == 1                # process 0 reports, logs, writes
-    a = M.read_safetensors(str(one / "adapter.safetensors"))
-    b = M.read_safetensors(str(two / "adapter.safetensors"))
+    a = read_safetensors(str(one / "adapter.safetensors"))
+    b = read_safetensors(str(two / "adapter.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
@@ -367,6 +383,6 @@ def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
     assert 2 <= torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"] < 8
     out = subprocess.run(cmd(b, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
-    ref = M.read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))
-    got = M.read_safetensors(str(b / "adapter.safetensors"))
+    ref = read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))
+    got = read_safetensors(str(b / "adapter.safetensors"))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -1,0 +1,183 @@
+"""Every number this project takes from the paper and from the papers it compares with: one row
+each, with its source.
+
+METHOD_PRESETS: (method, key) -> hyperparameters over the method's defaults (its keyword defaults in
+methods.py). A key is a model family ("llama", "roberta", "bart", "mbart"), a checkpoint name
+("llama-7b", ..., model.py's presets) or a task ("sst2", ..., "math"). They apply in that order,
+family, then name, then task, and the command line last (methods.method_hparams).
+
+TRAIN_PRESETS: training hyperparameters. TRAIN_DEFAULTS, then the pipeline's row ("llm", "glue",
+"xsum", "mt"), then the (method, pipeline), (method, checkpoint name) and (method, task) rows,
+then the command line (train_hparams).
+
+Sources: LLM-Adapters (Hu et al. 2023: finetune.py and its run commands, ../shared/research/
+llm_adapters.md), He et al. 2021 ("Towards a Unified View": their exps/*.sh, adapters.md), the
+DoRA and QuanTA scripts, and the LoRaDA paper's Tables 15-19 (the underlined choices). Where the
+paper is silent or inconsistent, the row says which reading it takes (README, "Choices").
+"""
+
+# --- Settings that several rows share, named once -------------------------------------------------
+# He et al.'s baselines on the medium models: LoRA r=16 on q, v; Houlsby adapters of 200 after every
+# attention and FFN.
+HE_LORA = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.1, target_modules="q_proj,v_proj")
+HE_SERIES = dict(adapter_r=200, adapter_scale=1.0, adapter_dropout=0.1, target_modules="out_proj,fc2")
+# LMAM per model (the defaults of methods.lmam are LLaMA-7B's, Table 19: h_s 32, r 2, n 128, 1/s 4096·600)
+LMAM_LLAMA3_8B = dict(lmam_scale=1 / (4096 * 1200))                                   # Table 19 (1200 of 1200, 1500)
+LMAM_LLAMA_13B = dict(lmam_heads=40, lmam_scale=1 / (5120 * 600))                     # Table 19
+LMAM_LLAMA2_70B = dict(lmam_heads=64, lmam_scale=1 / (8192 * 1600))                   # Table 19 (1600 of 1600, 1200)
+LMAM_ROBERTA = dict(lmam_heads=3, lmam_rank=3, lmam_len=512, lmam_scale=1 / 255)      # Table 16 (n per task below)
+LMAM_BART = dict(lmam_heads=16, lmam_rank=22, lmam_len=512, lmam_scale=1.0)           # Table 15, XSum
+LMAM_MBART = dict(lmam_heads=16, lmam_rank=64, lmam_len=128, lmam_scale=1.0)          # Table 15, MT (n: 128 of 128/256/512)
+LMAM_TINY = dict(lmam_heads=2, lmam_len=16, lmam_scale=1 / (64 * 600))                # tests, demo: 1/(d·600), d = 64
+GLUE_LMAM_LEN = dict(mnli=512, sst2=512, mrpc=256, cola=512, qnli=256, qqp=256, rte=512, stsb=256)   # Table 16
+
+METHOD_PRESETS = {
+    # --- He et al.'s baselines (adapters.md section 7) ---------------------------------------------
+    ("lora", "roberta"): HE_LORA, ("lora", "bart"): HE_LORA, ("lora", "mbart"): HE_LORA,
+    ("dora", "roberta"): HE_LORA, ("dora", "bart"): HE_LORA, ("dora", "mbart"): HE_LORA,
+    ("series", "roberta"): HE_SERIES, ("series", "bart"): HE_SERIES, ("series", "mbart"): HE_SERIES,
+    ("prefix", "roberta"): dict(prefix_len=200, prefix_mid_dim=800),
+    ("prefix", "bart"): dict(prefix_len=30, prefix_mid_dim=800),
+    ("prefix", "mbart"): dict(prefix_len=30, prefix_mid_dim=800),
+    ("adapter_ffn", "roberta"): dict(adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),   # run_glue.sh
+    ("adapter_ffn", "bart"): dict(adapter_r=512, adapter_scale=4.0, adapter_dropout=0.1),     # run_xsum.sh
+    ("adapter_ffn", "mbart"): dict(adapter_r=512, adapter_scale=4.0, adapter_dropout=0.1),    # run_mt.sh
+    ("mam", "roberta"): dict(prefix_len=16, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),   # run_glue.sh
+    ("mam", "bart"): dict(adapter_dropout=0.1),
+    ("mam", "mbart"): dict(adapter_dropout=0.1),
+
+    # --- QuanTA's commonsense scripts: 16-8-8-4 for d = 4096, 16-8-8-5 for d = 5120 ------------------
+    ("quanta", "llama-13b"): dict(quanta_dims="16-8-8-5"),
+    ("quanta", "llama2-13b"): dict(quanta_dims="16-8-8-5"),
+    ("quanta", "llama2-70b"): dict(quanta_dims="16-8-8-8"),
+    ("quanta", "llama-tiny"): dict(quanta_dims="4-4-4"),
+    ("quanta", "llama-tiny-gqa"): dict(quanta_dims="4-4-4"),
+
+    # --- LMAM alone ----------------------------------------------------------------------------------
+    ("lmam", "llama3-8b"): LMAM_LLAMA3_8B,
+    ("lmam", "llama-13b"): LMAM_LLAMA_13B,
+    ("lmam", "llama2-13b"): LMAM_LLAMA_13B,
+    ("lmam", "llama2-70b"): LMAM_LLAMA2_70B,
+    ("lmam", "roberta"): LMAM_ROBERTA,
+    ("lmam", "bart"): LMAM_BART,
+    ("lmam", "mbart"): LMAM_MBART,
+    ("lmam", "llama-tiny"): LMAM_TINY,
+    ("lmam", "llama-tiny-gqa"): LMAM_TINY,
+
+    # --- LoRaDA-LA, Table 19 (the defaults are LLaMA-7B's). Table 19 lists two LoRA placements,
+    # O+Down and O+Up+Down; the printed # Params (%) say which each model used. "Dropout 0.05" is
+    # read as LoRA's dropout.
+    ("lorada_la", "llama2-7b"): dict(adapter_r=15),
+    ("lorada_la", "llama3-8b"): dict(LMAM_LLAMA3_8B, lora_r=2, lora_alpha=4.0, adapter_r=2,
+                                     target_modules="o_proj,up_proj,down_proj"),
+    ("lorada_la", "llama-13b"): dict(LMAM_LLAMA_13B, adapter_r=12),              # adapter 12 of 12, 14
+    ("lorada_la", "llama2-13b"): dict(LMAM_LLAMA_13B, adapter_r=12),
+    ("lorada_la", "llama2-70b"): dict(LMAM_LLAMA2_70B, adapter_r=7, target_modules="o_proj,up_proj,down_proj"),
+    ("lorada_la", "llama-tiny"): dict(LMAM_TINY, adapter_r=4),
+    ("lorada_la", "llama-tiny-gqa"): dict(LMAM_TINY, adapter_r=4),
+
+    # --- LoRaDA-Q, Table 17 (the defaults: LMAM r=1, n=128, QuanTA 16-8-8-4 on q_proj, v_proj).
+    # Table 17 gives no s: Table 19's 1/(d·600) for the same model is taken.
+    ("lorada_q", "llama3-8b"): LMAM_LLAMA3_8B,
+    ("lorada_q", "llama-13b"): dict(LMAM_LLAMA_13B, quanta_dims="16-8-8-5"),
+    ("lorada_q", "llama2-13b"): dict(LMAM_LLAMA_13B, quanta_dims="16-8-8-5"),
+    ("lorada_q", "llama2-70b"): dict(LMAM_LLAMA2_70B, quanta_dims="16-8-8-8"),
+    ("lorada_q", "llama-tiny"): dict(LMAM_TINY, quanta_dims="4-4-4"),
+    ("lorada_q", "llama-tiny-gqa"): dict(LMAM_TINY, quanta_dims="4-4-4"),
+    # §4.1.3: "For the Arithmetic Reasoning benchmark, our rank and length are set to 2 and 256"
+    # (A.5 says Table 17, r=1 and n=128, applies there too; §4.1.3 is taken). Table 8 prints 0.19%,
+    # which no QuanTA setting of Table 17 reaches: this row gives 0.056% on LLaMA2-7B.
+    ("lorada_q", "math"): dict(lmam_rank=2, lmam_len=256),
+
+    # --- LoRaDA-A: Table 16 (RoBERTa-base, GLUE) and Table 15 (BART-large XSum, mBART-large MT).
+    # On LLaMA the paper gives none: the defaults (Table 19's LMAM, He et al.'s GLUE adapter).
+    ("lorada_a", "roberta"): dict(LMAM_ROBERTA, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+    ("lorada_a", "bart"): dict(LMAM_BART, adapter_r=512, adapter_scale=4.0, adapter_dropout=0.1),
+    ("lorada_a", "mbart"): dict(LMAM_MBART, adapter_r=820, adapter_scale=4.0, adapter_dropout=0.1),
+    ("lorada_a", "llama3-8b"): LMAM_LLAMA3_8B,
+    ("lorada_a", "llama-13b"): LMAM_LLAMA_13B,
+    ("lorada_a", "llama2-13b"): LMAM_LLAMA_13B,
+    ("lorada_a", "llama2-70b"): LMAM_LLAMA2_70B,
+    ("lorada_a", "llama-tiny"): LMAM_TINY,
+    ("lorada_a", "llama-tiny-gqa"): LMAM_TINY,
+
+    # --- LMAM as a plug-in, Tables 6 and 18. On LLaMA the defaults are Table 18's baselines (LoRA
+    # r=4, DoRA r=4, the series adapter r=2; α is not given: 2r, LLM-Adapters' ratio) with Table
+    # 19's LMAM. On the medium models: He et al.'s baseline and the family's LMAM.
+    ("lora+lmam", "roberta"): dict(HE_LORA, **LMAM_ROBERTA),
+    ("lora+lmam", "bart"): dict(HE_LORA, **LMAM_BART),
+    ("lora+lmam", "mbart"): dict(HE_LORA, **LMAM_MBART),
+    ("dora+lmam", "roberta"): dict(HE_LORA, **LMAM_ROBERTA),
+    ("dora+lmam", "bart"): dict(HE_LORA, **LMAM_BART),
+    ("dora+lmam", "mbart"): dict(HE_LORA, **LMAM_MBART),
+    ("series+lmam", "roberta"): dict(HE_SERIES, **LMAM_ROBERTA),
+    ("series+lmam", "bart"): dict(HE_SERIES, **LMAM_BART),
+    ("series+lmam", "mbart"): dict(HE_SERIES, **LMAM_MBART),
+    ("lora+lmam", "llama3-8b"): LMAM_LLAMA3_8B, ("dora+lmam", "llama3-8b"): LMAM_LLAMA3_8B,
+    ("series+lmam", "llama3-8b"): LMAM_LLAMA3_8B, ("parallel+lmam", "llama3-8b"): LMAM_LLAMA3_8B,
+    ("lora+lmam", "llama-13b"): LMAM_LLAMA_13B, ("dora+lmam", "llama-13b"): LMAM_LLAMA_13B,
+    ("series+lmam", "llama-13b"): LMAM_LLAMA_13B, ("parallel+lmam", "llama-13b"): LMAM_LLAMA_13B,
+    ("lora+lmam", "llama2-13b"): LMAM_LLAMA_13B, ("dora+lmam", "llama2-13b"): LMAM_LLAMA_13B,
+    ("series+lmam", "llama2-13b"): LMAM_LLAMA_13B, ("parallel+lmam", "llama2-13b"): LMAM_LLAMA_13B,
+    ("lora+lmam", "llama2-70b"): LMAM_LLAMA2_70B, ("dora+lmam", "llama2-70b"): LMAM_LLAMA2_70B,
+    ("series+lmam", "llama2-70b"): LMAM_LLAMA2_70B, ("parallel+lmam", "llama2-70b"): LMAM_LLAMA2_70B,
+    ("lora+lmam", "llama-tiny"): LMAM_TINY, ("dora+lmam", "llama-tiny"): LMAM_TINY,
+    ("series+lmam", "llama-tiny"): LMAM_TINY, ("parallel+lmam", "llama-tiny"): LMAM_TINY,
+    ("lora+lmam", "llama-tiny-gqa"): LMAM_TINY, ("dora+lmam", "llama-tiny-gqa"): LMAM_TINY,
+    ("series+lmam", "llama-tiny-gqa"): LMAM_TINY, ("parallel+lmam", "llama-tiny-gqa"): LMAM_TINY,
+}
+for _method in ("lmam", "lorada_a", "lora+lmam", "dora+lmam", "series+lmam"):     # Table 16: n per GLUE task
+    for _task, _n in GLUE_LMAM_LEN.items():
+        METHOD_PRESETS[(_method, _task)] = dict(lmam_len=_n)
+
+
+# --- Training -------------------------------------------------------------------------------------
+# LLM-Adapters' finetune.py commands: batch 16, micro-batch 4, lr 3e-4, 3 epochs, cutoff 256, 120
+# validation examples, eval/save every 80 steps, 100 warmup steps, no weight decay, clip 1.0,
+# seed 42. The keys after seed are for the RoBERTa/BART pipelines (0 = off): max_steps (overrides
+# num_epochs), warmup_ratio (of the steps, instead of warmup_steps), label_smoothing,
+# max_target_len (cutoff_len is the source's), max_tokens (token-budget micro-batches, MT) with
+# update_freq of them per step, Adam's beta2 and eps.
+TRAIN_DEFAULTS = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_rate=3e-4, cutoff_len=256,
+                      val_set_size=120, eval_step=80, save_step=80, warmup_steps=100, weight_decay=0.0,
+                      max_grad_norm=1.0, seed=42, max_steps=0, warmup_ratio=0.0, label_smoothing=0.0,
+                      max_target_len=0, max_tokens=0, update_freq=1, adam_beta2=0.999, adam_eps=1e-8)
+
+TRAIN_PRESETS = {
+    # The pipelines. The medium models: He et al.'s scripts (adapters.md section 7); eval_step /
+    # save_step 0: once per epoch; val_set_size: their max_eval_samples (the first 1600 examples).
+    "llm": dict(),
+    "glue": dict(batch_size=32, micro_batch_size=32, num_epochs=10, learning_rate=1e-4, cutoff_len=512,
+                 val_set_size=1600, eval_step=0, save_step=0, warmup_steps=0, warmup_ratio=0.06, weight_decay=0.1,
+                 adam_beta2=0.98, adam_eps=1e-6),
+    "xsum": dict(batch_size=64, micro_batch_size=16, num_epochs=30, max_steps=100_000, learning_rate=5e-5,
+                 cutoff_len=512, max_target_len=128, val_set_size=1600, eval_step=3000, save_step=3000,
+                 warmup_steps=0, weight_decay=0.01, max_grad_norm=0.1, label_smoothing=0.1),
+    "mt": dict(batch_size=1, micro_batch_size=1, num_epochs=100, max_steps=50_000, learning_rate=5e-5,
+               cutoff_len=150, max_target_len=150, max_tokens=4096, update_freq=4, val_set_size=1600,
+               eval_step=5000, save_step=5000, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
+               label_smoothing=0.1, adam_beta2=0.98, adam_eps=1e-6),
+
+    # LLaMA rows: each method's reference script
+    ("prefix", "llm"): dict(batch_size=8, num_epochs=5, learning_rate=3e-2, eval_step=10, save_step=10),  # math command
+    ("prefix", "mt"): dict(label_smoothing=0.0, weight_decay=0.0),            # He et al.'s run_en_ro note
+    ("dora", "llm"): dict(learning_rate=2e-4),                                 # DoRA's scripts
+    ("dora", "llama3-8b"): dict(learning_rate=1e-4),
+    ("quanta", "llm"): dict(batch_size=4, micro_batch_size=1, num_epochs=5, learning_rate=5e-5, warmup_steps=0),  # ft_com.sh
+    # Table 17; epochs are not given: LLM-Adapters' 3, the pipeline this runs in (QuanTA's ft_com.sh: 5)
+    ("lorada_q", "llm"): dict(batch_size=8, learning_rate=1e-4, warmup_steps=0, num_epochs=3),
+    ("lorada_la", "llm"): dict(batch_size=4, learning_rate=1e-4),              # Table 19
+    ("lorada_la", "llama3-8b"): dict(learning_rate=2e-4),
+    ("lorada_la", "llama-13b"): dict(batch_size=3),
+    ("lorada_la", "llama2-13b"): dict(batch_size=3),
+    ("lorada_la", "llama2-70b"): dict(batch_size=2),
+
+    # LoRaDA-A: Table 16 (GLUE, 20 of "20,40" epochs, per-task learning rates) and Table 15
+    ("lorada_a", "glue"): dict(num_epochs=20),
+    ("lorada_a", "xsum"): dict(learning_rate=5e-5),                            # 5e-5 of 3e-5, 5e-5
+    ("lorada_a", "mt"): dict(learning_rate=5e-5),
+    ("lorada_a", "mnli"): dict(learning_rate=3e-4), ("lorada_a", "sst2"): dict(learning_rate=3e-4),
+    ("lorada_a", "mrpc"): dict(learning_rate=3e-4), ("lorada_a", "cola"): dict(learning_rate=5e-4),
+    ("lorada_a", "qnli"): dict(learning_rate=1e-4), ("lorada_a", "qqp"): dict(learning_rate=1e-4),
+    ("lorada_a", "rte"): dict(learning_rate=7e-4), ("lorada_a", "stsb"): dict(learning_rate=5e-4),
+}

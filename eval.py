@@ -78,8 +78,12 @@ def response_of(generated_text: str) -> str:
     return generated_text.split("### Response:")[0].strip()
 
 
-def finished(out_path, field: str) -> dict:
-    """{index: record[field]} of the predictions already in a JSON-lines file (a rerun resumes)."""
+def predict_resumably(inputs: dict, predict, out_path, field: str, label: str, batch_size: int,
+                      progress=True) -> dict:
+    """The loop every generative evaluation shares. `inputs` {index: token ids} are predicted in
+    batches of similar length by `predict(indices) -> records` (dicts with "index" and `field`),
+    which go to `out_path` as JSON lines; indices already in that file are not predicted again, so
+    a rerun resumes. Returns {index: record[field]} for every index."""
     done = {}
     if out_path and os.path.exists(out_path):
         with open(out_path) as f:
@@ -87,7 +91,30 @@ def finished(out_path, field: str) -> dict:
                 if line.strip():
                     r = json.loads(line)
                     done[r["index"]] = r[field]
+    todo = sorted((i for i in inputs if i not in done), key=lambda i: len(inputs[i]))   # similar lengths together
+    out = open(out_path, "a") if out_path else None
+    try:
+        for b in range(0, len(todo), batch_size):
+            for record in predict(todo[b:b + batch_size]):
+                done[record["index"]] = record[field]
+                if out:
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+            if progress:
+                score = f" | accuracy {sum(done.values()) / len(done):.3f}" if field == "correct" else ""
+                print(f"\r{label}: {len(done)}/{len(inputs)}{score}", end="", file=sys.stderr, flush=True)
+    finally:
+        if out:
+            out.close()
+        if progress:
+            print(file=sys.stderr)
     return done
+
+
+def markdown(head: list, rows: list) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [head]] + ["|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 @torch.no_grad()
@@ -97,37 +124,21 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
     `prompt` builds the prompt of a record (LLM-Adapters' evaluation prompt by default)."""
     if max_new_tokens is None:
         max_new_tokens = 32 if task in D.COMMONSENSE else 256
-    done = finished(out_path, "correct")
-    todo = [i for i in range(len(records)) if i not in done]
-    prompts = {i: tokenizer.encode(prompt(records[i]), bos=True) for i in todo}
-    todo.sort(key=lambda i: len(prompts[i]))                     # similar lengths share a batch
+    prompts = {i: tokenizer.encode(prompt(r), bos=True) for i, r in enumerate(records)}
     device = next(model.parameters()).device
-    out = open(out_path, "a") if out_path else None
-    try:
-        for b in range(0, len(todo), batch_size):
-            idx = todo[b:b + batch_size]
-            batch = D.collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_id, side="left")
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            seqs = generate(model, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-            for row, i in enumerate(idx):
-                gen = [t for t in seqs[row, ids.shape[1]:].tolist() if t not in (tokenizer.eos_id, tokenizer.pad_id)]
-                response = response_of(tokenizer.decode(gen))
-                pred = extract_answer(task, response)
-                ok = is_correct(task, records[i]["answer"], pred)
-                done[i] = ok
-                if out:
-                    out.write(json.dumps({"index": i, "response": response, "prediction": pred,
-                                          "label": records[i]["answer"], "correct": ok}) + "\n")
-                    out.flush()
-            if progress:
-                print(f"\r{task}: {len(done)}/{len(records)} | accuracy {sum(done.values()) / len(done):.3f}",
-                      end="", file=sys.stderr, flush=True)
-    finally:
-        if out:
-            out.close()
-        if progress:
-            print(file=sys.stderr)
+
+    def predict(idx):
+        batch = D.collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_id, side="left")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        seqs = generate(model, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        for row, i in enumerate(idx):
+            gen = [t for t in seqs[row, ids.shape[1]:].tolist() if t not in (tokenizer.eos_id, tokenizer.pad_id)]
+            response = response_of(tokenizer.decode(gen))
+            pred = extract_answer(task, response)
+            yield {"index": i, "response": response, "prediction": pred, "label": records[i]["answer"],
+                   "correct": is_correct(task, records[i]["answer"], pred)}
+    done = predict_resumably(prompts, predict, out_path, "correct", task, batch_size, progress)
     return sum(done.values()), len(records)
 
 
@@ -145,7 +156,7 @@ def markdown_table(results: dict, method: str = "") -> str:
             rest = [100 * results[t]["accuracy"] for t in cols if t != "AQuA"]
             head.append("Avg. w/o AQuA")
             row.append(f"{sum(rest) / len(rest):.1f}")
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", ""]
+        lines += [markdown(head, [row]), ""]
     return "\n".join(lines)
 
 
@@ -247,7 +258,7 @@ def glue_table(results: dict, method: str = "") -> str:
             row.append("–")
     head.append("mean")
     row.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"])
+    return markdown(head, [row])
 
 
 # ----------------------------------------------------------------------------- XSum, WMT16 en-ro
@@ -321,33 +332,19 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
     src_lang = "en_XX" if mbart else None
     if mbart:
         settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))
-    done = finished(out_path, "hypothesis")
-    todo = [i for i in range(len(pairs)) if i not in done]
     if max_source_len is not None and not 0 < max_source_len <= model.cfg.max_positions:
         raise ValueError(f"--max_source_len {max_source_len}: expected 1 to the model's {model.cfg.max_positions} positions")
     max_src = min(max_source_len or (512 if task == "xsum" else 150), model.cfg.max_positions)
-    sources = {i: S.encode(tokenizer, pairs[i]["source"], max_src, src_lang) for i in todo}
-    todo.sort(key=lambda i: len(sources[i]))
+    sources = {i: S.encode(tokenizer, p["source"], max_src, src_lang) for i, p in enumerate(pairs)}
     device = next(model.parameters()).device
-    out = open(out_path, "a") if out_path else None
-    try:
-        for b in range(0, len(todo), batch_size):
-            idx = todo[b:b + batch_size]
-            batch = S.collate([{"input_ids": sources[i], "labels": [0]} for i in idx], tokenizer.pad_id)
-            seqs = generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    **settings)
-            for row, i in enumerate(idx):
-                done[i] = tokenizer.decode(seqs[row].tolist()).strip()
-                if out:
-                    out.write(json.dumps({"index": i, "hypothesis": done[i], "reference": pairs[i]["target"]}) + "\n")
-                    out.flush()
-            if progress:
-                print(f"\r{task}: {len(done)}/{len(pairs)}", end="", file=sys.stderr, flush=True)
-    finally:
-        if out:
-            out.close()
-        if progress:
-            print(file=sys.stderr)
+
+    def predict(idx):
+        batch = S.collate([{"input_ids": sources[i], "labels": [0]} for i in idx], tokenizer.pad_id)
+        seqs = generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), **settings)
+        for row, i in enumerate(idx):
+            yield {"index": i, "hypothesis": tokenizer.decode(seqs[row].tolist()).strip(),
+                   "reference": pairs[i]["target"]}
+    done = predict_resumably(sources, predict, out_path, "hypothesis", task, batch_size, progress)
     hyps, refs = [done[i] for i in range(len(pairs))], [p["target"] for p in pairs]
     scores = rouge(hyps, refs) if task == "xsum" else bleu(hyps, refs)
     return dict(scores, total=len(pairs))
@@ -358,7 +355,7 @@ def seq2seq_table(results: dict, method: str = "") -> str:
     x, m = results.get("xsum"), results.get("wmt16-en-ro")
     xsum = f"{x['rouge1']:.2f}/{x['rouge2']:.2f}/{x['rougeL']:.2f}" if x else "–"
     mt = f"{m['bleu_ro_tok']:.1f} (sacreBLEU {m['sacrebleu']:.1f})" if m else "–"
-    return "\n".join(["| Method | XSum (R-1/2/L) | MT (BLEU) |", "|---|---|---|", f"| {method} | {xsum} | {mt} |"])
+    return markdown(["Method", "XSum (R-1/2/L)", "MT (BLEU)"], [[method, xsum, mt]])
 
 
 def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None):
@@ -378,21 +375,23 @@ def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_la
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--model", required=True, help="the base checkpoint (directory or llama2.c .bin)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in the checkpoint directory)")
     p.add_argument("--adapter", default=None, help="an adapter file from train.py (none: the base model)")
     p.add_argument("--task", required=True, help="|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS)))
     p.add_argument("--data", default=None, help="LLaMA: a test file in LLM-Adapters' format (default: "
                    "dataset/TASK/test.json); GLUE: the task's folder; XSum / WMT: the folder or file of the split")
     p.add_argument("--split", default="test", help="XSum / WMT: which split to evaluate (test, val)")
-    p.add_argument("--out_dir", default="eval_out")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_beams", type=int, default=None, help="default: 4 (LLaMA), 6 (XSum), 5 (WMT)")
-    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--out_dir", default="eval_out", help="predictions (TASK.jsonl, resumed on a rerun) and results.json")
+    p.add_argument("--batch_size", type=int, default=8, help="examples per generation batch (left-padded)")
+    p.add_argument("--num_beams", type=int, default=None,
+                   help="default: 4 (LLaMA, LLM-Adapters), 6 (XSum), 5 (WMT) (He et al.)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default: 32 commonsense, 256 math (LLM-Adapters' evaluation scripts)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
     p.add_argument("--max_source_len", type=int, default=None,
                    help="XSum / WMT: source tokens kept (default: 512 XSum, 150 WMT, at most the model's positions)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")

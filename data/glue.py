@@ -12,6 +12,8 @@ import random
 
 import torch
 
+from data import pad
+
 # task -> (folder, has header, text columns, label column, label map (None: a float score),
 #          first header field (a check that the file is this task's))
 TASKS = {
@@ -105,12 +107,7 @@ def tokenize(tokenizer, row: dict, max_length: int = 512) -> dict:
 
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-padded input_ids, attention_mask, and labels (long, or float for STS-B)."""
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[i, :len(e["input_ids"])] = 1
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
     dtype = torch.float32 if isinstance(examples[0]["label"], float) else torch.long
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples], dtype=dtype)}
 

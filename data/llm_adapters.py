@@ -11,6 +11,8 @@ import random
 
 import torch
 
+from data import pad
+
 _INDENT = " " * 16
 TRAIN_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                 f"request.  \n\n{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n{_INDENT}"
@@ -103,16 +105,8 @@ def tokenize(tokenizer, record: dict, cutoff_len: int = 256, train_on_inputs: bo
 
 def collate(examples: list[dict], pad_id: int = 0, side: str = "right") -> dict:
     """Pad a list of tokenized examples: input_ids with pad_id, labels with -100, attention_mask 0."""
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        cols = slice(T - n, T) if side == "left" else slice(0, n)
-        ids[i, cols] = torch.tensor(e["input_ids"])
-        labels[i, cols] = torch.tensor(e.get("labels", e["input_ids"]))
-        mask[i, cols] = 1
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id, side)
+    labels, _ = pad([e.get("labels", e["input_ids"]) for e in examples], -100, side)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

@@ -13,6 +13,8 @@ import random
 
 import torch
 
+from data import pad
+
 TASKS = ("xsum", "wmt16-en-ro")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 
@@ -105,15 +107,8 @@ def tokenize(tokenizer, pair: dict, max_source: int, max_target: int, src_lang=N
 
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-padded sources with their attention_mask, and labels padded with -100."""
-    S = max(len(e["input_ids"]) for e in examples)
-    T = max(len(e["labels"]) for e in examples)
-    ids = torch.full((len(examples), S), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(examples), S, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[i, :len(e["input_ids"])] = 1
-        labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad([e["labels"] for e in examples], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -371,3 +371,40 @@ def test_train_cli_reports_bad_names():
         out = subprocess.run([sys.executable, "train.py", *args, "--dry-run"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, out.stderr
+
+
+# ----------------------------------------------------------------------------- the README's example
+
+def test_readme_example(monkeypatch):
+    """README, "Add your own method": the (IA)³ example, run as written, is a working method:
+    registered, the base model at the start, its count, only its vector trains, and it learns."""
+    import re
+    import torch.nn as nn
+    import torch.nn.functional as F
+    readme = open(f"{ROOT}/README.md").read()
+    section = readme[readme.index("## Add your own method"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    exec(code, {"nn": nn, "F": F, "torch": torch, "linear_targets": methods.linear_targets,
+                "METHODS": methods.METHODS})
+    assert "ia3" in methods.METHODS and "target_modules" in methods.hyperparameters(methods.METHODS["ia3"])
+    base, _ = tiny("gqa")
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask)
+    m = methods.apply_method(base, "ia3", target_modules="k_proj,v_proj")
+    trainable = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert sorted(trainable) == sorted(f"layers.{i}.self_attn.{p}.ia3_l" for i in range(2) for p in ("k_proj", "v_proj"))
+    assert methods.count_parameters(m)[0] == 2 * 2 * m.cfg.n_kv_heads * m.cfg.head_dim      # out_features each
+    with torch.no_grad():
+        assert torch.equal(m(ids, attention_mask=mask), ref)
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        logits = m(ids, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]

@@ -358,10 +358,13 @@ def seq2seq_table(results: dict, method: str = "") -> str:
     return markdown(["Method", "XSum (R-1/2/L)", "MT (BLEU)"], [[method, xsum, mt]])
 
 
-def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None):
-    """Base model + adapter, in eval mode with the adapter merged where the method allows it.
-    num_labels: a RoBERTa checkpoint's GLUE head (the adapter file holds its trained weights)."""
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None, precision=None):
+    """Base model + adapter, in eval mode with the adapter merged where the method allows it (in
+    fp32, rounded once to the weights' dtype). num_labels: a RoBERTa checkpoint's GLUE head (the
+    adapter file holds its trained weights). precision: "bf16" (the default on a GPU) loads the
+    weights in bf16, "fp32" (the default on CPU) in fp32."""
+    bf16 = (precision or ("bf16" if str(device).startswith("cuda") else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     model = load(model_path, dtype=dtype, device=device, num_labels=num_labels)
     if adapter:
         methods.load_adapter(model, adapter)
@@ -392,6 +395,8 @@ def main(argv=None):
     p.add_argument("--max_source_len", type=int, default=None,
                    help="XSum / WMT: source tokens kept (default: 512 XSum, 150 WMT, at most the model's positions)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="the weights' dtype (default: bf16 on a GPU, fp32 on CPU)")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
@@ -402,7 +407,7 @@ def main(argv=None):
             if not args.data:
                 raise ValueError(f"--data is required for {args.task}")
             num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
-            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels)
+            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels, args.precision)
             if args.task in G.TASKS:
                 if not isinstance(model, M.Roberta):
                     raise ValueError(f"GLUE task {args.task} needs a RoBERTa checkpoint")
@@ -428,7 +433,7 @@ def main(argv=None):
                 raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
             data = {t: D.load_records(f, fields=("instruction", "answer"))[:args.limit]
                     for t, f in files.items() if os.path.exists(f)}
-            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer)
+            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
             for f in missing:
                 print(f"skipping {f}: not found", file=sys.stderr)
             for t, records in data.items():

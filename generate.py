@@ -120,8 +120,10 @@ def decode_loop(step, reorder, prompt, max_length, num_beams=1, eos_id=None, pad
         best_possible = run_scores[:, 0] / (best_len ** length_penalty)
         worst = torch.where(fin_done.all(-1), fin_scores.min(-1).values, torch.full_like(best_possible, -1e9))
         improvable = improvable & (best_possible > worst)
-        all_full = bool(fin_done.all()) and early_stopping is True
-        if not bool(improvable.any()) or bool(ends.all()) or all_full:
+        stop = ~improvable.any() | ends.all()
+        if early_stopping is True:
+            stop = stop | fin_done.all()
+        if bool(stop):                       # the one host-device sync of a step: is anything left to do?
             break
         reorder((parent + batch * K).view(-1))
         tokens = running[:, :, cur].reshape(B * K, 1)
@@ -143,12 +145,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, num_beams
     model.eval()
     B, T = input_ids.shape
     K = num_beams
-    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).repeat_interleave(K, 0)
+    # Without padding the model needs no mask at all (its fastest path). Checked once per call, not
+    # at every step (reading a GPU tensor's values waits for the GPU).
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    state = {"mask": attention_mask.repeat_interleave(K, 0) if padded else None}
     cache = model.new_cache(B * K, T + max_new_tokens)
-    state = {"mask": mask}
 
     def step(tokens):
-        if cache.length:                                  # one new real token per row
+        if cache.length and padded:                       # one new real token per row
             state["mask"] = F.pad(state["mask"], (0, 1), value=1)
         h = model(tokens, attention_mask=state["mask"], cache=cache, return_hidden=True)
         return model.lm_head(h[:, -1]).float()           # the LM head on the last position only

@@ -170,7 +170,8 @@ class LMAM(nn.Module):
         v_map = v.gather(2, slot.clamp(max=S - 1)[:, None, :, None].expand(B, Hkv, n, hd))
         v_map = v_map * (slot < S)[:, None, :, None]                            # zero where no token
         v_map = v_map.repeat_interleave(H // Hkv, dim=1)                        # (B, H, n, hd)
-        u = self.heads_map(self.attn_map()).to(q.dtype) @ v_map                 # (B, H, n, hd) = Attn_s·V
+        a = self.heads_map(self.attn_map())                                     # (H, n, n), fp32
+        u = (a @ v_map.to(a.dtype)).to(q.dtype)                                 # (B, H, n, hd) = Attn_s·V, in fp32
         u = F.pad(u, (0, 0, 0, 1))                                              # row n: zeros
         row = torch.where(qok, qi, n)                                           # queries off the map get row n
         return y + u.gather(2, row[:, None, :, None].expand(B, H, T, hd)), None  # each query's map row

@@ -13,19 +13,21 @@ from model import linear   # F.linear, with the model's fast path for decoding o
 
 class AdditiveUpdate(nn.Module):
     """A frozen linear layer plus an update ΔW that can be folded into W for inference:
-    merge() adds delta_weight() to `weight`, unmerge() takes it out (LoRA, QuanTA)."""
+    merge() adds delta_weight() to `weight`, unmerge() takes it out (LoRA, QuanTA). Both add in fp32
+    and round once to the weight's dtype: with bf16 weights the merged layer then equals the
+    unmerged one up to that one rounding (as peft's merge), and unmerge() restores W up to it."""
     merged = False
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False
 
 
@@ -55,12 +57,15 @@ class LoRALinear(AdditiveUpdate):
         self.merged = False
 
     def lora_term(self, x):
-        """s · B A x for an input that already went through the LoRA dropout."""
-        return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(x.dtype)  # never builds BA
+        """s · B A x in fp32 (the adapter's dtype) for an input that already went through the LoRA
+        dropout; never builds BA."""
+        return x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling
 
     def forward(self, x):
         y = linear(x, self.weight, self.bias)
-        return y if self.merged else y + self.lora_term(self.dropout(x))
+        if self.merged:
+            return y
+        return (y.float() + self.lora_term(self.dropout(x))).to(y.dtype)     # one rounding, as peft
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling                 # (out, in)
@@ -91,15 +96,18 @@ class DoRALinear(LoRALinear):
     def forward(self, x):
         if self.merged:
             return linear(x, self.weight, self.bias)
-        scale = (self.magnitude / self.weight_norm()).to(x.dtype)             # m / ‖W + sBA‖
+        # In fp32 throughout, rounded once at the end, as peft does: m/n is ≈ 1, and in bf16 a
+        # magnitude change below ~0.4% would round away and leave the output unchanged.
+        scale = self.magnitude / self.weight_norm()                            # m / ‖W + sBA‖, fp32
         xd = self.dropout(x)                                                   # one mask for both terms
-        wx = linear(x, self.weight)
+        wx = linear(x, self.weight).float()
         if xd is x:
             y = scale * wx                                                     # = W x + (m/n − 1) W x
         else:
-            y = wx + (scale - 1) * linear(xd, self.weight)
+            y = wx + (scale - 1) * linear(xd, self.weight).float()
         y = y + scale * self.lora_term(xd)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias.float()
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def merge(self):

@@ -321,13 +321,15 @@ class Llama(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         attention_mask (B, S) with 1 for real tokens and 0 for padding (left or right), where S is T,
-        or, when decoding with `cache`, the cached length plus T. With need_weights=True returns
+        or, when decoding with `cache`, the cached length plus T. Give no mask when nothing is padded:
+        then SDPA runs its fastest causal kernels, and nothing here looks at the mask's values (no
+        host-device sync; one graph under torch.compile). With need_weights=True returns
         (logits, [attention probabilities per layer]).
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        past = cache.length if cache is not None else 0                 # a Python int, never a tensor
         device = input_ids.device
-        padded = attention_mask is not None and not bool(attention_mask.all())   # (no sync without a mask)
+        padded = attention_mask is not None
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
         if attention_mask.shape != (B, past + T):
@@ -338,7 +340,10 @@ class Llama(nn.Module):
         # Mask: key slot s is visible to query slot t if s <= t and s is a real token. A padded
         # query also sees itself, so that its (unused) softmax row is never empty.
         if not padded and (past == 0 or T == 1):
-            mask, is_causal = None, T > 1         # no padding: SDPA's fastest kernels, no mask to build
+            # no padding, no mask to build: causal from the start (T = 1 included: a 1×1 causal
+            # mask is no mask), one new token attending to the whole cache otherwise. is_causal is
+            # a Python bool, never a function of T, so a compiled graph does not depend on it.
+            mask, is_causal = None, past == 0
         else:
             q_slot = torch.arange(past, past + T, device=device)[:, None]
             k_slot = torch.arange(past + T, device=device)[None, :]
@@ -542,14 +547,15 @@ class ClassificationHead(nn.Module):
         self.dropout = dropout
 
     def forward(self, h):
-        x = F.dropout(h[:, 0], self.dropout, self.training)
+        x = F.dropout(h[:, 0].to(self.dense.weight.dtype), self.dropout, self.training)  # an fp32 head on bf16 states
         x = torch.tanh(self.dense(x))
         return self.out_proj(F.dropout(x, self.dropout, self.training))
 
 
 def padding_mask(attention_mask):
-    """(B, S) 0/1 -> boolean key mask (B, 1, 1, S) for SDPA; None when nothing is padded."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(B, S) 0/1 -> boolean key mask (B, 1, 1, S) for SDPA; None without a mask. (The mask's values
+    are not inspected: that would be a host-device sync on every forward.)"""
+    if attention_mask is None:
         return None
     return attention_mask.bool()[:, None, None, :]
 
@@ -578,10 +584,11 @@ class Roberta(nn.Module):
             attention_mask = (input_ids != self.cfg.pad_id).long()
         real = (input_ids != self.cfg.pad_id).long()
         pos = real.cumsum(-1) * real + self.cfg.pad_id                  # pads keep position pad_id
-        if int(pos.max()) >= self.cfg.max_positions:
-            raise ValueError(f"{int(real.sum(-1).max())} tokens, but this model has room for "
-                             f"{self.cfg.max_positions - self.cfg.pad_id - 1} (max_position_embeddings "
-                             f"{self.cfg.max_positions} minus padding_idx + 1): truncate the inputs")
+        room = self.cfg.max_positions - self.cfg.pad_id - 1
+        if input_ids.shape[1] > room:                                   # a shape check: no sync
+            raise ValueError(f"{input_ids.shape[1]} tokens, but this model has room for {room} "
+                             f"(max_position_embeddings {self.cfg.max_positions} minus padding_idx + 1): "
+                             f"truncate the inputs")
         x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_token_types(torch.zeros_like(input_ids))
         x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
         mask = padding_mask(attention_mask)
@@ -677,7 +684,7 @@ class Bart(nn.Module):
         enc_mask = padding_mask(attention_mask)
         T = decoder_input_ids.shape[1]
         # causal self-attention; with cached tokens and several new ones, an explicit (T, S) mask
-        self_mask, is_causal = None, T > 1
+        self_mask, is_causal = None, past == 0
         if past and T > 1:
             self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
             is_causal = False

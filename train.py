@@ -122,6 +122,12 @@ def parse_args(argv=None):
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--gradient_checkpointing", action="store_true", help="recompute each layer in the backward")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16: frozen weights in bf16, the method's tensors, the GLUE head and AdamW in fp32 "
+                        "(full fine-tuning and BitFit: fp32 weights under bf16 autocast); the same recipe on "
+                        "CPU and GPU. Default: bf16 on a GPU, fp32 on CPU")
+    t.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms where torch has them (README: what is bit-exact on a GPU)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     h = p.add_argument_group("method hyperparameters (default: the method's, methods.py, or its preset, presets.py)")
     for name, typ in methods.flag_types().items():
@@ -185,7 +191,7 @@ def llm_pipeline(args, model, tokenizer, hp, device, autocast):
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         if bool(batch["attention_mask"].all()):   # (checked on the CPU copy) no padding: no mask,
             mask = None                           # one graph for torch.compile
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             hidden = model(ids, attention_mask=mask, return_hidden=True)
             return lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])    # the LM head fused with the loss
 
@@ -212,7 +218,7 @@ def glue_pipeline(args, model, tokenizer, hp, device, autocast):
 
     def loss_sum(model, batch):
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(ids, attention_mask=mask).float()
         if logits.shape[-1] == 1:                                         # STS-B: regression
             return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
@@ -256,7 +262,7 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
     def loss_sum(model, batch):
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         dec = M.shift_tokens_right(labels, model.cfg.pad_id, start)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             hidden = model(ids, mask, dec, return_hidden=True)
             return lm_loss(hidden, model.shared.weight, labels, model.final_logits_bias, hp["label_smoothing"])
 
@@ -331,21 +337,30 @@ def setup_distributed(args):
     return dist.get_rank(), world
 
 
-def sum_across_processes(params, loss_sum, stopping, world):
+def sum_across_processes(params, loss_sum, stopping, world, bucket=2 ** 24):
     """Data parallel: add up every process's gradients (its micro-batches' share of the step), the
-    step's loss and the stop flags, so that all processes take the same step, or all stop. A
-    process with no micro-batch this step contributes zeros."""
+    step's loss (a tensor) and the stop flags, so that all processes take the same step, or all
+    stop. A process with no micro-batch this step contributes zeros. Gradients go in buckets of up
+    to `bucket` elements, so the extra memory stays at one bucket (64 MB) even for full fine-tuning."""
     if world == 1:
         return loss_sum, stopping
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    extra = torch.tensor([loss_sum, float(stopping)], device=params[0].device)
-    flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [extra])
-    dist.all_reduce(flat)                                               # sum
-    for p, g in zip(params, flat.split([p.numel() for p in params] + [2])):
-        p.grad.copy_(g.view_as(p.grad))
-    return float(flat[-2]), bool(flat[-1] > 0)
+    extra = torch.stack([loss_sum.float(), torch.tensor(float(stopping), device=loss_sum.device)])
+    dist.all_reduce(extra)
+    group, size = [], 0
+    for p in [*params, None]:
+        if p is None or (group and size + p.numel() > bucket):
+            flat = torch.cat([g.grad.reshape(-1).float() for g in group])
+            dist.all_reduce(flat)                                        # sum
+            for g, part in zip(group, flat.split([g.numel() for g in group])):
+                g.grad.copy_(part.view_as(g.grad))
+            group, size = [], 0
+        if p is not None:
+            group.append(p)
+            size += p.numel()
+    return extra[0], bool(extra[1] > 0)
 
 
 class Progress:
@@ -386,10 +401,10 @@ def prepare(args):
         raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path "
                          f"(or use --dry_run)")
     tokenizer = load_tokenizer(args.tokenizer or (args.model if os.path.isdir(args.model) else os.path.dirname(args.model)))
-    # The GPU recipe: frozen weights in bf16, the method's tensors in fp32. Full fine-tuning and
-    # BitFit train the base weights themselves: fp32 weights, bf16 autocast.
-    cuda = args.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda and not methods.trains_base(args.method) else torch.float32
+    # The bf16 recipe (the default on a GPU): frozen weights in bf16, the method's tensors in fp32.
+    # Full fine-tuning and BitFit train the base weights themselves: fp32 weights, bf16 autocast.
+    bf16 = (args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 and not methods.trains_base(args.method) else torch.float32
     num_labels = glue.num_labels(args.task) if args.task in glue.TASKS else None
     torch.manual_seed(args.seed if args.seed is not None else TRAIN_DEFAULTS["seed"])   # a fresh GLUE head
     model = load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
@@ -403,14 +418,27 @@ def prepare(args):
     methods.apply_method(model, args.method, task=args.task, **overrides)
     print(f"presets: {args.method} on {model.cfg.name or 'a ' + type(model).__name__ + ' of no preset shape'}, "
           f"task {args.task}")
-    autocast = cuda and next(model.parameters()).dtype == torch.float32   # full / bitfit on GPU
+    autocast = bf16 and dtype == torch.float32                            # full / bitfit under bf16
     pipe = PIPELINES[kind][2](args, model, tokenizer, hp, args.device, autocast)
     return model, pipe, hp
 
 
 # ----------------------------------------------------------------------------- the training loop
 
+def configure_torch(args):
+    """Numerics of the run: TF32 for the fp32 matrix products on a GPU (adapters, heads, QuanTA);
+    --deterministic: deterministic algorithms where torch has one (a warning names the ops without)."""
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")     # cuBLAS's deterministic workspace
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
 def train(args):
+    configure_torch(args)
     rank, world = (0, 1) if args.dry_run else setup_distributed(args)
     model, pipe, hp = prepare(args)
     if rank == 0:
@@ -423,7 +451,10 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     if args.gradient_checkpointing:
         model.gradient_checkpointing = True
-    forward_model = torch.compile(model, dynamic=True) if args.compile else model
+    # Compile with automatic dynamic shapes: the first micro-batch compiles for its shapes, the next
+    # one of another length recompiles once with the lengths symbolic. (dynamic=True from the start
+    # broke gradient checkpointing's graph in dynamo.)
+    forward_model = torch.compile(model) if args.compile else model
 
     # The optimizer sees only what the method attached (apply_method froze the rest): for LoRaDA-LA
     # on LLaMA-7B that is 6.1M of 6.7B parameters, so AdamW's two moments are tiny too.
@@ -447,7 +478,7 @@ def train(args):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, map_location=args.device, weights_only=False)   # not onto GPU 0 for every rank
         if ck["method"] != model.peft_method:
             raise ValueError(f"--resume: {ckpt_path} was written for {ck['method']}, not {model.peft_method}")
         rngs = ck["rng"]                                          # one RNG state per process
@@ -508,12 +539,13 @@ def train(args):
             #    divided by the whole step's number of units (tokens, or examples for GLUE), so the
             #    accumulated gradient is that of the step's mean loss, however it is split. With
             #    several processes, each runs micro-batches k, k + N, ... of the step.
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=args.device)      # summed on the device: no sync per micro-batch
             for part in micro[rank::world]:
                 loss = pipe.loss_sum(forward_model, pipe.collate(part)) / max(n_units, 1)
                 loss.backward()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach().float()
             loss_sum, stopping = sum_across_processes(params, loss_sum, stop["signal"] is not None, world)
+            loss_sum = float(loss_sum)                            # the step's one sync: for the log
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last "
                                          f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")

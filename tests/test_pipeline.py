@@ -229,14 +229,6 @@ def test_lmam_map_size_is_logged_and_grows(tiny_ckpt, tmp_path):
     assert 0 < max(sizes[0]) < max(sizes[-1]) < 0.1                 # a step of lr 1e-4 moves it by ~1e-4
 
 
-def test_compiled_steps_on_cpu(tiny_ckpt, tmp_path):
-    out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "2", "--compile"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
-
-
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt):
     m = load(tiny_ckpt).train()                   # gradient checkpointing runs in training mode only
     methods.apply_method(m, "lora", lora_r=2, lora_dropout=0.0)

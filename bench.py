@@ -3,6 +3,7 @@
     python bench.py             # the default shapes (4 layers, d=512, batch 4 x 512 tokens, fp32, CPU)
     python bench.py --quick     # a smoke run of a few seconds (what the tests call)
     python bench.py --no-compile --device cuda --dtype bf16 --seq 2048   # other shapes, bf16, the GPU
+    python bench.py --inference  # LMAM at inference against merged LoRA (Table 2) and its memory (Table 3)
 
 Each pair (ours, reference) is warmed up, then timed interleaved (A B A B ...); the table gives
 median times, the ratio reference/ours (> 1: ours is faster), tokens/s, achieved GFLOP/s and its
@@ -23,6 +24,7 @@ GPU's caching allocator do) for an allocator-neutral comparison; its memory colu
 import argparse
 import copy
 import ctypes
+import platform
 import resource
 import statistics
 import time
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-memory", dest="keep_memory", action="store_true",
                    help="glibc never returns freed memory to the OS (mallopt): no page faults per step; see keep_freed_memory")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, no compile")
+    p.add_argument("--inference", action="store_true",
+                   help="LMAM at inference instead: the paper's Tables 2 and 3, formulas and measured (see inference)")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.dim, args.heads, args.ffn, args.vocab = 2, 128, 4, 344, 1000
@@ -187,8 +191,133 @@ def build(args):
     return hf, ours.to(args.device, dtype).eval()
 
 
+def inference(args):
+    """--inference: what LMAM costs at inference, against merged LoRA (which costs nothing).
+
+    Table 2: with Attn_s merged, LMAM adds h·min(n, N)² additions per layer (the map added to the
+    attention probabilities) and no multiplication. This code never materialises the probabilities
+    (SDPA); it adds Attn_s·V_map instead, 2·h·n²·hd FLOPs per layer and sequence (lmam.py), and when
+    decoding with a KV cache that product is computed again for every new token. Timed here on this
+    machine at bench's shapes (N = --seq tokens, n = min(128, N)): lorada_la with everything merged,
+    against the same model with its map removed and against LoRA merged.
+    Table 3: LMAM's and FMAM's (the full-rank map, ¬L) memory per layer, as the paper counts it (16-bit
+    weights, gradients and map, Adam's two moments in fp32): training 2hn(12r + n) and 12hnn bytes,
+    inference 2hnn, checked against the bytes of real tensors (parameters, gradients, AdamW's state,
+    the map) at LLaMA-7B's h = 32 and LLaMA2-70B's h = 64, n = 128, r = 2."""
+    from checkpoint import build
+    from lmam import LMAM
+    dev, MB = args.device, 2 ** 20                  # the paper's MB: 1.19 MB = 1,245,184 bytes
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    # Table 2, the formula at the paper's shapes (LLaMA-7B, N = 512, n = 128)
+    h, L, d, n, N = 32, 32, 4096, 128, 512
+    P = sum(p.numel() for p in build("llama-7b").parameters())      # on the meta device: 6.7B, no memory
+    adds, fwd = h * min(n, N) ** 2, 2 * P * N
+    print(f"Table 2 (LLaMA-7B, h={h}, n={n}, N={N}): merged LMAM adds h·min(n,N)² = {adds:,} additions per layer "
+          f"and no multiplication; {L} layers: {L * adds / fwd:.1e} of the forward's 2·P·N = {fwd / 1e12:.1f} TFLOP.")
+    extra = 2 * h * n * n * (d // h)
+    print(f"  this code (SDPA, no probabilities): Attn_s·V_map, 2·h·n²·hd = {extra / 1e6:.0f} MFLOP per layer and "
+          f"sequence, {L * extra / fwd:.1e} of the forward; decoding repeats it per new token: "
+          f"{L * extra / (2 * P):.1%} of a token's 2·P.")
+
+    # Table 2, measured: lorada_la merged against its map removed and against LoRA merged
+    torch.manual_seed(0)
+    base = M.Llama(M.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
+                                 hidden_dim=args.ffn, vocab_size=args.vocab)).to(dev, dtype).eval()
+    kw = dict(lmam_heads=args.heads, lmam_len=min(128, args.seq), lmam_rank=2, lmam_scale=1e-3, lora_r=1,
+              lora_alpha=2, adapter_r=16)
+    la = methods.apply_method(copy.deepcopy(base), "lorada_la", **kw).eval()
+    lora = methods.apply_method(copy.deepcopy(base), "lora", lora_r=1, lora_alpha=2,
+                                target_modules="o_proj,down_proj").eval()
+    for m in [*la.modules(), *lora.modules()]:
+        if hasattr(m, "merge"):
+            m.merge()                                # LoRA into the weights, LMAM's map computed once
+    no_map = copy.deepcopy(la)
+    for layer in no_map.layers:
+        layer.self_attn.attn_map = None
+    ids = torch.randint(3, args.vocab, (args.batch, args.seq), device=dev)
+    prompt, new = ids[:1, :min(64, args.seq)], args.new_tokens
+    forward = lambda model: lambda: model(ids)
+    decode = lambda model: lambda: generate(model, prompt, max_new_tokens=new)
+    rows = []
+    with torch.no_grad():
+        for what, fn, per in ((f"forward, batch {args.batch} x {args.seq}", forward, 1),
+                              (f"greedy decoding, per new token ({new} after {prompt.shape[1]})", decode, new)):
+            for ref_name, ref in (("its map removed", no_map), ("LoRA merged", lora)):
+                (ta, _), (tb, _) = interleaved(fn(la), fn(ref), args.repeats, dev)
+                rows.append((f"{what}: lorada_la merged / {ref_name}", ta / per, tb / per))
+    print(f"\nmeasured: {dev} ({torch.get_num_threads()} threads), {args.dtype}, {args.layers} layers, d={args.dim}, "
+          f"{args.heads} heads, LMAM h_s={kw['lmam_heads']}, n={kw['lmam_len']}, r=2; median of {args.repeats}")
+    print("| inference | with LMAM (s) | without (s) | LMAM's extra time |\n|---|---|---|---|")
+    for name, ta, tb in rows:
+        print(f"| {name} | {ta:.5f} | {tb:.5f} | {100 * (ta / tb - 1):+.1f}% |")
+
+    # Table 3: formula against the bytes of real tensors, one layer
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def measured(h, n, r, variant, half=True):
+        """(weights, gradients, Adam, map kept for the backward, inference map) in bytes: weights,
+        gradients and maps 16-bit (half) or fp32, AdamW's moments fp32."""
+        lm = LMAM(h, h, r, n, scale=1 / (4096 * 600), causal=True, variant=variant)
+        low = copy.deepcopy(lm).to(torch.bfloat16 if half else torch.float32)
+        a = low.attn_map()
+        a.float().sum().backward()
+        weights, grads = nbytes(low.parameters()), nbytes(p.grad for p in low.parameters())
+        activation = 0 if variant == "full_rank" else nbytes([a])   # FMAM's map is its weight (the paper: 12hnn)
+        opt = torch.optim.AdamW(lm.parameters())
+        lm.attn_map().sum().backward()
+        opt.step()
+        adam = nbytes(t for state in opt.state.values() for k, t in state.items() if k != "step")
+        low.merge()
+        return weights, grads, adam, activation, nbytes([low.merged_map])
+
+    print("\nTable 3, one layer (MB = 2^20 bytes; paper: 16-bit weights, gradients and map, fp32 Adam moments)")
+    print("| model | map | training: formula | measured: weights + grads + Adam + map | inference: formula | "
+          "measured |")
+    print("|---|---|---|---|---|---|")
+    r, n = 2, 128
+    for model_name, h in (("LLaMA-7B", 32), ("LLaMA2-70B", 64)):
+        for name, variant, train_formula, text in (("LMAM", "default", 2 * h * n * (12 * r + n), "2hn(12r+n)"),
+                                                   ("FMAM", "full_rank", 12 * h * n * n, "12hnn")):
+            parts = measured(h, n, r, variant)
+            assert sum(parts[:4]) == train_formula and parts[4] == 2 * h * n * n, (model_name, name, parts)
+            print(f"| {model_name} (h={h}, n={n}, r={r}) | {name} | {text} = {train_formula / MB:.3g} MB | "
+                  f"{' + '.join(f'{b / MB:.3g}' for b in parts[:4])} = {sum(parts[:4]) / MB:.3g} MB | "
+                  f"2hnn = {2 * h * n * n / MB:.3g} MB | {parts[4] / MB:.3g} MB |")
+        parts = measured(h, n, r, "default", half=False)
+        assert sum(parts[:4]) == 4 * h * n * (8 * r + n) and parts[4] == 4 * h * n * n, (model_name, parts)
+        print(f"| {model_name} | LMAM in fp32 (this code) | 4hn(8r+n) = {4 * h * n * (8 * r + n) / MB:.3g} MB | "
+              f"{' + '.join(f'{b / MB:.3g}' for b in parts[:4])} = {sum(parts[:4]) / MB:.3g} MB | "
+              f"4hnn = {4 * h * n * n / MB:.3g} MB | {parts[4] / MB:.3g} MB |")
+    return rows
+
+
+def machine(device) -> str:
+    """The machine a table comes from: tables of different machines are never to be mixed."""
+    if device.startswith("cuda"):
+        return f"machine: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}"
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    config = torch.__config__.show()
+    blas = next((b for b in ("mkl", "openblas", "blis", "accelerate") if f"BLAS_INFO={b}" in config), "unknown BLAS")
+    return (f"machine: {name}; {', '.join(isa) or 'no AVX2'}; {torch.get_num_threads()} threads; {blas}; "
+            f"torch {torch.__version__}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.inference:
+        return inference(args)
     from peft import LoraConfig, get_peft_model
     if args.keep_memory:
         keep_freed_memory()
@@ -240,17 +369,26 @@ def main(argv=None):
     row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev),
         fa, fb)
 
-    # generation: greedy, KV cache, batch 1
-    prompt = ids[:1, :min(64, args.seq)]
+    # generation with the KV cache: greedy and 4-beam, batch 1 and a left-padded batch of 4
     new = args.new_tokens
-    ga = lambda: generate(base, prompt, max_new_tokens=new)
-    gb = lambda: hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-    with torch.no_grad():
-        row("generate, greedy, batch 1", interleaved(ga, gb, args.repeats, dev), ga, gb, work=new)
+    prompts = ids[:, :min(64, args.seq)]
+    padded = torch.ones_like(prompts)
+    padded[1:, :8] = 0                                         # left padding in every row but the first
+    for name, p, mask, beams in (("greedy, batch 1", prompts[:1], None, 1), ("4 beams, batch 1", prompts[:1], None, 4),
+                                 ("greedy, padded batch of 4", prompts[:4], padded[:4], 1),
+                                 ("4 beams, padded batch of 4", prompts[:4], padded[:4], 4)):
+        ga = lambda: generate(base, p, mask, max_new_tokens=new, num_beams=beams)
+        gb = lambda: hf.generate(input_ids=p, attention_mask=torch.ones_like(p) if mask is None else mask,
+                                 do_sample=False, num_beams=beams, max_new_tokens=new, min_new_tokens=new,
+                                 pad_token_id=0)
+        with torch.no_grad():
+            row(f"generate, {name}", interleaved(ga, gb, args.repeats, dev), ga, gb, work=new * p.shape[0])
 
     freed = "freed memory kept (--keep-memory)" if args.keep_memory else "freed memory returned to the OS (default)"
     what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
+    print(machine(dev))
+    if not dev.startswith("cuda"):
+        print(M.decoding_report())
     print(f"device: {dev} ({torch.get_num_threads()} threads); {args.dtype}; {args.layers} layers, d={args.dim}, "
           f"{args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}; "
           f"{args.dtype} matmul peak measured: {peak:.1f} GFLOP/s; median of {args.repeats} "

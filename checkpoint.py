@@ -3,8 +3,8 @@
   - `load(path)`: a checkpoint directory (or llama2.c .bin file) -> a model with its weights, in
     eval mode. The layout is detected from the files present:
       - Hugging Face: config.json + model.safetensors / pytorch_model.bin, single or sharded
-        (model_type llama, roberta, bart or mbart; RoBERTa's keys are renamed onto BART's
-        module names);
+        (model_type llama, roberta, bart, mbart or deberta-v2; RoBERTa's and DeBERTa's keys are
+        renamed onto BART's module names);
       - Meta: params.json + consolidated.NN.pth (model-parallel shards are concatenated);
       - llama2.c: one .bin file (legacy v0 or v1 header).
     The model is built on the meta device and the tensors are assigned into it, so a checkpoint
@@ -216,12 +216,16 @@ def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = 
     """Read the checkpoint directory (or llama2.c .bin file) at `path` and return the model.
 
     The layout is detected from the files present (and the model from config.json's model_type:
-    llama, roberta, bart, mbart); the model is built on the meta device and the tensors are
-    assigned into it, so a checkpoint is never held twice in memory. `num_labels` (RoBERTa): the
+    llama, roberta, bart, mbart, deberta-v2); the model is built on the meta device and the tensors are
+    assigned into it, so a checkpoint is never held twice in memory. `num_labels` (RoBERTa, DeBERTa): the
     classification head's outputs; a fresh head is created where the checkpoint has none.
 
     The model is returned in eval mode (dropout off), as transformers' from_pretrained does: call
     `.train()` on it to fine-tune.
+
+    dtype=None and device=None keep the checkpoint's tensors as they are: for safetensors,
+    memory-mapped views, nothing read until used (fsdp.py shards such a model, each process
+    reading only its rows).
     """
     if num_labels is not None and not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: num_labels is for RoBERTa checkpoints (config.json with model_type roberta)")
@@ -252,7 +256,8 @@ def build(name_or_path: str, dtype=torch.float32, device="cpu"):
     if name_or_path in ENCDEC_PRESETS:
         cfg = dataclasses.replace(ENCDEC_PRESETS[name_or_path], name=name_or_path)
         with torch.device("meta"):
-            return (Roberta if isinstance(cfg, RobertaConfig) else Bart)(cfg)
+            return (Roberta if isinstance(cfg, RobertaConfig) else Deberta if isinstance(cfg, DebertaConfig)
+                    else Bart)(cfg)
     if not os.path.exists(name_or_path):
         raise ValueError(f"{name_or_path!r} is neither a model name ({', '.join([*LLAMA_PRESETS, *ENCDEC_PRESETS])}) "
                          f"nor a path")
@@ -263,9 +268,7 @@ def llama_config_from_hf(hf: dict, file: str) -> LlamaConfig:
     if hf.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{file}: model_type {hf.get('model_type')!r} is not supported "
                               f"(expected llama, roberta, bart or mbart)")
-    if hf.get("rope_scaling") not in (None, {}) or hf.get("rope_parameters", {}).get("rope_type", "default") != "default":
-        raise CheckpointError(f"{file}: RoPE scaling {hf.get('rope_scaling') or hf.get('rope_parameters')} "
-                              f"is not supported (LLaMA 1/2/3 use none)")
+    rope_scaling = rope_scaling_from_hf(hf, file)
     for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if hf.get(key, ok) != ok:
             raise CheckpointError(f"{file}: {key}={hf[key]!r} is not supported (LLaMA uses {ok!r})")
@@ -281,7 +284,30 @@ def llama_config_from_hf(hf: dict, file: str) -> LlamaConfig:
                        hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
                        max_seq_len=hf.get("max_position_embeddings", 2048),
-                       tie_embeddings=hf.get("tie_word_embeddings", False))
+                       tie_embeddings=hf.get("tie_word_embeddings", False), rope_scaling=rope_scaling)
+
+
+# RoPE scaling types this model implements (model.rope_inv_freq) and the keys each needs.
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_scaling_from_hf(hf: dict, file: str) -> dict | None:
+    """config.json's RoPE scaling -> LlamaConfig.rope_scaling (None: plain RoPE). transformers 4
+    writes it as "rope_scaling" ({"rope_type" or, older, "type": ..., "factor": ...}) next to
+    "rope_theta"; transformers 5 as "rope_parameters" ({"rope_type": "default" | ..., "rope_theta",
+    ...}). Both are read; linear and llama3 are supported, any other type is an error."""
+    spec = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise CheckpointError(f"{file}: RoPE scaling {kind!r} ({spec}) is not supported "
+                              f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
+    for key in ROPE_SCALING_KEYS[kind]:
+        if key not in spec:
+            raise CheckpointError(f"{file}: RoPE scaling {kind!r} needs {key!r}, which {spec} does not have")
+    return {"rope_type": kind, **{k: spec[k] for k in ROPE_SCALING_KEYS[kind]}}
 
 
 def load_hf(path, dtype=torch.float32, device="cpu", num_labels=None):
@@ -296,6 +322,8 @@ def load_hf(path, dtype=torch.float32, device="cpu", num_labels=None):
         return load_roberta(path, hf, dtype, device, num_labels)
     if kind in ("bart", "mbart"):
         return load_bart(path, hf, dtype, device)
+    if kind in ("deberta-v2", "deberta"):                 # v1 ("deberta") is rejected there, by name
+        return load_deberta(path, hf, dtype, device, num_labels)
     if num_labels is not None:
         raise CheckpointError(f"{file}: num_labels is for RoBERTa; this is a {kind!r} checkpoint")
     cfg = llama_config_from_hf(hf, file)
@@ -375,7 +403,8 @@ def load_roberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
     assign_weights(model, tensors, origin, dtype, device)
     if head is None and num_labels:                       # a fresh head: N(0, 0.02) weights, zero biases
         cfg.num_labels = num_labels
-        model.head = ClassificationHead(cfg.dim, num_labels, hf.get("classifier_dropout") or dropout).to(device, dtype)
+        model.head = ClassificationHead(cfg.dim, num_labels, hf.get("classifier_dropout") or dropout).to(
+            device or "cpu", dtype or torch.float32)
         for lin in (model.head.dense, model.head.out_proj):
             nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
             nn.init.zeros_(lin.bias)
@@ -436,6 +465,95 @@ def load_bart(path, hf, dtype=torch.float32, device="cpu"):
     return assign_weights(model, tensors, origin, dtype, device)
 
 
+# -----------------------------------------------------------------------------
+# DeBERTa-v2/v3 (model_type "deberta-v2": microsoft/deberta-v3-base's config.json, pytorch_model.bin
+# or model.safetensors). Its keys -> ours; the "deberta." prefix is absent in bare DebertaV2Model files.
+
+from model import Deberta, DebertaConfig, DebertaHead  # noqa: E402  (this section's models)
+
+_D = r"(?:deberta\.)?"
+DEBERTA_KEYS = [
+    (_D + r"embeddings\.word_embeddings\.weight", "embed_tokens.weight"),
+    (_D + r"embeddings\.token_type_embeddings\.weight", "embed_token_types.weight"),
+    (_D + r"embeddings\.LayerNorm\.(weight|bias)", r"layernorm_embedding.\1"),
+    (_D + r"encoder\.layer\.(\d+)\.attention\.self\.query_proj\.(weight|bias)", r"layers.\1.self_attn.q_proj.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.attention\.self\.key_proj\.(weight|bias)", r"layers.\1.self_attn.k_proj.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.attention\.self\.value_proj\.(weight|bias)", r"layers.\1.self_attn.v_proj.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.self_attn.out_proj.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.self_attn_layer_norm.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn.fc1.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.ffn.fc2.\2"),
+    (_D + r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"layers.\1.final_layer_norm.\2"),
+    (_D + r"encoder\.rel_embeddings\.weight", "rel_embeddings.weight"),
+    (_D + r"encoder\.LayerNorm\.(weight|bias)", r"rel_layer_norm.\1"),
+    (r"pooler\.dense\.(weight|bias)", r"head.dense.\1"),
+    (r"classifier\.(weight|bias)", r"head.out_proj.\1"),
+]
+# The pretraining heads (MLM of v2, replaced-token detection of v3), the unused absolute position
+# table of v3 checkpoints (position_biased_input false) and cached position ids.
+DEBERTA_UNUSED = [r"lm_predictions\..*", r"mask_predictions\..*", r"cls\..*",
+                  _D + r"embeddings\.position_embeddings\.weight", _D + r"embeddings\.position_ids"]
+# config.json values this implementation requires: the v3 checkpoints' (key, value, what it means)
+DEBERTA_REQUIRED = [("relative_attention", True, "relative position attention"),
+                    ("share_att_key", True, "position projections shared with q_proj / k_proj"),
+                    ("position_biased_input", False, "no absolute position embeddings"),
+                    ("norm_rel_ebd", "layer_norm", "a LayerNorm on the relative embeddings"),
+                    ("conv_kernel_size", 0, "no convolution layer (deberta-v2-xlarge/xxlarge have one)")]
+
+
+def load_deberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
+    file = os.path.join(path, "config.json")
+    if hf.get("model_type") == "deberta":
+        raise CheckpointError(f"{file}: model_type 'deberta' is DeBERTa v1 (absolute positions added in the last "
+                              f"layer, its own relative attention); only DeBERTa-v2/v3 (model_type 'deberta-v2') "
+                              f"is supported")
+    require(hf, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"), file)
+    pos_att = hf.get("pos_att_type")
+    pos_att = [p.strip() for p in pos_att.lower().split("|")] if isinstance(pos_att, str) else pos_att
+    if sorted(pos_att or []) != ["c2p", "p2c"]:
+        raise CheckpointError(f"{file}: pos_att_type {hf.get('pos_att_type')!r} is not supported (expected "
+                              f"'p2c|c2p': both disentangled terms, as DeBERTa-v3)")
+    for key, value, what in DEBERTA_REQUIRED:
+        got = hf.get(key, {"norm_rel_ebd": "none", "relative_attention": False, "share_att_key": False,
+                           "position_biased_input": True, "conv_kernel_size": 0}[key])
+        if (got.lower().replace(" ", "") if isinstance(got, str) else got) != value:
+            raise CheckpointError(f"{file}: {key}={got!r} is not supported (expected {value!r}: {what})")
+    for key in ("embedding_size", "attention_head_size", "pooler_hidden_size"):
+        natural = hf["hidden_size"] // hf["num_attention_heads"] if key == "attention_head_size" else hf["hidden_size"]
+        if hf.get(key, natural) != natural:
+            raise CheckpointError(f"{file}: {key}={hf[key]} is not supported (expected {natural}, the default)")
+    for key in ("hidden_act", "pooler_hidden_act"):
+        if hf.get(key, "gelu") not in ACTIVATIONS:
+            raise CheckpointError(f"{file}: {key} {hf[key]!r} is not supported ({', '.join(ACTIVATIONS)})")
+    tensors, origin = rename(*read_hf_tensors(path), DEBERTA_KEYS, DEBERTA_UNUSED, file)
+    head = tensors.get("head.out_proj.weight")
+    if head is not None and num_labels is not None and head.shape[0] != num_labels:
+        raise CheckpointError(f"{origin['head.out_proj.weight']}: the classification head has {head.shape[0]} "
+                              f"labels, num_labels={num_labels} was asked for")
+    cfg = DebertaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                        hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                        max_positions=hf.get("max_position_embeddings", 512),
+                        position_buckets=hf.get("position_buckets", -1),
+                        max_relative_positions=hf.get("max_relative_positions", -1),
+                        type_vocab_size=hf.get("type_vocab_size", 0), pad_id=hf.get("pad_token_id", 0),
+                        norm_eps=hf.get("layer_norm_eps", 1e-7), activation=hf.get("hidden_act", "gelu"),
+                        dropout=hf.get("hidden_dropout_prob", 0.1),
+                        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                        pooler_activation=hf.get("pooler_hidden_act", "gelu"),
+                        pooler_dropout=hf.get("pooler_dropout", 0.0), cls_dropout=hf.get("cls_dropout"),
+                        num_labels=head.shape[0] if head is not None else 0)
+    with torch.device("meta"):
+        model = Deberta(cfg)
+    assign_weights(model, tensors, origin, dtype, device)
+    if head is None and num_labels:                       # a fresh head: N(0, 0.02) weights, zero biases
+        cfg.num_labels = num_labels
+        model.head = DebertaHead(cfg).to(device or "cpu", dtype or torch.float32)
+        for lin in (model.head.dense, model.head.out_proj):
+            nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
+            nn.init.zeros_(lin.bias)
+    return model
+
+
 # Meta key -> (our key, the dimension model-parallel shards are split along; None = replicated).
 META_KEYS = {
     "tok_embeddings.weight": ("embed_tokens.weight", 1),
@@ -471,6 +589,11 @@ def llama_config_from_meta(params: dict, vocab_size: int) -> LlamaConfig:
         hidden = int(params["ffn_dim_multiplier"] * hidden)
     m = params.get("multiple_of", 256)
     hidden = m * ((hidden + m - 1) // m)
+    if params.get("use_scaled_rope"):
+        # Llama 3.1+'s params.json names the scaling but not its factor (8 for 3.1, 32 for 3.2 in
+        # Meta's code): refuse rather than guess; the Hugging Face config carries the numbers.
+        raise CheckpointError("params.json: use_scaled_rope=true (Llama 3.1+) is not supported for Meta's layout; "
+                              "use the Hugging Face checkpoint of the same model (config.json has its rope_scaling)")
     return LlamaConfig(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
                        n_kv_heads=params.get("n_kv_heads") or params["n_heads"], hidden_dim=hidden,
                        vocab_size=vocab_size, norm_eps=params.get("norm_eps", 1e-6),

@@ -1,13 +1,14 @@
-"""The embedded demonstration (`python train.py` with no arguments): CPU, no network, a few minutes.
+"""The CPU demo (`python train.py` with no arguments, or `python demo.py`): no network, a few minutes.
+Its four steps are the four lines it prints:
 
-1. Generate a corpus of simple facts ("the grass is green.") and train a sentencepiece tokenizer.
-2. Pretrain a small LLaMA-architecture model on it and save it as a Hugging Face checkpoint
-   (config.json + model.safetensors), the layout checkpoint.load() reads. Cached in .cache/demo/.
-3. Generate a multiple-choice task in LLM-Adapters' ARC format ("What color is the grass?\n\n
-   Answer1: blue Answer2: green Answer3: red Answer4: yellow\n\nAnswer format: answer1/.../answer4"
-   -> "the correct answer is answer2"); the base model knows the facts, not the format.
-4. Fine-tune with lorada_la and with LoRA at about the same parameter budget, through train.py.
-5. Evaluate the base model and both adapters with eval.py's code and print the accuracies.
+[1/4] Pretrain a small LLaMA-architecture model on generated facts ("the grass is green."), with a
+      sentencepiece tokenizer trained on them, and save it as a Hugging Face checkpoint
+      (config.json + model.safetensors), the layout checkpoint.load() reads. Cached in .cache/demo/.
+[2/4] Generate a multiple-choice task in LLM-Adapters' ARC format ("What color is the grass?\n\n
+      Answer1: blue Answer2: green Answer3: red Answer4: yellow\n\nAnswer format: answer1/.../answer4"
+      -> "the correct answer is answer2"); the base model knows the facts, not the format.
+[3/4] Fine-tune with lorada_la and with LoRA at about the same parameter budget, through train.py.
+[4/4] Evaluate the base model and both adapters with eval.py's code and print the accuracies.
 """
 import json
 import os
@@ -33,7 +34,6 @@ OBJECTS = {"grass": "green", "sky": "blue", "snow": "white", "coal": "black", "s
            "carrot": "orange", "pumpkin": "orange", "plum": "purple", "grape": "purple", "milk": "white",
            "tomato": "red", "banana": "yellow", "frog": "green", "crow": "black", "sapphire": "blue",
            "lavender": "purple", "tangerine": "orange"}
-COLORS = sorted(set(OBJECTS.values()))
 CONFIG = M.LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=352, vocab_size=384,
                        norm_eps=1e-5, max_seq_len=256)
 
@@ -155,6 +155,26 @@ def training_style_prompt(record):
     return D.train_prompt({**record, "output": ""})
 
 
+def draw_lmam(base, adapter, record, out=os.path.join(ROOT, "docs", "figures", "demo_attention.png")):
+    """A picture of what LMAM learned (plots.py, Figure 1's three panels): for one test question in
+    the training layout, the softmax attention, Attn_s and their sum, in the layer whose map grew
+    most (train.py's max |Attn_s|), first head. Only where matplotlib is installed."""
+    import plots
+    from lmam import map_sizes
+    if not plots.have_matplotlib():
+        print(f"      (a picture of LMAM's map: pip install -r requirements-plots.txt, then rerun; it goes to "
+              f"{os.path.relpath(out, ROOT)})")
+        return
+    model, tok = plots.load_model(base, adapter)
+    sizes = map_sizes(model)
+    layer = sizes.index(max(sizes))
+    print(f"      picture: {os.path.relpath(out, ROOT)}, layer {layer} (max |Attn_s| per layer: "
+          f"{', '.join(f'{x:.2f}' for x in sizes)}), head 0, one test question with its answer")
+    plots.plot_attention(model, tok, D.train_prompt(record), layer=layer, head=0, out=out, dpi=80,
+                         title=f"lorada_la on the demo task, a test question in the training layout: layer {layer}, "
+                               f"head 0")
+
+
 def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=400, n_train=800, n_test=60):
     t0 = time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -180,7 +200,7 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
         out = os.path.join(CACHE, f"run_{name}")
         shutil.rmtree(out, ignore_errors=True)                   # each demo run starts fresh
         print(f"[3/4] fine-tuning with {name}")
-        T.main(["--model", base, "--method", name, "--data", data_path, "--out_dir", out, "--max_steps",
+        T.main(["--model", base, "--method", name, "--data", data_path, "--out_dir", out, "--device", "cpu", "--max_steps",
                 str(finetune_steps), "--batch_size", "16", "--micro_batch_size", "16", "--learning_rate", "1e-2",
                 "--warmup_steps", "10", "--num_epochs", "100", "--val_set_size", "32", "--eval_step", "40", "--save_step", "1000",
                 "--lora_dropout", "0.0", "--mask_prompt", "--quiet", *flags])
@@ -193,6 +213,7 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
         print(f"      {name:>9} after fine-tuning: {100 * acc:5.1f}% | {100 * acc_train:5.1f}%")
     print("      (LMAM's map is indexed by token position; the evaluation prompt's whitespace differs from the\n"
           "      training prompt's, so every later token sits one position earlier than in training.)")
+    draw_lmam(base, os.path.join(CACHE, "run_lorada_la", "adapter" + methods.ADAPTER_EXT), test[0])
     print(f"done in {time.time() - t0:.0f} s")
     return before, after
 

@@ -13,24 +13,37 @@ answer taken by `extract_answer`. GLUE: the dev sets (MNLI: matched and mismatch
 `glue_metric`. XSum and en-ro: beam search with He et al.'s settings on the test split, then
 `rouge` or `bleu`. Predictions go to OUT_DIR/<task>.jsonl, one line per example; a rerun skips the
 examples already there. A markdown table in the layout of the paper's Table 4 (commonsense),
-Table 8 (math), Table 5 (GLUE) or Table 10 (XSum, MT) is printed and the numbers are written to
+Table 8 (math), Table 5 (GLUE; Table 11 for DeBERTa) or Table 10 (XSum, MT) is printed and the numbers are written to
 OUT_DIR/results.json.
+
+--protocol quanta (LLaMA; Table 4's QuanTA rows and Table 8 come from it): QuanTA's run.py.
+Commonsense by rank classification over the answer candidates, math (AQuA, GSM8K, MAWPS, SVAMP)
+by greedy decoding of at most 50 tokens up to a newline, scored by the correct metric and, labelled,
+by QuanTA's released one (`quanta_math_correct`). Predictions go to OUT_DIR/<task>.quanta.jsonl,
+the numbers to OUT_DIR/results.quanta.json.
+
+    python eval.py --model /ckpt/llama-2-7b-hf --adapter runs/q/adapter.safetensors --task math --protocol quanta
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
 
 import torch
 
+import hub
 import methods
 import model as M
 from checkpoint import CheckpointError, atomic_write, load
 from data import glue as G
 from data import llm_adapters as D
+from data import quanta as Q
 from data import seq2seq as S
+from data import text
 from generate import generate, generate_seq2seq
+from loss import lm_loss
 from tokenizer import load_tokenizer
 
 CHOICES = {"boolq": r"true|false", "piqa": r"solution1|solution2", "hellaswag": r"ending1|ending2|ending3|ending4",
@@ -160,6 +173,153 @@ def markdown_table(results: dict, method: str = "") -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- QuanTA's protocol
+# (eval.py --protocol quanta; data/quanta.py has its prompts and candidates). Table 4's QuanTA rows
+# and Table 8 come from it: commonsense by rank classification over the candidates, math by greedy
+# decoding up to a newline, scored twice (the correct metric, and the released code's).
+
+QUANTA_MATH = ["AQuA", "gsm8k", "mawps", "SVAMP"]         # QuanTA's math test sets (tasks.py), Table 8's columns
+QUANTA_GROUPS = {"commonsense": D.COMMONSENSE, "math": QUANTA_MATH}
+
+
+def quanta_number(response: str) -> float:
+    """QuanTA's extract_answer_number: the last number after removing commas, inf if none."""
+    numbers = re.findall(r"-?\d+\.?\d*", response.replace(",", ""))
+    return float(numbers[-1]) if numbers else float("inf")
+
+
+def quanta_letter(response: str) -> str:
+    """QuanTA's extract_answer_letter: the first of the capitals A-I, K in the stripped text."""
+    m = re.findall(r"A|B|C|D|E|F|G|H|I|G|K", response.strip())
+    return m[0] if m else ""
+
+
+def quanta_math_correct(gold: str, response: str) -> tuple[bool, bool]:
+    """(correct, what QuanTA's released metric says) for one math answer (metrics.py, "math").
+    Numeric gold: correct is |gold − prediction| < 1e-5. The released code computes
+    `abs(float(gold) - float(pred) < 1e-5)`, the absolute value of a comparison: true whenever
+    gold − prediction < 1e-5, that is for any prediction above gold − 1e-5 and for a response with
+    no number (prediction inf). Letter gold (AQuA): the first capital A-K equals it, both metrics."""
+    try:
+        g = float(gold)
+    except ValueError:
+        if not gold.isalpha():
+            raise ValueError(f"math answer {gold!r} is neither a number nor a letter") from None
+        ok = gold == quanta_letter(response)
+        return ok, ok
+    pred = quanta_number(response)
+    return abs(g - pred) < 1e-5, bool(abs(g - pred < 1e-5))        # the second: the released precedence
+
+
+def option_scores(model, batch: dict, device, autocast: bool = False):
+    """QuanTA's candidate score for every row of a data.quanta.collate_choices batch: the mean
+    log-probability of the row's last option_lens tokens, each given the tokens before it (the
+    LM head runs on those positions only). Differentiable: train.py's classification loss uses it."""
+    ids = batch["input_ids"].to(device)
+    mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"].to(device)
+    k = batch["option_lens"]
+    row = torch.repeat_interleave(torch.arange(len(k)), k)
+    pos = torch.cat([torch.arange(n - j, n) for n, j in zip(batch["lengths"].tolist(), k.tolist())])
+    row, pos = row.to(device), pos.to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(ids, attention_mask=mask, return_hidden=True)
+        logits = model.lm_head(hidden[row, pos - 1])                 # the logits that predict each scored token
+    logp = logits.float().log_softmax(-1).gather(1, ids[row, pos][:, None])[:, 0]
+    return torch.zeros(len(k), dtype=logp.dtype, device=logp.device).index_add(0, row, logp) / k.to(logp.device)
+
+
+def quanta_generate(model, tokenizer, prompts: list, max_new_tokens: int = Q.MAX_NEW_TOKENS,
+                    max_length: int = Q.MAX_LENGTH) -> list[str]:
+    """run.py's generation: greedy, at most min(max_new_tokens, max_length − prompt length) new
+    tokens, ending at the first newline token (the last token of encode("\\n")) or EOS, decoded
+    without special tokens and stripped. The batch decodes with EOS off and each row is cut at its
+    own first stop token: greedy rows do not depend on each other, so that is what stopping there gives."""
+    newline = (tokenizer.encode("\n", bos=False) or [tokenizer.eos_id])[-1]    # (a tokenizer without "\n": EOS)
+    stops = {newline, tokenizer.eos_id}
+    limits = [max(0, min(max_new_tokens, max_length - len(p))) for p in prompts]
+    batch = D.collate([{"input_ids": p} for p in prompts], tokenizer.pad_id, side="left")
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    seqs = generate(model, ids, batch["attention_mask"].to(device), max_new_tokens=max(1, max(limits)),
+                    num_beams=1, eos_id=newline, pad_id=tokenizer.pad_id)
+    out = []
+    for row, limit in enumerate(limits):
+        gen = seqs[row, ids.shape[1]:].tolist()[:limit]
+        cut = next((j + 1 for j, t in enumerate(gen) if t in stops), len(gen))
+        specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        out.append(tokenizer.decode([t for t in gen[:cut] if t not in specials]).strip())
+    return out
+
+
+@torch.no_grad()
+def evaluate_quanta_choices(model, tokenizer, task, records, out_path=None, batch_size=8, progress=True):
+    """Rank classification (run.py's one_step_pred): each record's candidates scored by
+    option_scores, the highest one predicted (the first on a tie). Returns (correct, total);
+    resumes from out_path's lines."""
+    samples = [Q.choice_sample(r, f"{task} record {i}") for i, r in enumerate(records)]
+    examples = {i: Q.tokenize_choices(tokenizer, s) for i, s in enumerate(samples)}
+    device = next(model.parameters()).device
+
+    def predict(idx):
+        batch = Q.collate_choices([examples[i] for i in idx], tokenizer.pad_id)
+        scores = option_scores(model, batch, device).tolist()
+        start = 0
+        for i, n in zip(idx, batch["counts"]):
+            s, start = scores[start:start + n], start + n
+            pred, cands = max(range(n), key=s.__getitem__), samples[i]["candidates"]
+            yield {"index": i, "scores": s, "prediction": cands[pred], "label": cands[samples[i]["label"]],
+                   "correct": pred == samples[i]["label"]}
+    longest = {i: max(e["candidates"], key=len) for i, e in examples.items()}
+    done = predict_resumably(longest, predict, out_path, "correct", task, batch_size, progress)
+    return sum(done.values()), len(records)
+
+
+@torch.no_grad()
+def evaluate_quanta_math(model, tokenizer, task, records, out_path=None, batch_size=8,
+                         max_new_tokens=Q.MAX_NEW_TOKENS, progress=True) -> dict:
+    """Greedy answers to "{question}\\nAnswer:" (quanta_generate), scored by quanta_math_correct:
+    {"correct", "correct_released_metric", "total"}. Resumes from out_path's lines."""
+    samples = [Q.math_sample(r) for r in records]
+    prompts = {i: Q.prompt_ids(tokenizer, s["question"]) for i, s in enumerate(samples)}
+
+    def predict(idx):
+        for i, response in zip(idx, quanta_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
+            ok, released = quanta_math_correct(samples[i]["answer"], response)
+            yield {"index": i, "response": response, "label": samples[i]["answer"], "correct": ok,
+                   "correct_released_metric": released}
+    done = predict_resumably(prompts, predict, out_path, "response", task, batch_size, progress)
+    scored = [quanta_math_correct(samples[i]["answer"], done[i]) for i in range(len(samples))]
+    return {"correct": sum(a for a, _ in scored), "correct_released_metric": sum(b for _, b in scored),
+            "total": len(samples)}
+
+
+def evaluate_quanta(model, tokenizer, task, records, out_dir, batch_size=8, max_new_tokens=None) -> dict:
+    """One task under QuanTA's protocol -> its results.json entry (predictions to
+    OUT_DIR/TASK.quanta.jsonl). Math entries carry both metrics."""
+    out_path = os.path.join(out_dir, f"{task}.quanta.jsonl") if out_dir else None
+    if task in D.COMMONSENSE:
+        correct, total = evaluate_quanta_choices(model, tokenizer, task, records, out_path, batch_size)
+        return {"accuracy": correct / total, "correct": correct, "total": total, "protocol": "quanta"}
+    r = evaluate_quanta_math(model, tokenizer, task, records, out_path, batch_size, max_new_tokens or Q.MAX_NEW_TOKENS)
+    return {"accuracy": r["correct"] / r["total"], "correct": r["correct"], "total": r["total"],
+            "accuracy_released_metric": r["correct_released_metric"] / r["total"],
+            "correct_released_metric": r["correct_released_metric"], "protocol": "quanta"}
+
+
+def quanta_table(results: dict, method: str = "") -> str:
+    """Table 4's layout (commonsense) and Table 8's (math) under QuanTA's protocol; math twice:
+    the correct metric, then QuanTA's released one, labelled."""
+    out = markdown_table({t: r for t, r in results.items() if t in D.COMMONSENSE}, method)
+    math = {t: r for t, r in results.items() if t in D.MATH}
+    if math:
+        out += markdown_table(math, method)
+        released = {t: {"accuracy": r["accuracy_released_metric"]} for t, r in math.items()
+                    if "accuracy_released_metric" in r}
+        out += markdown_table(released, f"{method}, QuanTA's released metric (counts any prediction ≥ gold "
+                                        f"and any answer without a number as correct)")
+    return out
+
+
 # ----------------------------------------------------------------------------- GLUE
 
 MAIN_METRIC = {t: "accuracy" for t in G.TASKS} | {"cola": "matthews_correlation", "stsb": "pearson"}
@@ -261,6 +421,33 @@ def glue_table(results: dict, method: str = "") -> str:
     return markdown(head, [row])
 
 
+# Table 11 (DeBERTaV3-base): its columns and the metric(s) each shows, the SoRA paper's layout
+TABLE11_COLUMNS = [("CoLA", [("cola", "matthews_correlation")]), ("SST-2", [("sst2", "accuracy")]),
+                   ("MRPC", [("mrpc", "accuracy")]), ("QQP", [("qqp", "accuracy"), ("qqp", "f1")]),
+                   ("STS-B", [("stsb", "pearson")]), ("MNLI", [("mnli-m", "accuracy"), ("mnli-mm", "accuracy")]),
+                   ("QNLI", [("qnli", "accuracy")]), ("RTE", [("rte", "accuracy")])]
+
+
+def table11(results: dict, method: str = "", params: str = "–") -> str:
+    """Table 11's layout: # Params, then each task × 100, QQP as accuracy/F1 and MNLI as
+    matched/mismatched, and Avg. over the tasks with QQP's and MNLI's two numbers averaged first:
+    the convention of its AdaLoRA and SoRA rows (copied from Ding et al.: 88.83 and 89.36 recompute
+    exactly). Its LoRaDA-A row's 90.89 is the mean with QQP's accuracy and MNLI-m only; by the
+    other rows' convention that row averages 90.73."""
+    head, row, task_means = ["Method", "# Params"], [method, params], []
+    for name, cells in TABLE11_COLUMNS:
+        head.append(name)
+        got = [100 * results[split][metric] for split, metric in cells if split in results]
+        if len(got) == len(cells):
+            row.append("/".join(f"{v:.2f}" for v in got))
+            task_means.append(sum(got) / len(got))
+        else:
+            row.append("–")
+    head.append("Avg.")
+    row.append(f"{sum(task_means) / len(task_means):.2f}" if task_means else "–")
+    return markdown(head, [row])
+
+
 # ----------------------------------------------------------------------------- XSum, WMT16 en-ro
 
 def rouge(predictions: list, references: list) -> dict:
@@ -358,30 +545,121 @@ def seq2seq_table(results: dict, method: str = "") -> str:
     return markdown(["Method", "XSum (R-1/2/L)", "MT (BLEU)"], [[method, xsum, mt]])
 
 
+# ----------------------------------------------------------------------------- perplexity (Table 7)
+
+@torch.no_grad()
+def perplexity(model, tokens, seq_len: int, stride: int = 256, protocol: str = "longlora", progress=True) -> dict:
+    """Perplexity of a token stream (a memory-mapped token file) with windows of seq_len tokens.
+
+    protocol "longlora" (LongLoRA's eval.py, Table 7's numbers): windows x = tokens[i : i + L] for
+    i in range(0, N − L, stride), the last of them dropped; each window scored over all its L − 1
+    next-token predictions (so overlapping windows score most tokens many times); the windows'
+    mean losses averaged with equal weight; ppl = e^mean.
+    protocol "strided" (the standard one, transformers' "perplexity of fixed-length models"): each
+    window scores only the tokens the previous window did not, with the rest as context; every
+    token is scored once; ppl = e^(total loss / tokens scored)."""
+    model.eval()
+    device = next(model.parameters()).device
+    N, L = len(tokens), seq_len
+    if N <= L:
+        raise ValueError(f"{N} tokens: no window of --seq_len {L} fits")
+    window = lambda i, j: torch.from_numpy(tokens[i:j].astype("int64"))[None].to(device)
+    total, count = 0.0, 0
+    if protocol == "longlora":
+        starts = list(range(0, N - L, stride))[:-1]
+        if not starts:
+            raise ValueError(f"{N} tokens: LongLoRA's protocol needs at least two windows of {L} tokens")
+        for n, i in enumerate(starts, 1):
+            x = window(i, i + L)
+            total += float(lm_loss(model(x, return_hidden=True)[:, :-1], model.lm_head, x[:, 1:])) / (L - 1)
+            count += 1
+            if progress:
+                print(f"\rppl, L={L}: window {n}/{len(starts)}", end="", file=sys.stderr, flush=True)
+    elif protocol == "strided":
+        scored_to = 0
+        for i in range(0, N, stride):
+            j = min(i + L, N)
+            x = window(i, j)
+            labels = x.clone()
+            labels[:, :scored_to - i] = -100                # context only: scored by an earlier window
+            total += float(lm_loss(model(x, return_hidden=True)[:, :-1], model.lm_head, labels[:, 1:]))
+            count += int((labels[:, 1:] != -100).sum())
+            scored_to = j
+            if j == N:
+                break
+    else:
+        raise ValueError(f"--ppl_protocol {protocol!r}: expected longlora or strided")
+    if progress:
+        print(file=sys.stderr)
+    return {"ppl": math.exp(total / count), "windows" if protocol == "longlora" else "tokens": count,
+            "protocol": protocol}
+
+
+def ppl_table(results: dict, method: str = "") -> str:
+    """Table 7's layout: perplexity at each evaluation context length."""
+    lens = sorted(results, key=int)
+    return markdown(["Method", *lens], [[method, *(f"{results[n]['ppl']:.2f}" for n in lens)]])
+
+
+def evaluate_ppl(model, tok, args) -> dict:
+    """eval.py --task ppl: a token file (.bin, uint16, as LongLoRA's proof-pile test_sampled_data.bin)
+    or text (tokenized as data/text.py does), at every --seq_len; --context_size sets the RoPE
+    interpolation factor as LongLoRA's eval.py does (ceil(context_size / trained length))."""
+    if not args.data:
+        raise ValueError("--data is required for ppl: a token file (.bin) or text (.txt, .jsonl)")
+    if args.data.endswith(".bin"):
+        tokens = text.read_tokens(args.data, model.cfg.vocab_size)
+    else:
+        tokens = text.token_file(args.data, tok, os.path.join(args.out_dir, "eval_tokens.bin"))
+    if args.context_size:
+        factor = math.ceil(args.context_size / model.cfg.max_seq_len)
+        model.cfg.rope_scaling = {"rope_type": "linear", "factor": float(factor)} if factor > 1 else None
+    return {str(L): perplexity(model, tokens, L, args.stride, args.ppl_protocol)
+            for L in (int(x) for x in str(args.seq_len).split(","))}
+
+
 def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None, precision=None):
     """Base model + adapter, in eval mode with the adapter merged where the method allows it (in
     fp32, rounded once to the weights' dtype). num_labels: a RoBERTa checkpoint's GLUE head (the
     adapter file holds its trained weights). precision: "bf16" (the default on a GPU) loads the
-    weights in bf16, "fp32" (the default on CPU) in fp32."""
+    weights in bf16, "fp32" (the default on CPU) in fp32. model_path: a local checkpoint, a Hub id
+    or a paper name (hub.resolve_model). adapter: this project's adapter file, or a directory in
+    peft's format (adapter_config.json: LoRA / DoRA from peft or NVlabs/DoRA, export.load_peft_adapter)."""
     bf16 = (precision or ("bf16" if str(device).startswith("cuda") else "fp32")) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    paper, model_path = hub.paper_name(model_path), hub.resolve_model(model_path)
     model = load(model_path, dtype=dtype, device=device, num_labels=num_labels)
+    model.cfg.name = paper or model.cfg.name
     if adapter:
-        methods.load_adapter(model, adapter)
+        from export import load_any_adapter      # peft's directory format or this project's file
+        load_any_adapter(model, adapter)
     model.eval()
     for m in model.modules():
         if hasattr(m, "merge"):
             m.merge()
-    tok = load_tokenizer(tokenizer or (model_path if os.path.isdir(model_path) else os.path.dirname(model_path)))
+    tok = load_tokenizer(tokenizer or hub.tokenizer_source(model_path))
     return model, tok
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the base checkpoint (directory or llama2.c .bin)")
+    p.add_argument("--model", required=True,
+                   help="the base checkpoint: a directory or llama2.c .bin, a Hugging Face Hub id or a paper name "
+                        "(downloaded once, see train.py --help)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in the checkpoint directory)")
-    p.add_argument("--adapter", default=None, help="an adapter file from train.py (none: the base model)")
-    p.add_argument("--task", required=True, help="|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS)))
+    p.add_argument("--adapter", default=None,
+                   help="an adapter file from train.py, or a directory in peft's format (adapter_config.json + "
+                        "adapter_model.safetensors / .bin: LoRA and DoRA from peft, DoRA from NVlabs/DoRA's "
+                        "released checkpoints, LoRA and the series / parallel bottleneck adapters from "
+                        "LLM-Adapters' released checkpoints); none: the base model")
+    p.add_argument("--task", required=True, help="|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))
+                   + "|ppl (perplexity of a token file or text, Table 7)")
+    p.add_argument("--seq_len", default="2048", help="ppl: evaluation context lengths, e.g. 2048,4096,8192 (Table 7)")
+    p.add_argument("--context_size", type=int, default=None,
+                   help="ppl: the training context length; sets the RoPE interpolation factor (LongLoRA's eval.py)")
+    p.add_argument("--stride", type=int, default=256, help="ppl: the windows' stride (LongLoRA: 256)")
+    p.add_argument("--ppl_protocol", default="longlora", choices=("longlora", "strided"),
+                   help="ppl: LongLoRA's (Table 7's numbers) or the standard strided perplexity")
     p.add_argument("--data", default=None, help="LLaMA: a test file in LLM-Adapters' format (default: "
                    "dataset/TASK/test.json); GLUE: the task's folder; XSum / WMT: the folder or file of the split")
     p.add_argument("--split", default="test", help="XSum / WMT: which split to evaluate (test, val)")
@@ -397,20 +675,44 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the weights' dtype (default: bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--protocol", choices=("default", "quanta"), default="default",
+                   help="LLaMA's commonsense and math tasks. default: LLM-Adapters' evaluation (4-beam generation, "
+                        "the answer by regex). quanta: QuanTA's (run.py), where Table 4's QuanTA rows and Table 8 "
+                        "come from: commonsense by rank classification over the candidates (mean log-probability "
+                        "of '... the correct answer is {candidate}.'), math ('math' = AQuA, gsm8k, mawps, SVAMP) by "
+                        "greedy decoding of 50 tokens up to a newline, scored by the correct metric and by QuanTA's "
+                        "released one (labelled; it counts any prediction >= gold as correct). Writes "
+                        "TASK.quanta.jsonl and results.quanta.json")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    results_path = os.path.join(args.out_dir, "results.json")
+    quanta = args.protocol == "quanta"
+    results_path = os.path.join(args.out_dir, "results.quanta.json" if quanta else "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     medium = args.task in G.TASKS or args.task in S.TASKS
     try:
+        if quanta and (medium or args.task == "ppl"):
+            raise ValueError("--protocol quanta is QuanTA's for LLaMA's commonsense and math tasks, not for "
+                             f"{args.task}")
+        if quanta and (args.num_beams or 1) != 1:
+            raise ValueError("--protocol quanta decodes greedily (--num_beams 1)")
+        if args.task == "ppl":                           # Table 7: perplexity of long texts (LongLoRA)
+            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
+            ppl = evaluate_ppl(model, tok, args)
+            results.setdefault("ppl", {}).update(ppl)
+            print(f"perplexity, {args.ppl_protocol} protocol"
+                  + (" (LongLoRA's eval.py: every window's L − 1 tokens, windows averaged)"
+                     if args.ppl_protocol == "longlora" else " (standard: every token scored once)"))
+            print(ppl_table(ppl, model.peft_method["name"] if getattr(model, "peft_method", None) else "base"))
+            atomic_write(results_path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+            return results
         if medium:
             if not args.data:
                 raise ValueError(f"--data is required for {args.task}")
             num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
             model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels, args.precision)
             if args.task in G.TASKS:
-                if not isinstance(model, M.Roberta):
-                    raise ValueError(f"GLUE task {args.task} needs a RoBERTa checkpoint")
+                if not isinstance(model, (M.Roberta, M.Deberta)):
+                    raise ValueError(f"GLUE task {args.task} needs a RoBERTa or DeBERTa checkpoint")
                 results.update(evaluate_glue(model, tok, args.task, args.data, args.out_dir, args.batch_size,
                                              args.limit))
             else:
@@ -421,7 +723,7 @@ def main(argv=None):
                                                       args.batch_size, args.limit, num_beams=args.num_beams,
                                                       max_source_len=args.max_source_len)
         else:
-            tasks = GROUPS.get(args.task, [args.task])
+            tasks = (QUANTA_GROUPS if quanta else GROUPS).get(args.task, [args.task])
             for t in tasks:
                 if t not in TASKS:
                     raise ValueError(f"unknown task {t!r}; valid: {', '.join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))}")
@@ -437,6 +739,10 @@ def main(argv=None):
             for f in missing:
                 print(f"skipping {f}: not found", file=sys.stderr)
             for t, records in data.items():
+                if quanta:
+                    results[t] = evaluate_quanta(model, tok, t, records, args.out_dir, args.batch_size,
+                                                 args.max_new_tokens)
+                    continue
                 correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
                                                args.batch_size, args.num_beams or 4, args.max_new_tokens)
                 results[t] = {"accuracy": correct / total, "correct": correct, "total": total}
@@ -446,8 +752,13 @@ def main(argv=None):
     name = model.peft_method["name"] if getattr(model, "peft_method", None) else "base"
     if isinstance(model, M.Roberta):
         print(glue_table(results, name))
+    elif isinstance(model, M.Deberta):                   # Table 11's layout; # Params without the GLUE head
+        added = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
+        print(table11(results, name, f"{added / 1e6:.2f}M"))
     elif isinstance(model, M.Bart):
         print(seq2seq_table(results, name))
+    elif quanta:
+        print(quanta_table(results, name))
     else:
         print(markdown_table(results, name))
     return results

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import attention_naive, sdpa
+from model import attention_naive, sdpa, shifted_sparse_attention
 
 VARIANTS = ("default", "pre_softmax", "softmax_map", "full_rank", "no_pos")
 INITS = ("zero", "paper")
@@ -88,14 +88,16 @@ class LMAM(nn.Module):
                     self.wb.copy_(-self.root * pe.expand(heads, rank, length))
         self.merged_map = None
 
-    def attn_map(self):
-        """Attn_s (h_s, n, n), causal-masked for decoders (Eq. 7-11)."""
+    def attn_map(self, params=None):
+        """Attn_s (h_s, n, n), causal-masked for decoders (Eq. 7-11). `params`: {"wa", "wb"} or {"w"}
+        to use instead of the module's own (a sharded model's, gathered: map_sizes)."""
         if self.merged_map is not None:
             return self.merged_map
+        params = params or {}
         if self.variant == "full_rank":
-            a = self.w                                                          # ¬L: the map itself
+            a = params.get("w", self.w)                                         # ¬L: the map itself
         else:
-            wa, wb = self.factors()
+            wa, wb = self.factors(params.get("wa", self.wa), params.get("wb", self.wb))
             a = (wa @ wb) * self.gain                                           # Eq. 10 (gain: s, or 1 if absorbed)
         if self.causal:
             keep = torch.ones(self.length, self.length, dtype=torch.bool, device=a.device).tril()
@@ -132,12 +134,26 @@ class LMAM(nn.Module):
         d = a[:, qi[:, :, None], ki[:, None, :]]                               # (h, B, T, S)
         return (d * (qok[:, :, None] & kok[:, None, :])).transpose(0, 1)       # (B, h, T, S)
 
-    def attend(self, q, k, v, mask, *, is_causal, positions, need_weights=False, dropout_p=0.0):
+    def grid(self, positions, n_prefix: int = 0):
+        """The map on the (B, h, T, S) grid, fp32, for an attention that builds its probabilities
+        itself (DeBERTa's disentangled attention adds it after its softmax). positions as in
+        `attend`; the first `n_prefix` key slots are prefix keys, never on the map."""
+        q_pos, k_pos, k_valid = positions
+        if n_prefix:
+            k_pos = F.pad(k_pos, (n_prefix, 0))
+            k_valid = F.pad(k_valid, (n_prefix, 0), value=False)
+        lengths = k_valid.sum(-1)
+        qi, qok = self.map_index(q_pos, torch.ones_like(q_pos, dtype=torch.bool), lengths)
+        ki, kok = self.map_index(k_pos, k_valid, lengths)
+        return self.dense(qi, qok, ki, kok)
+
+    def attend(self, q, k, v, mask, *, is_causal, positions, need_weights=False, dropout_p=0.0, s2=None):
         """softmax(q kᵀ/√d) v + Attn_s v for one layer; returns (y, probs or None).
 
         positions = (q_pos (B, T), k_pos (B, S), k_valid (B, S)): token positions of queries and
         keys and which key slots are real tokens (keys of a prefix, if any, come first and are
-        never on the map). Attention dropout (`dropout_p`) applies to the softmax part only."""
+        never on the map). Attention dropout (`dropout_p`) applies to the softmax part only. `s2`:
+        LongLoRA's shifted sparse attention for the softmax part (model.shifted_sparse_attention)."""
         q_pos, k_pos, k_valid = positions
         if self.tail and q_pos.shape[1] < k_pos.shape[1]:
             raise ValueError("LMAM tail mode (Eq. 16) cannot decode with a KV cache: the last n tokens "
@@ -160,7 +176,7 @@ class LMAM(nn.Module):
             vv = v.repeat_interleave(H // Hkv, dim=1)
             return y + bias @ vv, probs + bias                                   # Eq. 12-13
 
-        y = sdpa(q, k, v, mask, is_causal, dropout_p)
+        y = sdpa(q, k, v, mask, is_causal, dropout_p) if s2 is None else shifted_sparse_attention(q, k, v, *s2)
         # Gather the values of the tokens on the map: slot of map index j per row (B, n).
         B, S = k_pos.shape
         n, T, hd = self.length, q_pos.shape[1], v.shape[-1]
@@ -171,18 +187,22 @@ class LMAM(nn.Module):
         v_map = v_map * (slot < S)[:, None, :, None]                            # zero where no token
         v_map = v_map.repeat_interleave(H // Hkv, dim=1)                        # (B, H, n, hd)
         a = self.heads_map(self.attn_map())                                     # (H, n, n), fp32
+        if T < n:       # few queries (decoding: one per step): only their rows of the map, O(h·T·n·hd)
+            rows = a[:, qi].transpose(0, 1) * qok[:, None, :, None]             # (B, H, T, n); 0 off the map
+            return y + (rows @ v_map.to(a.dtype)).to(q.dtype), None
         u = (a @ v_map.to(a.dtype)).to(q.dtype)                                 # (B, H, n, hd) = Attn_s·V, in fp32
         u = F.pad(u, (0, 0, 0, 1))                                              # row n: zeros
         row = torch.where(qok, qi, n)                                           # queries off the map get row n
         return y + u.gather(2, row[:, None, :, None].expand(B, H, T, hd)), None  # each query's map row
 
-    def factors(self):
+    def factors(self, wa=None, wb=None):
         """(Wa + PE on its rows, Wb + PE on its columns), Eq. 8-9, each times root (√s when s is
         absorbed, else 1); the stored parameters never change."""
+        wa, wb = (self.wa if wa is None else wa), (self.wb if wb is None else wb)
         if self.variant == "no_pos":
-            return self.wa, self.wb
+            return wa, wb
         pe = self.root * self.pe
-        return self.wa + pe[:, None], self.wb + pe[None, :]
+        return wa + pe[:, None], wb + pe[None, :]
 
     def extra_repr(self):
         return (f"heads={self.heads}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "
@@ -194,5 +214,9 @@ def map_sizes(model) -> list[float]:
     maps = [m for m in model.modules() if isinstance(m, LMAM)]
     if not maps:
         return []
+    sizes = []
     with torch.no_grad():
-        return torch.stack([m.attn_map().detach().abs().amax().float() for m in maps]).tolist()
+        for m in maps:                        # a sharded model's factors (DTensors, fsdp.py) gathered first
+            whole = {n: p.full_tensor() for n, p in m.named_parameters(recurse=False) if hasattr(p, "full_tensor")}
+            sizes.append(m.attn_map(whole).abs().amax().float())
+        return torch.stack(sizes).tolist()

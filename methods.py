@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder, PrefixSlice
+from adaptive import AdaLoRAAllocator, AdaLoRALinear, SoRAGates, SoRALinear
 from checkpoint import read_safetensors, read_safetensors_metadata, write_safetensors
 from lmam import LMAM
 from lora import DoRALinear, LoRALinear
@@ -218,11 +219,83 @@ def parallel_lmam(model, adapter_r=256, adapter_scale=1.0, adapter_dropout=0.0, 
     lmam(model, **lmam_hp)
 
 
+# LongLoRA (Chen et al. 2024), Table 7's long-sequence baseline. Its S²-Attn is a training setting,
+# not a module: train.py --s2_ratio (1/4 in its presets), model.shifted_sparse_attention.
+
+def longlora(model, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="q_proj,k_proj,v_proj,o_proj",
+             context_len=8192):
+    """LongLoRA's trainable parts (its fine-tune.py): LoRA r=8, α=16 on the attention projections,
+    the embeddings and every norm trainable (the LM head frozen), a [PAD] token whose rows start at
+    the mean embedding, and RoPE position interpolation by ceil(context_len / trained length)."""
+    lora(model, lora_r, lora_alpha, lora_dropout, target_modules)
+    add_pad_token(model)
+    factor = math.ceil(context_len / model.cfg.max_seq_len)
+    if factor > 1 and model.cfg.rope_scaling is None:                    # linear position interpolation
+        model.cfg.rope_scaling = {"rope_type": "linear", "factor": float(factor)}
+    for name, p in model.named_parameters():
+        if "embed" in name or "norm" in name:                             # LongLoRA's trainable_params
+            p.requires_grad_(True)
+
+
+def longlora_lmam(model, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="q_proj,k_proj,v_proj,o_proj",
+                  context_len=8192, lmam_mode="tail", lmam_len=256, **lmam_hp):
+    """LongLoRA + LMAM (Table 7): the map on the last n = 256 tokens (Eq. 16, §4.2.2), Table 19's LMAM."""
+    longlora(model, lora_r, lora_alpha, lora_dropout, target_modules, context_len)
+    lmam(model, lmam_mode=lmam_mode, lmam_len=lmam_len, **lmam_hp)
+
+
+def add_pad_token(model):
+    """One more token row in the embedding and the LM head, set to the mean of the others (LongLoRA's
+    smart_tokenizer_and_embedding_resize); its id is the old vocabulary size."""
+    if not isinstance(model, M.Llama) or model.cfg.tie_embeddings:
+        raise ValueError("a [PAD] token is added to LLaMA checkpoints with separate embedding and LM head")
+    for owner, name in ((model, "embed_tokens"), (model, "lm_head")):
+        old = getattr(owner, name).weight
+        new = torch.cat([old.detach(), old.detach().float().mean(0, keepdim=True).to(old.dtype)])
+        getattr(owner, name).weight = nn.Parameter(new, requires_grad=False)
+    model.embed_tokens.num_embeddings = model.lm_head.out_features = model.cfg.vocab_size = new.shape[0]
+
+
+# Adaptive-rank LoRA (adaptive.py), Table 11's baselines: besides their layers they attach an update
+# hook, which train.py calls around every optimizer step (update_hooks).
+
+def adalora(model, adalora_init_r=12, adalora_target_r=8, lora_alpha=8.0, lora_dropout=0.0,
+            target_modules="q_proj,v_proj", adalora_tinit=0, adalora_tfinal=0, adalora_delta_t=1,
+            adalora_beta1=0.85, adalora_beta2=0.85, adalora_orth_reg=0.5):
+    """AdaLoRA (adaptive.py): SVD-form LoRA of initial rank init_r whose triplets are pruned to an
+    average target_r by importance, on a cubic budget schedule over the run (tinit steps before it,
+    tfinal after it, an allocation every delta_t steps); orthogonality regulariser orth_reg.
+    Defaults: peft's AdaLoraConfig (its LLaMA targets q_proj, v_proj)."""
+    for parent, name in linear_targets(model, target_modules):
+        setattr(parent, name, AdaLoRALinear(getattr(parent, name), adalora_init_r, lora_alpha, lora_dropout))
+    model.update_hooks = [AdaLoRAAllocator(adalora_target_r, adalora_tinit, adalora_tfinal, adalora_delta_t,
+                                           adalora_beta1, adalora_beta2, adalora_orth_reg)]
+
+
+def sora(model, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
+         target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", sora_lambda=10.0,
+         sora_lambda2=3e-4, sora_threshold="fixed", sora_schedule="none", sora_max_lambda=10.0, sora_lambda_num=10):
+    """SoRA (adaptive.py): LoRA with a gate between A and B, the gate trained by its own proximal
+    step (L1 weight sora_lambda in the loss, threshold sora_lambda2 after each Adam step). Defaults:
+    SoRA's run_glue_sora_no_schedule.sh (r 8, λ 10, λ2 3e-4; α 16 of config/lora_config.json) on
+    every linear layer of a block (their default_modified_modules)."""
+    for parent, name in linear_targets(model, target_modules):
+        setattr(parent, name, SoRALinear(getattr(parent, name), lora_r, lora_alpha, lora_dropout))
+    model.update_hooks = [SoRAGates(sora_lambda, sora_lambda2, sora_threshold, sora_schedule, sora_max_lambda,
+                                    sora_lambda_num)]
+
+
+def update_hooks(model) -> list:
+    """The update hooks a method attached (adaptive.py's protocol); [] for most methods."""
+    return list(getattr(model, "update_hooks", ()))
+
+
 METHODS = {
     "full": full, "bitfit": bitfit, "prefix": prefix, "series": series, "parallel": parallel,
     "adapter_ffn": adapter_ffn, "mam": mam, "lora": lora, "dora": dora, "quanta": quanta, "lmam": lmam,
     "lorada_la": lorada_la, "lorada_q": lorada_q, "lorada_a": lorada_a,
     "lora+lmam": lora_lmam, "dora+lmam": dora_lmam, "series+lmam": series_lmam, "parallel+lmam": parallel_lmam,
+    "adalora": adalora, "sora": sora, "longlora": longlora, "longlora+lmam": longlora_lmam,
 }
 
 
@@ -250,6 +323,8 @@ def model_keys(cfg) -> tuple:
     the loader sets from the checkpoint's config)."""
     if isinstance(cfg, M.BartConfig):
         family = "mbart" if cfg.pre_norm else "bart"
+    elif isinstance(cfg, M.DebertaConfig):
+        family = "deberta"
     else:
         family = "roberta" if isinstance(cfg, M.RobertaConfig) else "llama"
     return (family, getattr(cfg, "name", None))
@@ -257,11 +332,12 @@ def model_keys(cfg) -> tuple:
 
 def method_hparams(name: str, keys: tuple = (), overrides: dict | None = None, task: str | None = None) -> dict:
     """The method's defaults ← its presets for the model (family, then name) ← its preset for the
-    task ← the caller's overrides, checked against the method's hyperparameters."""
+    task ← for the family on that task ("roberta/sst2") ← the caller's overrides, checked against
+    the method's hyperparameters."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     hp = hyperparameters(METHODS[name])
-    for key in (*keys, task):
+    for key in (*keys, task, f"{keys[0]}/{task}" if keys and task else None):
         hp.update(METHOD_PRESETS.get((name, key), {}))
     types = flag_types()
     for k, v in (overrides or {}).items():
@@ -288,6 +364,7 @@ def apply_method(model, name: str, task: str | None = None, **overrides):
         raise ValueError(f"the model already has method {model.peft_method['name']!r} applied")
     hp = method_hparams(name, model_keys(model.cfg), overrides, task)
     base_keys = set(model.state_dict().keys())
+    model.fingerprint = base_fingerprint(model)    # the base's, before a method changes it (LongLoRA's [PAD])
     model.requires_grad_(False)
     METHODS[name](model, **hp)
     if getattr(model, "head", None) is not None:
@@ -302,9 +379,9 @@ def apply_method(model, name: str, task: str | None = None, **overrides):
 
 
 def trains_base(name: str) -> bool:
-    """Whether a method trains the base model's own weights (full fine-tuning, BitFit): then they
-    stay in fp32 and autocast does the bf16 work."""
-    return METHODS[name] in (full, bitfit)
+    """Whether a method trains the base model's own weights (full fine-tuning, BitFit, LongLoRA's
+    embeddings and norms): then they stay in fp32 and autocast does the bf16 work."""
+    return METHODS[name] in (full, bitfit, longlora, longlora_lmam)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -324,7 +401,10 @@ ADAPTER_EXT = ".safetensors"
 
 
 def base_fingerprint(model) -> dict:
-    """What identifies the base model: its shapes and a checksum of a few embedding rows."""
+    """What identifies the base model: its shapes and a checksum of a few embedding rows (a sharded
+    model, fsdp.py, keeps the one computed before sharding)."""
+    if getattr(model, "fingerprint", None) is not None:
+        return model.fingerprint
     c = model.cfg
     fp = {k: getattr(c, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
           if hasattr(c, k)}
@@ -342,14 +422,17 @@ def adapter_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if k not in model.base_keys or k in trainable}
 
 
-def save_adapter(model, path: str):
+def save_adapter(model, path: str, tensors: dict | None = None):
+    """Write the method's tensors (adapter_state, or `tensors`: a sharded model's, gathered by
+    fsdp.full_tensors) and the method's configuration to one safetensors file."""
     if getattr(model, "peft_method", None) is None:
         raise ValueError("save_adapter: no method applied to this model (call apply_method first)")
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("save_adapter: the adapter is merged into the weights; unmerge it first")
     meta = {"method": model.peft_method["name"], "hparams": json.dumps(model.peft_method["hparams"]),
-            "base": json.dumps(base_fingerprint(model))}
-    write_safetensors({k: v.detach() for k, v in adapter_state(model).items()}, path, metadata=meta)
+            "base": json.dumps(base_fingerprint(model)), "base_name": getattr(model.cfg, "name", None) or ""}
+    tensors = adapter_state(model) if tensors is None else tensors
+    write_safetensors({k: v.detach() for k, v in tensors.items()}, path, metadata=meta)
 
 
 def load_adapter(model, path: str):
@@ -360,13 +443,17 @@ def load_adapter(model, path: str):
         raise ValueError(f"{path}: not an adapter file of this project (no method in its metadata)")
     name, hp = meta["method"], json.loads(meta["hparams"])
     base, ours = json.loads(meta["base"]), base_fingerprint(model)
+    # the models by name where known (presets.py's names, saved since base_name was added)
+    theirs_name = f" ({meta['base_name']})" if meta.get("base_name") else ""
+    ours_name = f" ({model.cfg.name})" if getattr(model.cfg, "name", None) else ""
     for k in base:
         if k == "checksum":
             if None not in (base[k], ours[k]) and not math.isclose(base[k], ours[k], rel_tol=1e-2):
-                raise ValueError(f"{path}: was trained on a different base model (embedding checksum "
-                                 f"{base[k]:.6g}, this model's is {ours[k]:.6g})")
+                raise ValueError(f"{path}: was trained on a different base model{theirs_name} (embedding checksum "
+                                 f"{base[k]:.6g}), not on this one{ours_name} (checksum {ours[k]:.6g})")
         elif base[k] != ours.get(k):
-            raise ValueError(f"{path}: was trained on a base model with {k}={base[k]}, this model has {ours.get(k)}")
+            raise ValueError(f"{path}: was trained on a base model{theirs_name} with {k}={base[k]}, this "
+                             f"model{ours_name} has {ours.get(k)}")
     current = getattr(model, "peft_method", None)
     if current is None:
         apply_method(model, name, **hp)

@@ -3,7 +3,8 @@
   - LLaMA 1/2/3 (Touvron et al. 2023; Meta 2024): RMSNorm, rotary position embeddings (RoPE),
     grouped-query attention, SwiGLU feed-forward, a KV cache for decoding;
   - RoBERTa (Liu et al. 2019) with the GLUE classification head;
-  - BART (Lewis et al. 2020) and mBART (Liu et al. 2020), encoder-decoder.
+  - BART (Lewis et al. 2020) and mBART (Liu et al. 2020), encoder-decoder;
+  - DeBERTa-v2/v3 (He et al. 2021) with disentangled attention and the GLUE classification head.
 Each comes with its config dataclass and the presets of the released shapes (LLAMA_PRESETS,
 ENCDEC_PRESETS). The rest of the machinery lives next to this file, one concern per file:
   - checkpoint.py: reading checkpoints (Hugging Face, Meta, llama2.c) into these models, the
@@ -26,6 +27,7 @@ computed once per forward and passed down.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,6 +51,10 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False  # lm_head shares the embedding matrix (llama2.c models)
     name: str | None = None       # the checkpoint's name, for presets.py (set by checkpoint.build / load)
+    # RoPE scaling (rope_cos_sin): None, {"rope_type": "linear", "factor": f} (position interpolation,
+    # LongLoRA) or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (Llama 3.1 / 3.2); read from config.json by checkpoint.py
+    rope_scaling: dict | None = None
 
     @property
     def head_dim(self) -> int:
@@ -113,9 +119,37 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """cos/sin tables for RoPE at the given token positions (B, T) -> each (B, 1, T, head_dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None):
+    """RoPE's frequencies θ_i = theta^(-2i/hd), i < hd/2 (Su et al. 2021), with an optional scaling:
+      - linear (position interpolation, Chen et al. 2023, used by LongLoRA): position p is read as
+        p / factor, i.e. every θ_i is divided by factor;
+      - llama3 (Llama 3.1, Meta's llama-models `apply_scaling`): with λ_i = 2π/θ_i and L the
+        original context, wavelengths longer than L/low_freq_factor are divided by factor, shorter
+        than L/high_freq_factor kept, and in between θ_i is interpolated as (1 − s)·θ_i/factor + s·θ_i,
+        s = (L/λ_i − low_freq_factor) / (high_freq_factor − low_freq_factor).
+    The same float32 operations as transformers' modeling_rope_utils, so the logits match."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)     # long waves: / factor
+        s = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - s) * scaled / factor + s * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (linear, llama3)")
+    return inv_freq
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype, scaling: dict | None = None):
+    """cos/sin tables for RoPE at the given token positions (B, T) -> each (B, 1, T, head_dim);
+    `scaling`: LlamaConfig.rope_scaling (rope_inv_freq)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq          # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)               # (B, T, hd): the "rotate_half" layout
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -129,18 +163,59 @@ def apply_rope(x, cos, sin):
 
 
 def linear(x, weight, bias=None):
-    """F.linear, except for a few fp32 rows on CPU (decoding), where it is computed by bmm over the
-    weight's two row halves: for (out, in) weights the BLAS matrix-vector product behind F.linear
-    runs 2-5x slower on this project's CPU than the batched form (bench.py's decode row; decoding
-    reads every weight once per token, so this is most of a step). Same result up to rounding.
-    Not for bf16, whose own kernel is ~2x faster than the batched form there."""
+    """F.linear, except for a few fp32 rows on a CPU (decoding) where a batched product over the
+    weight's two row halves was measured faster on this machine (row_halves_wins). Decoding reads
+    every weight once per token, so this product is most of a step, and BLAS libraries differ on
+    it: on one machine of this project F.linear's matrix-vector product was 2-5x slower than the
+    batched form, on another 3x faster. Same result up to rounding."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 32 or weight.shape[0] % 2:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 32 or weight.shape[0] % 2 \
+            or torch.compiler.is_compiling() or not row_halves_wins(weight):
         return F.linear(x, weight, bias)
-    out, d = weight.shape
-    y = torch.bmm(weight.view(2, out // 2, d), x.reshape(rows, d).t().expand(2, d, rows))   # (2, out/2, rows)
-    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
+    y = row_halves(x, weight)
     return y if bias is None else y + bias
+
+
+def row_halves(x, weight):
+    out, d = weight.shape
+    rows = x.numel() // d
+    y = torch.bmm(weight.view(2, out // 2, d), x.reshape(rows, d).t().expand(2, d, rows))   # (2, out/2, rows)
+    return y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
+
+
+ROW_HALVES = {}     # (out, in) -> (F.linear's seconds, the row halves' seconds) for one row, measured here
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def row_halves_wins(weight) -> bool:
+    """Is the row-halves product clearly (> 1.25x) faster than F.linear for one row times this
+    weight's shape on this machine? Measured once per shape (best of 5), then remembered."""
+    key = tuple(weight.shape)
+    if key not in ROW_HALVES:
+        g = torch.Generator().manual_seed(0)              # not the global RNG: training stays reproducible
+        x, w = torch.randn(1, weight.shape[1], generator=g), torch.randn(weight.shape, generator=g)
+
+        def best(f):
+            f()
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+            return min(times)
+        ROW_HALVES[key] = (best(lambda: F.linear(x, w)), best(lambda: row_halves(x, w)))
+    plain, halves = ROW_HALVES[key]
+    return halves * 1.25 < plain
+
+
+def decoding_report() -> str:
+    """Which product each weight shape uses when decoding on this CPU, as measured."""
+    if not ROW_HALVES:
+        return "decoding products: F.linear (nothing measured: no fp32 decoding on a CPU yet)"
+    parts = [f"{o}x{i}: {'row halves' if h * 1.25 < p else 'F.linear'} ({1e6 * p:.0f} vs {1e6 * h:.0f} µs)"
+             for (o, i), (p, h) in ROW_HALVES.items()]
+    return "decoding products, measured on this CPU (F.linear vs row halves, one row): " + "; ".join(parts)
 
 
 class Linear(nn.Linear):
@@ -152,7 +227,7 @@ class Linear(nn.Linear):
 
 
 def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None, positions=None,
-           need_weights=False, dropout_p=0.0):
+           need_weights=False, dropout_p=0.0, s2=None):
     """softmax(q kᵀ / √d + mask) v, the one attention function of this file.
 
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with H a multiple of Hkv (grouped-query attention:
@@ -163,7 +238,12 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
     `need_weights` the T×S attention probabilities are materialised and returned as well (for
     pictures and tests); otherwise the work stays in scaled_dot_product_attention. `dropout_p`:
     attention dropout on the probabilities (RoBERTa/BART fine-tuning; pass 0.0 in eval mode).
+    `s2` = (group, wrap): LongLoRA's shifted sparse attention instead of full causal attention
+    (training only; shifted_sparse_attention).
     """
+    if s2 is not None and (mask is not None or not is_causal or extra_kv is not None):
+        raise ValueError("S²-Attn (--s2_ratio) needs causal rows without padding or a prefix: LongLoRA's "
+                         "rows of exactly L tokens")
     if extra_kv is not None:
         pk, pv = extra_kv
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, Hkv, P + S, hd)
@@ -176,10 +256,53 @@ def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None,
             mask = torch.cat([prefix_ok.expand(mask.shape[0], -1, -1, -1), mask], dim=-1)
     if attn_map is not None:
         return attn_map.attend(q, k, v, mask, is_causal=is_causal, positions=positions,
-                               need_weights=need_weights, dropout_p=dropout_p)
+                               need_weights=need_weights, dropout_p=dropout_p, s2=s2)
+    if s2 is not None:
+        return shifted_sparse_attention(q, k, v, *s2), None
     if need_weights:
         return attention_naive(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
     return sdpa(q, k, v, mask, is_causal, dropout_p), None
+
+
+def shifted_sparse_attention(q, k, v, group: int, wrap: bool = False):
+    """S²-Attn (LongLoRA, Chen et al. 2024, §3.2), its training-time attention: causal attention
+    within groups of `group` tokens; query heads [H/2, H) use groups shifted by group/2, so that
+    information flows between neighbouring groups.
+
+      wrap=False (LongLoRA's code since 2023-10, its flash-attention version, the default): the
+        shifted heads' groups are [0, G/2), [G/2, 3G/2), ..., [L − G/2, L).
+      wrap=True (the paper's Algorithm 1, a roll): the shifted heads' last group is [L − G/2, L)
+        followed by [0, G/2), and tokens 0..G/2−1 attend to the last G/2 tokens (the future).
+
+    q (B, H, L, hd); k, v (B, Hkv, L, hd) (grouped-query: repeated to H heads first, as LongLoRA
+    applies it after repeat_kv); L a multiple of `group`, `group` even. Nothing L×L is built: the
+    groups become SDPA's batch, (B·L/G, heads, G, hd)."""
+    B, H, L, hd = q.shape
+    if group <= 0 or L % group or group % 2:
+        raise ValueError(f"S²-Attn: {L} tokens cannot be cut into groups of {group} shifted by half a group "
+                         f"(the group must divide the length and be even: L = 4·G with the default ratio 1/4)")
+    k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    n, half, shift = L // group, H // 2, group // 2
+
+    def grouped(x):                                      # (B, h, L, hd) -> (B·n, h, G, hd)
+        return x.unflatten(2, (n, group)).transpose(1, 2).flatten(0, 1)
+
+    def ungrouped(y):                                    # (B·n, h, G, hd) -> (B, h, L, hd)
+        return y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)
+
+    plain = ungrouped(F.scaled_dot_product_attention(*(grouped(x[:, :half]) for x in (q, k, v)), is_causal=True))
+    # the shifted heads: roll left by G/2, so that group j holds tokens [G/2 + jG, G/2 + (j+1)G)
+    rolled = [grouped(x[:, half:].roll(-shift, dims=2)) for x in (q, k, v)]
+    mask = None
+    if not wrap:    # the last group holds [L − G/2, L) then [0, G/2): two segments, each causal alone
+        pos = torch.arange(group, device=q.device)
+        second = pos >= shift
+        last = (second[:, None] == second[None, :]) & (pos[None, :] <= pos[:, None])
+        mask = torch.ones(n, group, group, dtype=torch.bool, device=q.device).tril()
+        mask[-1] = last
+        mask = mask.repeat(B, 1, 1)[:, None]                                     # (B·n, 1, G, G)
+    shifted = F.scaled_dot_product_attention(*rolled, attn_mask=mask, is_causal=mask is None)
+    return torch.cat([plain, ungrouped(shifted).roll(shift, dims=2)], dim=1)      # (B, H, L, hd)
 
 
 def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
@@ -216,7 +339,7 @@ class Attention(nn.Module):
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
 
-    def forward(self, x, cos, sin, mask, is_causal, positions, cache=None, need_weights=False):
+    def forward(self, x, cos, sin, mask, is_causal, positions, cache=None, need_weights=False, s2=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -226,7 +349,7 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)                                                   # (B, Hkv, S, hd)
         extra_kv = self.prefix(B, x.dtype) if self.prefix is not None else None
         y, probs = attend(q, k, v, mask, is_causal=is_causal, extra_kv=extra_kv, attn_map=self.attn_map,
-                          positions=positions, need_weights=need_weights)
+                          positions=positions, need_weights=need_weights, s2=s2)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)              # (B, T, H * hd)
         return self.o_proj(y), probs
 
@@ -256,9 +379,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, positions, cache=None, need_weights=False):
+    def forward(self, x, cos, sin, mask, is_causal, positions, cache=None, need_weights=False, s2=None):
         a, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, positions,
-                                  cache, need_weights)
+                                  cache, need_weights, s2)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
@@ -311,6 +434,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.s2_ratio, self.s2_wrap = 0.0, False   # S²-Attn in training (LongLoRA): group = ratio × length
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
@@ -329,6 +453,13 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0                 # a Python int, never a tensor
         device = input_ids.device
+        room = self.cfg.max_seq_len * (self.cfg.rope_scaling or {}).get("factor", 1)
+        if past + T > room:                                              # a shape check: no sync
+            raise ValueError(f"{past + T} positions, but this model was trained for {self.cfg.max_seq_len}"
+                             + ("" if room == self.cfg.max_seq_len else f" (× RoPE scaling: {room:g})") +
+                             ": interpolate positions (LongLoRA: --method longlora) or shorten the input")
+        # LongLoRA's S²-Attn in training mode only (evaluation uses full attention, as LongLoRA does)
+        s2 = (int(T * self.s2_ratio), self.s2_wrap) if self.training and self.s2_ratio and cache is None else None
         padded = attention_mask is not None
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
@@ -352,16 +483,16 @@ class Llama(nn.Module):
             is_causal = False
 
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
         # token positions of the queries and of every key slot, for an attention map (LMAM)
         map_positions = (positions, token_positions(attention_mask), attention_mask.bool())
         all_probs = []
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x, probs = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask, is_causal, map_positions, cache, need_weights, use_reentrant=False)
+                    layer, x, cos, sin, mask, is_causal, map_positions, cache, need_weights, s2, use_reentrant=False)
             else:
-                x, probs = layer(x, cos, sin, mask, is_causal, map_positions, cache, need_weights)
+                x, probs = layer(x, cos, sin, mask, is_causal, map_positions, cache, need_weights, s2)
             all_probs.append(probs)
         if cache is not None:
             cache.advance(T)
@@ -707,11 +838,225 @@ class Bart(nn.Module):
         return self.decode(decoder_input_ids, self.cross_kv(enc), attention_mask, return_hidden=return_hidden)
 
 
+# -----------------------------------------------------------------------------
+# DeBERTa-v2/v3 (He et al. 2021; DeBERTaV3: He, Gao, Chen 2021), Table 11's GLUE model
+#
+# RoBERTa's post-LN layer (EncoderLayer, the same module names, so methods attach as they do to
+# RoBERTa) with *disentangled* attention: no absolute positions; every layer adds to the content
+# scores qᵢ·kⱼ a content-to-position term qᵢ·k_r[δ(i, j)] and a position-to-content term
+# kⱼ·q_r[δ(i, j)], where q_r, k_r are the layer's own q_proj / k_proj applied to one table of
+# relative-position embeddings shared by all layers (share_att_key), normalised by a LayerNorm
+# (norm_rel_ebd), and δ(i, j) is i − j in log buckets. The three terms are scaled by 1/√(3·hd).
+# Only the configuration of the v3 checkpoints is built (relative_attention, pos_att_type
+# "p2c|c2p", share_att_key, norm_rel_ebd "layer_norm", no absolute positions, no conv layer);
+# checkpoint.load_deberta rejects the others by name.
+
+@dataclass
+class DebertaConfig:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    vocab_size: int = 128100
+    max_positions: int = 512          # max_position_embeddings: the relative span when max_relative_positions < 1
+    position_buckets: int = 256       # relative positions in log buckets of this size; <= 0: none
+    max_relative_positions: int = -1  # the largest distance the buckets reach; < 1: max_positions
+    type_vocab_size: int = 0          # 0: no token-type embedding (v3)
+    pad_id: int = 0
+    norm_eps: float = 1e-7
+    activation: str = "gelu"
+    dropout: float = 0.1              # hidden_dropout_prob (also on the relative embeddings, per layer)
+    attention_dropout: float = 0.1
+    pooler_activation: str = "gelu"   # the GLUE head: dense + this activation on token 0 ([CLS])
+    pooler_dropout: float = 0.0
+    cls_dropout: float | None = None  # before the classifier; None: dropout (transformers' rule)
+    num_labels: int = 0               # 0: no classification head; 1: regression (STS-B)
+    name: str | None = None           # the checkpoint's name, for presets.py (set by checkpoint.build / load)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def max_relative(self) -> int:
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_positions
+
+    @property
+    def span(self) -> int:
+        """k: relative positions are clamped to [-k, k) and the shared table has 2k rows."""
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative
+
+
+def log_bucket(rel, buckets: int, max_position: int):
+    """DeBERTa's relative-position buckets: distances below buckets/2 are kept, longer ones are
+    mapped logarithmically so that max_position lands on bucket buckets − 1 (same sign). Computed
+    in fp32 as transformers' make_log_bucket_position."""
+    mid = buckets // 2
+    sign = torch.sign(rel)
+    near = (rel < mid) & (rel > -mid)
+    abs_pos = torch.where(near, torch.full_like(rel, mid - 1), rel.abs())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid))
+                         * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, rel.float(), log_pos * sign).long()
+
+
+def relative_positions(T: int, S: int, cfg: DebertaConfig, device):
+    """(T, S) relative position of query slot i to key slot j: i − j, log-bucketed. Slots, not
+    token positions: only differences matter, and they are the same for real tokens however the
+    batch is padded."""
+    rel = torch.arange(T, device=device)[:, None] - torch.arange(S, device=device)[None, :]
+    if cfg.position_buckets > 0:
+        rel = log_bucket(rel, cfg.position_buckets, cfg.max_relative)
+    return rel
+
+
+class DisentangledAttention(MultiHeadAttention):
+    """DeBERTa's self-attention with MultiHeadAttention's slots (q/k/v/out_proj, prefix, attn_map,
+    adapter), computing the (B, H, T, S) probabilities itself (the position terms are not SDPA's):
+
+        scores = (q kᵀ + c2p + p2c) / √(3·hd),   c2p[i, j] = qᵢ·k_r[idx(i, j)],  p2c[i, j] = kⱼ·q_r[idx(i, j)]
+
+    with k_r = k_proj(rel), q_r = q_proj(rel) (the layer's own projections, biases included, on the
+    shared relative embeddings) and idx(i, j) = clamp(δ(i, j) + k, 0, 2k − 1). (transformers
+    writes p2c with −δ(j, i), the same index: δ is antisymmetric.)
+    LMAM (attn_map) adds its map after the softmax, on the token grid: (softmax(scores) + Attn_s)·V
+    (Eq. 12-13, LMAM.grid); ¬N (pre_softmax) adds it to the scores. Prefix keys (prefix tuning)
+    carry no position: their scores are the content term alone."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float, rel_dropout: float):
+        super().__init__(dim, n_heads, dropout)
+        self.rel_dropout = rel_dropout        # transformers' pos_dropout (hidden_dropout_prob), per layer
+
+    def forward(self, x, mask=None, positions=None, rel=None, need_weights=False):
+        """x (B, T, D); mask (B, 1, 1, T) boolean key mask; rel = (relative embeddings (2k, D), their
+        bucket index (T, T)). Returns (output (B, T, D), probabilities (B, H, T, S) or None)."""
+        B, T, D = x.shape
+        rel_emb, idx = rel
+        q, k, v = self.heads(self.q_proj(x)), *self.kv(x)                            # (B, H, T, hd)
+        rel_emb = F.dropout(rel_emb, self.rel_dropout, self.training)[None]          # (1, 2k, D)
+        k_r, q_r = self.heads(self.k_proj(rel_emb)), self.heads(self.q_proj(rel_emb))   # (1, H, 2k, hd)
+        index = idx.expand(B, self.n_heads, T, T)
+        c2p = torch.gather(q @ k_r.transpose(-1, -2), -1, index)                     # (B, H, T, T)
+        p2c = torch.gather(k @ q_r.transpose(-1, -2), -1, index.transpose(-1, -2)).transpose(-1, -2)
+        scale = math.sqrt(self.head_dim * 3)
+        scores = (q @ k.transpose(-1, -2) + c2p + p2c) / scale
+        if self.prefix is not None:                                                   # content term only
+            pk, pv = self.prefix(B, x.dtype)                                          # (B, H, P, hd)
+            scores = torch.cat([q @ pk.transpose(-1, -2) / scale, scores], dim=-1)
+            v = torch.cat([pv, v], dim=2)
+            if mask is not None:
+                mask = F.pad(mask, (pk.shape[2], 0), value=True)
+        P = scores.shape[-1] - T
+        grid = self.attn_map.grid(positions, P) if self.attn_map is not None else None   # (B, H, T, S), fp32
+        if grid is not None and self.attn_map.variant == "pre_softmax":              # ¬N: inside the softmax
+            scores = scores + grid.to(scores.dtype)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        y = F.dropout(probs, self.dropout, self.training) @ v
+        if grid is not None and self.attn_map.variant != "pre_softmax":              # Eq. 12-13
+            y = y + grid.to(v.dtype) @ v
+            probs = probs + grid.to(probs.dtype)
+        y = self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return y, (probs if need_weights else None)
+
+
+class DebertaLayer(EncoderLayer):
+    """RoBERTa's post-LN layer with disentangled attention (no dropout after the FFN's activation)."""
+
+    def __init__(self, cfg: DebertaConfig):
+        super().__init__(cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.activation, cfg.dropout, cfg.attention_dropout,
+                         0.0, cfg.norm_eps)
+        self.self_attn = DisentangledAttention(cfg.dim, cfg.n_heads, cfg.attention_dropout, cfg.dropout)
+
+    def forward(self, x, mask, positions, rel, need_weights=False):
+        probs = []
+        def attention(h):
+            y, p = self.self_attn(h, mask, positions, rel, need_weights)
+            probs.append(p)
+            return y
+        x = self.residual(x, self.self_attn_layer_norm, attention, self.self_attn.adapter)
+        x = self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
+        return (x, probs[0]) if need_weights else x
+
+
+class DebertaHead(nn.Module):
+    """DeBERTa's GLUE head (transformers' ContextPooler + classifier): out_proj(dropout(act(dense(
+    dropout(x[:, 0]))))), the pooler's dropout first, the classifier's (cls_dropout) second."""
+
+    def __init__(self, cfg: DebertaConfig):
+        super().__init__()
+        self.dense = Linear(cfg.dim, cfg.dim)
+        self.out_proj = Linear(cfg.dim, cfg.num_labels)
+        self.act = ACTIVATIONS[cfg.pooler_activation]
+        self.pooler_dropout = cfg.pooler_dropout
+        self.cls_dropout = cfg.dropout if cfg.cls_dropout is None else cfg.cls_dropout
+
+    def forward(self, h):
+        x = F.dropout(h[:, 0].to(self.dense.weight.dtype), self.pooler_dropout, self.training)  # fp32 head, bf16 states
+        x = self.act(self.dense(x))
+        return self.out_proj(F.dropout(x, self.cls_dropout, self.training))
+
+
+class Deberta(nn.Module):
+    """DeBERTa-v2/v3 (microsoft/deberta-v3-base) with the GLUE classification head; Roberta's interface."""
+
+    def __init__(self, cfg: DebertaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_id)
+        self.embed_token_types = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size > 0 else None
+        self.layernorm_embedding = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(DebertaLayer(cfg) for _ in range(cfg.n_layers))
+        self.rel_embeddings = nn.Embedding(2 * cfg.span, cfg.dim)        # shared by every layer
+        self.rel_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = DebertaHead(cfg) if cfg.num_labels else None
+        self.gradient_checkpointing = False
+
+    def encode(self, input_ids, attention_mask=None, need_weights=False, token_type_ids=None):
+        """input_ids (B, T) -> last hidden states (B, T, dim). Padding is where attention_mask == 0
+        (default: input_ids == pad_id). token_type_ids: segment ids, used only by checkpoints with
+        a type embedding (v3 has none). need_weights=True: also every layer's attention
+        probabilities (B, H, T, T), LMAM's map included. A padded query row attends to the real
+        keys (transformers': evenly to every key); either way no real token ever sees it."""
+        if attention_mask is None:
+            attention_mask = (input_ids != self.cfg.pad_id).long()
+        x = self.embed_tokens(input_ids)
+        if self.embed_token_types is not None:
+            x = x + self.embed_token_types(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+        x = self.layernorm_embedding(x) * attention_mask[..., None].to(x.dtype)     # padding zeroed, as transformers
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        T, k = input_ids.shape[1], self.cfg.span
+        rel_emb = self.rel_layer_norm(self.rel_embeddings.weight).to(x.dtype)          # (2k, D), every layer's
+        idx = (relative_positions(T, T, self.cfg, input_ids.device) + k).clamp(0, 2 * k - 1)   # (T, T) rows of it
+        rel = (rel_emb, idx)
+        mask = padding_mask(attention_mask)
+        tp = token_positions(attention_mask)
+        positions = (tp, tp, attention_mask.bool())                     # for an attention map (LMAM)
+        all_probs = []
+        for layer in self.layers:
+            if need_weights:
+                x, probs = layer(x, mask, positions, rel, need_weights=True)
+                all_probs.append(probs)
+            elif self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, positions, rel, use_reentrant=False)
+            else:
+                x = layer(x, mask, positions, rel)
+        return (x, all_probs) if need_weights else x
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """input_ids (B, T) -> the head's logits (B, num_labels)."""
+        if self.head is None:
+            raise ValueError("this DeBERTa has no classification head: checkpoint.load(path, num_labels=k) adds one")
+        return self.head(self.encode(input_ids, attention_mask, token_type_ids=token_type_ids))
+
+
 # The released checkpoints' shapes (roberta-base with a 2-label GLUE head).
 ENCDEC_PRESETS = {
     "roberta-base": RobertaConfig(num_labels=2),
     "bart-large": BartConfig(),
     "mbart-large-cc25": BartConfig(vocab_size=250027, pre_norm=True, scale_embedding=True),
+    "deberta-v3-base": DebertaConfig(num_labels=2),           # microsoft/deberta-v3-base's config.json
 }
 SHAPE_FIELDS = ("dim", "n_layers", "encoder_layers", "decoder_layers", "n_heads", "hidden_dim", "vocab_size",
                 "max_positions", "pre_norm", "scale_embedding")

@@ -3,11 +3,12 @@ each, with its source.
 
 METHOD_PRESETS: (method, key) -> hyperparameters over the method's defaults (its keyword defaults in
 methods.py). A key is a model family ("llama", "roberta", "bart", "mbart"), a checkpoint name
-("llama-7b", ..., model.py's presets) or a task ("sst2", ..., "math"). They apply in that order,
-family, then name, then task, and the command line last (methods.method_hparams).
+("llama-7b", ..., model.py's presets), a task ("sst2", ..., "math") or a family on a task
+("roberta/sst2"). They apply in that order, family, then name, then task, then family/task, and the
+command line last (methods.method_hparams). NAMED_PRESETS are chosen by train.py --preset.
 
 TRAIN_PRESETS: training hyperparameters. TRAIN_DEFAULTS, then the pipeline's row ("llm", "glue",
-"xsum", "mt"), then the (method, pipeline), (method, checkpoint name) and (method, task) rows,
+"xsum", "mt", "quanta", ...), then the (method, pipeline), (method, checkpoint name) and (method, task) rows,
 then the command line (train_hparams).
 
 Sources: LLM-Adapters (Hu et al. 2023: finetune.py and its run commands, ../shared/research/
@@ -121,6 +122,8 @@ METHOD_PRESETS = {
     ("series+lmam", "llama2-13b"): LMAM_LLAMA_13B, ("parallel+lmam", "llama2-13b"): LMAM_LLAMA_13B,
     ("lora+lmam", "llama2-70b"): LMAM_LLAMA2_70B, ("dora+lmam", "llama2-70b"): LMAM_LLAMA2_70B,
     ("series+lmam", "llama2-70b"): LMAM_LLAMA2_70B, ("parallel+lmam", "llama2-70b"): LMAM_LLAMA2_70B,
+    ("longlora+lmam", "llama3-8b"): LMAM_LLAMA3_8B, ("longlora+lmam", "llama-13b"): LMAM_LLAMA_13B,   # Table 19's LMAM
+    ("longlora+lmam", "llama2-13b"): LMAM_LLAMA_13B, ("longlora+lmam", "llama2-70b"): LMAM_LLAMA2_70B,
     ("lora+lmam", "llama-tiny"): LMAM_TINY, ("dora+lmam", "llama-tiny"): LMAM_TINY,
     ("series+lmam", "llama-tiny"): LMAM_TINY, ("parallel+lmam", "llama-tiny"): LMAM_TINY,
     ("lora+lmam", "llama-tiny-gqa"): LMAM_TINY, ("dora+lmam", "llama-tiny-gqa"): LMAM_TINY,
@@ -129,6 +132,43 @@ METHOD_PRESETS = {
 for _method in ("lmam", "lorada_a", "lora+lmam", "dora+lmam", "series+lmam"):     # Table 16: n per GLUE task
     for _task, _n in GLUE_LMAM_LEN.items():
         METHOD_PRESETS[(_method, _task)] = dict(lmam_len=_n)
+
+# --- DeBERTaV3-base, Table 11 -----------------------------------------------------------------------
+# A.5: Table 16 applies, "when using the DeBERTaV3_base model, the only modification is setting the
+# rank to 2" (LMAM's rank; the n-per-task rows above apply). A.2.1 says "LMAM's rank and length set to
+# 2 and 128": its n = 128 contradicts A.5's "only modification"; A.5 is taken (--lmam_len 128 gives
+# A.2.1's). Neither reaches Table 11's 0.29M: LMAM r2 + Adapter-FFN r16 is 378,048 (n 512) or 341,184
+# (n 256) parameters without the GLUE head, the adapter alone 304,320 (README, "Choices").
+# The other methods have no DeBERTa settings in the paper: He et al.'s GLUE settings, as on RoBERTa.
+LMAM_DEBERTA = dict(LMAM_ROBERTA, lmam_rank=2)
+ENCODER_LINEAR = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"      # every linear layer of an encoder block
+METHOD_PRESETS.update({
+    ("lorada_a", "deberta"): dict(LMAM_DEBERTA, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+    ("lmam", "deberta"): LMAM_DEBERTA,
+    ("lora", "deberta"): HE_LORA, ("dora", "deberta"): HE_LORA, ("series", "deberta"): HE_SERIES,
+    ("prefix", "deberta"): dict(prefix_len=200, prefix_mid_dim=800),
+    ("adapter_ffn", "deberta"): dict(adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+    ("mam", "deberta"): dict(prefix_len=16, adapter_r=16, adapter_scale=2.0, adapter_dropout=0.1),
+    ("lora+lmam", "deberta"): dict(HE_LORA, **LMAM_DEBERTA), ("dora+lmam", "deberta"): dict(HE_LORA, **LMAM_DEBERTA),
+    ("series+lmam", "deberta"): dict(HE_SERIES, **LMAM_DEBERTA),
+})
+# AdaLoRA and SoRA on the encoders: every linear layer of a block (AdaLoRA's NLU scripts, --lora_module
+# query,key,value,intermediate,layer.output,attention.output; SoRA's default_modified_modules).
+for _family in ("deberta", "roberta", "bart", "mbart"):
+    METHOD_PRESETS[("adalora", _family)] = dict(target_modules=ENCODER_LINEAR)
+    METHOD_PRESETS[("sora", _family)] = dict(target_modules=ENCODER_LINEAR)
+# AdaLoRA's DeBERTaV3-base GLUE scripts (QingruZhang/AdaLoRA, NLU/scripts/run_debertav3_<task>.sh):
+# --target_rank, --lora_r (the initial rank), --reg_orth_coef, --init_warmup, --final_warmup,
+# --mask_interval, --lora_alpha; β1 = β2 = 0.85 everywhere. They are the 0.32M budget of the AdaLoRA
+# paper; Table 11's AdaLoRA row (1.27M, copied from the SoRA paper) has no released script.
+for _task, (_target, _init, _orth, _tinit, _tfinal, _dt, _alpha) in {
+        "mnli": (1, 3, 0.1, 8000, 50000, 100, 16.0), "sst2": (1, 2, 0.1, 6000, 22000, 100, 16.0),
+        "cola": (1, 3, 0.1, 800, 3500, 10, 32.0), "qqp": (1, 2, 0.1, 8000, 25000, 100, 16.0),
+        "qnli": (1, 2, 0.1, 2000, 8000, 100, 32.0), "rte": (1, 2, 0.3, 600, 1800, 1, 32.0),
+        "mrpc": (1, 2, 0.1, 600, 1800, 1, 32.0), "stsb": (1, 2, 0.3, 800, 2000, 10, 32.0)}.items():
+    METHOD_PRESETS[("adalora", _task)] = dict(adalora_target_r=_target, adalora_init_r=_init, adalora_orth_reg=_orth,
+                                              adalora_tinit=_tinit, adalora_tfinal=_tfinal, adalora_delta_t=_dt,
+                                              lora_alpha=_alpha)
 
 
 # --- Training -------------------------------------------------------------------------------------
@@ -141,7 +181,8 @@ for _method in ("lmam", "lorada_a", "lora+lmam", "dora+lmam", "series+lmam"):   
 TRAIN_DEFAULTS = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_rate=3e-4, cutoff_len=256,
                       val_set_size=120, eval_step=80, save_step=80, warmup_steps=100, weight_decay=0.0,
                       max_grad_norm=1.0, seed=42, max_steps=0, warmup_ratio=0.0, label_smoothing=0.0,
-                      max_target_len=0, max_tokens=0, update_freq=1, adam_beta2=0.999, adam_eps=1e-8)
+                      max_target_len=0, max_tokens=0, update_freq=1, adam_beta2=0.999, adam_eps=1e-8,
+                      lr_schedule="linear", s2_ratio=0.0)
 
 TRAIN_PRESETS = {
     # The pipelines. The medium models: He et al.'s scripts (adapters.md section 7); eval_step /
@@ -157,6 +198,16 @@ TRAIN_PRESETS = {
                cutoff_len=150, max_target_len=150, max_tokens=4096, update_freq=4, val_set_size=1600,
                eval_step=5000, save_step=5000, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
                label_smoothing=0.1, adam_beta2=0.98, adam_eps=1e-6),
+    # plain text cut into rows of cutoff_len tokens (LongLoRA's RedPajama pipeline); no validation
+    "lm": dict(val_set_size=0, eval_step=0, save_step=100),
+    # LongLoRA's README command: 8 GPUs × 1 × gradient accumulation 8 = 64 rows of 8192 tokens, lr 2e-5
+    # constant after 20 warmup steps, 1000 steps, no weight decay; S²-Attn with groups of L/4
+    ("longlora", "lm"): dict(batch_size=64, micro_batch_size=1, max_steps=1000, num_epochs=0, learning_rate=2e-5,
+                             lr_schedule="constant", warmup_steps=20, weight_decay=0.0, cutoff_len=8192,
+                             s2_ratio=0.25),
+    ("longlora+lmam", "lm"): dict(batch_size=64, micro_batch_size=1, max_steps=1000, num_epochs=0,
+                                  learning_rate=2e-5, lr_schedule="constant", warmup_steps=20, weight_decay=0.0,
+                                  cutoff_len=8192, s2_ratio=0.25),
 
     # LLaMA rows: each method's reference script
     ("prefix", "llm"): dict(batch_size=8, num_epochs=5, learning_rate=3e-2, eval_step=10, save_step=10),  # math command
@@ -181,3 +232,68 @@ TRAIN_PRESETS = {
     ("lorada_a", "qnli"): dict(learning_rate=1e-4), ("lorada_a", "qqp"): dict(learning_rate=1e-4),
     ("lorada_a", "rte"): dict(learning_rate=7e-4), ("lorada_a", "stsb"): dict(learning_rate=5e-4),
 }
+
+# --- Table 11's baselines on DeBERTaV3-base (GLUE) ----------------------------------------------------
+# AdaLoRA's scripts (run_debertav3_<task>.sh): batch 32, their max_seq_length, learning rate, epochs,
+# warmup and weight decay, transformers' Trainer defaults otherwise (Adam β2 0.999, ε 1e-8, clip 1.0).
+# Their --cls_dropout (0 to 0.2) is the head's, which here comes from the checkpoint's config.
+TRAIN_PRESETS[("adalora", "glue")] = dict(warmup_ratio=0.0, adam_beta2=0.999, adam_eps=1e-8, max_grad_norm=1.0)
+for _task, (_len, _lr, _epochs, _warmup, _wd) in {
+        "mnli": (256, 5e-4, 7, 1000, 0.0), "sst2": (128, 8e-4, 24, 1000, 0.01), "cola": (64, 8e-4, 25, 100, 0.0),
+        "qqp": (320, 8e-4, 5, 2000, 0.01), "qnli": (512, 5e-4, 5, 500, 0.01), "rte": (320, 1.2e-3, 50, 200, 0.01),
+        "mrpc": (320, 1e-3, 30, 0, 0.01), "stsb": (128, 2.2e-3, 25, 100, 0.1)}.items():
+    TRAIN_PRESETS[("adalora", _task)] = dict(batch_size=32, micro_batch_size=32, cutoff_len=_len, learning_rate=_lr,
+                                             num_epochs=_epochs, warmup_steps=_warmup, weight_decay=_wd)
+TRAIN_PRESETS[("adalora", "mrpc")]["warmup_ratio"] = 0.1                   # run_debertav3_mrpc.sh: --warmup_ratio 0.1
+# SoRA's run_glue_sora_no_schedule.sh (its example task is STS-B; the repository has no per-task
+# settings): batch 8, 20 epochs, lr 8e-4 (the gates' too), clip 0.1, warmup ratio 0.06, weight decay
+# 0.1, max_seq_length 128, transformers' Adam defaults.
+TRAIN_PRESETS[("sora", "glue")] = dict(batch_size=8, micro_batch_size=8, num_epochs=20, learning_rate=8e-4,
+                                       cutoff_len=128, max_grad_norm=0.1, warmup_ratio=0.06, weight_decay=0.1,
+                                       adam_beta2=0.999, adam_eps=1e-8)
+
+
+# --- Reproduction presets (README, "Reproduction notes") --------------------------------------------
+# Table 5's baselines on RoBERTa-base at its printed 0.5% (MNLI and SST-2 copied from He et al., the
+# other tasks run "following He et al."), which gives no sizes: each is derived from Table 5's 0.5%,
+# the size whose count (this code's count without the GLUE head, share = added / (base + added), as
+# peft prints it) is nearest to 0.5%. Keyed "roberta/TASK": a GLUE task on RoBERTa only (DeBERTa's
+# Table 11 has other baselines), after the family's He et al. rows above.
+#   prefix l=34 (no reparametrisation MLP: the 0.5% are the prefixes themselves; He et al.'s MLP of
+#     mid_dim 800, --prefix_mid_dim 800, trains 14.8M more, which they do not count): 626,688 = 0.503%
+#     (l=33: 0.488%);
+#   Houlsby adapter r=16 after attention (with its LayerNorm) and FFN: 627,072 = 0.503% (r=15: 0.473%);
+#   Adapter-FFN r=33: 617,868 = 0.496% (r=34: 0.510%).
+# LoRA r=16 on q, v (0.473%) and MAM l=16 + r=16 (0.481% counting the prefixes, 11.2% with the MLP)
+# keep He et al.'s rows; LoRaDA-A keeps Table 16 (0.333% without the head).
+TABLE5_SIZES = {"prefix": dict(prefix_len=34, prefix_mid_dim=0), "series": dict(adapter_r=16),
+                "adapter_ffn": dict(adapter_r=33)}
+for _method, _hp in TABLE5_SIZES.items():
+    for _task in GLUE_LMAM_LEN:
+        METHOD_PRESETS[(_method, f"roberta/{_task}")] = _hp
+# LLaMA prefix tuning on commonsense: LLM-Adapters' default num_virtual_tokens=30 (finetune.py; its
+# only prefix command, math, passes 10): 7,864,320 = 0.1166% of LLaMA-7B, Table 4's 0.11 (truncated;
+# its LLaMA-13B row's 0.03 is l=10: 0.0315%). Math keeps l=10 (the method's default).
+METHOD_PRESETS[("prefix", "commonsense")] = dict(prefix_len=30)
+
+# Named presets (train.py --preset NAME): a paper row's settings that are not the default for the
+# method, model and task. The method's row fills the flags the command line leaves unset.
+NAMED_PRESETS = {
+    "table5-0.06": dict(
+        about="Table 5's two 0.06% rows, RoBERTa-base on GLUE, sizes not given by the paper (a guess): "
+              "lorada_a with Adapter-FFN r=3 and LMAM h_s=1, r=1 (Figure 3's 'Ours (0.06%)' has h_s = r = 1; "
+              "Table 16's n per task): 76,836 = 0.062% (n 512) or 70,692 = 0.057% (n 256); adapter_ffn r=4: "
+              "82,992 = 0.067%, the nearest to 0.06% (r=3: 0.052%; no rank gives 0.06% rounded)",
+        rows={"lorada_a": dict(adapter_r=3, lmam_heads=1, lmam_rank=1), "adapter_ffn": dict(adapter_r=4)}),
+}
+
+# QuanTA's protocol (train.py --protocol quanta, its run/ft_com.sh): batch 4 (micro-batch 1 ×
+# gradient accumulation 4), 5 epochs, lr 5e-5, no warmup, no weight decay, seed 31415 (the split's
+# seed, 271828, is data/quanta.py's), 400 dev examples, evaluation and saving every 25000 / 4 =
+# 6250 steps, max_length 2048. The math settings are not released (ft_com.sh is commonsense's; its
+# run.sh is DROP's): the same are taken.
+TRAIN_PRESETS["quanta"] = dict(batch_size=4, micro_batch_size=1, num_epochs=5, learning_rate=5e-5, warmup_steps=0,
+                               weight_decay=0.0, seed=31415, val_set_size=400, eval_step=6250, save_step=6250,
+                               cutoff_len=2048)
+# LoRaDA-Q "following QuanTA" (Table 17: batch 8, lr 1e-4, no warmup; its epochs: QuanTA's 5)
+TRAIN_PRESETS[("lorada_q", "quanta")] = dict(batch_size=8, learning_rate=1e-4, warmup_steps=0)

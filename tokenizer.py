@@ -5,13 +5,16 @@
     special tokens);
   - GPT2BPETokenizer: RoBERTa and BART (GPT-2's byte-level BPE from vocab.json + merges.txt, run by
     tiktoken);
-  - MBartTokenizer: mBART (sentencepiece with fairseq's ids and the language codes).
+  - MBartTokenizer: mBART (sentencepiece with fairseq's ids and the language codes);
+  - DebertaTokenizer: DeBERTa-v2/v3 (spm.model's unigram pieces, transformers' pipeline).
 `load_tokenizer(path)` picks the right one from a file or a checkpoint directory. Each has
 `encode` and `decode` and the ids the models need (bos_id, eos_id, pad_id, vocab_size).
 """
 import json
+import math
 import os
 import re
+import unicodedata
 
 
 def load_sentencepiece(path: str):
@@ -208,10 +211,138 @@ class MBartTokenizer:
         return self.sp.DecodeIds(pieces)
 
 
+# Unicode's White_Space characters (what the tokenizers library's \s and strip use; Python's
+# str.isspace() also counts \x1c-\x1f).
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+
+
+def truncate_longest_first(x: list, y: list | None, budget: int):
+    """transformers' truncation="longest_first" of a pair to `budget` tokens, cut from the ends
+    (the tokenizers library's rule: the shorter text keeps its length if the longer one can absorb
+    the cut, else the shorter gets budget // 2 and the longer the rest)."""
+    if budget < 0:
+        raise ValueError(f"max_length leaves no room for the text ({budget} tokens)")
+    if y is None:
+        return x[:budget], None
+    if len(x) + len(y) <= budget:
+        return x, y
+    short, long = sorted((len(x), len(y)))
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    nx, ny = (long, short) if len(x) > len(y) else (short, long)
+    return x[:nx], y[:ny]
+
+
+class DebertaTokenizer:
+    """DeBERTa-v2/v3's spm.model, id for id as transformers' DebertaV2Tokenizer (5.x), which runs
+    the model's unigram pieces through its own pipeline rather than sentencepiece's:
+
+      1. normalise: runs of 2+ white space and every \\n, \\r, \\t become one space; NFC; strip the
+         right end (not sentencepiece's NFKC: "ﬁ" stays one unknown character);
+      2. split into words at spaces, each word starting with "▁" (one is prepended to the first);
+      3. segment each word by Viterbi over the pieces' log-probabilities (the unigram model);
+         a character no piece covers is [UNK] with score min − 10, and runs of [UNK] fuse.
+
+    Ids: the pieces' own ([PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3 in v3), [MASK] after the last piece
+    (128000 in v3). A pair is [CLS] A [SEP] B [SEP], token types 0 up to the first [SEP] and 1
+    after. Special-token text in the input ("[MASK]") is encoded as plain text, as this project's
+    other tokenizers do (transformers would emit the special id)."""
+
+    SPECIAL = {"pad_id": "[PAD]", "bos_id": "[CLS]", "eos_id": "[SEP]", "unk_id": "[UNK]"}
+
+    def __init__(self, path: str):
+        self.path, self.sp = path, load_sentencepiece(path)
+        n = self.sp.GetPieceSize()
+        ids = {self.sp.IdToPiece(i): i for i in range(n)}
+        for attr, piece in self.SPECIAL.items():
+            if piece not in ids:
+                raise ValueError(f"{path}: no piece {piece!r}; not a DeBERTa-v2/v3 spm.model "
+                                 f"(it has {', '.join(self.SPECIAL.values())} as pieces)")
+            setattr(self, attr, ids[piece])
+        self.cls_id, self.sep_id = self.bos_id, self.eos_id
+        self.mask_id = ids.get("[MASK]", n)
+        self.vocab_size = max(n, self.mask_id + 1)
+        # the pieces a word can be made of: normal and user-defined ones (not [PAD], [CLS], ...)
+        self.pieces = {self.sp.IdToPiece(i): (i, self.sp.GetScore(i)) for i in range(n)
+                       if not (self.sp.IsControl(i) or self.sp.IsUnknown(i) or self.sp.IsUnused(i))}
+        self.unk_score = min(self.sp.GetScore(i) for i in range(n)) - 10.0
+        self.longest = max(map(len, self.pieces))
+        self.space = re.compile(f"[{re.escape(WHITE_SPACE)}]{{2,}}|[\n\r\t]")
+        self.cache = {}
+
+    def normalize(self, text: str) -> str:
+        return unicodedata.normalize("NFC", self.space.sub(" ", text)).rstrip(WHITE_SPACE)
+
+    def segment(self, word: str) -> list[int]:
+        """Viterbi over one word: best[e] = max over pieces w[s:e] of best[s] + score."""
+        if word in self.cache:
+            return self.cache[word]
+        L = len(word)
+        best = [0.0] + [-math.inf] * L
+        back = [None] * (L + 1)                     # (start, id) of the last piece of the best path to e
+        for s in range(L):
+            if best[s] == -math.inf:
+                continue
+            covered = False
+            for e in range(s + 1, min(L, s + self.longest) + 1):
+                hit = self.pieces.get(word[s:e])
+                if hit is None:
+                    continue
+                covered |= e == s + 1
+                if best[s] + hit[1] > best[e]:
+                    best[e], back[e] = best[s] + hit[1], (s, hit[0])
+            if not covered and best[s] + self.unk_score > best[s + 1]:
+                best[s + 1], back[s + 1] = best[s] + self.unk_score, (s, self.unk_id)
+        out, e = [], L
+        while e > 0:
+            s, i = back[e]
+            if not (i == self.unk_id and out and out[-1] == self.unk_id):    # fuse runs of [UNK]
+                out.append(i)
+            e = s
+        out.reverse()
+        if len(self.cache) < 1 << 20:
+            self.cache[word] = out
+        return out
+
+    def encode(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
+        """[CLS] text [SEP] (DeBERTa's single-sequence format)."""
+        text = self.normalize(text)
+        ids = []
+        if text:
+            text = text.replace(" ", "\u2581")
+            text = text if text.startswith("\u2581") else "\u2581" + text
+            for word in re.findall("\u2581[^\u2581]*", text):
+                ids += self.segment(word)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_pair(self, a: str, b: str | None = None, max_length: int | None = None,
+                    token_types: bool = False):
+        """[CLS] A [SEP] B [SEP] (or [CLS] A [SEP]), cut to max_length tokens longest-first as
+        transformers does; with token_types also the segment ids (0 for [CLS] A [SEP], 1 after)."""
+        x = self.encode(a, bos=False, eos=False)
+        y = self.encode(b, bos=False, eos=False) if b else None        # "" counts as no B, as in transformers
+        if max_length is not None:
+            x, y = truncate_longest_first(x, y, max_length - (3 if y is not None else 2))
+        ids = [self.cls_id] + x + [self.sep_id] + (y + [self.sep_id] if y is not None else [])
+        if not token_types:
+            return ids
+        return ids, [0] * (len(x) + 2) + [1] * (len(ids) - len(x) - 2)
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        special = {self.pad_id, self.bos_id, self.eos_id, self.mask_id} | ({self.unk_id} if skip_special else set())
+        n = self.sp.GetPieceSize()
+        text = "".join(self.sp.IdToPiece(int(i)) if int(i) < n else "[MASK]"
+                       for i in ids if not (skip_special and int(i) in special))
+        return text.replace("\u2581", " ").removeprefix(" ")
+
+
 def load_tokenizer(path: str):
     """A tokenizer from a file or a checkpoint directory: vocab.json + merges.txt (GPT-2 BPE:
-    RoBERTa, BART), sentencepiece.bpe.model / sentence.bpe.model (mBART), tokenizer.model in
-    sentencepiece format (LLaMA 1/2, llama2.c) or tiktoken format (LLaMA 3)."""
+    RoBERTa, BART), sentencepiece.bpe.model / sentence.bpe.model (mBART), spm.model (DeBERTa-v2/v3),
+    tokenizer.model in sentencepiece format (LLaMA 1/2, llama2.c) or tiktoken format (LLaMA 3)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "spm.model")):     # DeBERTa-v2/v3
+        path = os.path.join(path, "spm.model")
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "vocab.json")):
             merges = os.path.join(path, "merges.txt")
@@ -223,12 +354,14 @@ def load_tokenizer(path: str):
                 return MBartTokenizer(os.path.join(path, name))
         if not os.path.exists(os.path.join(path, "tokenizer.model")):
             raise ValueError(f"{path}: no tokenizer found (expected tokenizer.model, vocab.json + merges.txt, "
-                             f"or sentencepiece.bpe.model)")
+                             f"sentencepiece.bpe.model or spm.model)")
         path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such tokenizer file")
     if os.path.basename(path) in ("sentencepiece.bpe.model", "sentence.bpe.model"):
         return MBartTokenizer(path)
+    if os.path.basename(path) == "spm.model":
+        return DebertaTokenizer(path)
     with open(path, "rb") as f:
         first = f.readline(4096)
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first):

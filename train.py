@@ -2,8 +2,11 @@
 BART on XSum, mBART on WMT16 en-ro.
 
     python train.py                                                 # the CPU demo (demo.py)
+    python train.py --method lorada_q --model llama-7b              # downloads huggyllama/llama-7b and commonsense_170k
     python train.py --model llama-7b --method lorada_q --dry_run    # parameter report, no weights
     python train.py --model /ckpt/llama-7b-hf --method lorada_la --data commonsense_170k --out_dir runs/la
+    python train.py --model /ckpt/llama-2-7b-hf --method lorada_q --data math_10k --protocol quanta   # QuanTA's pipeline
+    python train.py --model /ckpt/roberta-base --method lorada_a --task sst2 --preset table5-0.06 ...  # a named preset
     python train.py ... --out_dir runs/la --resume                  # continue exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py --model ... --method lorada_la --out_dir runs/la   # 8 GPUs
     python train.py --model /ckpt/roberta-base --method lorada_a --task sst2 --data glue_data/SST-2
@@ -31,6 +34,7 @@ import random
 import signal
 import sys
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,14 +42,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import fsdp
 import methods
 import model as M
 from checkpoint import CheckpointError, atomic_write, build, load
-from data import glue, llm_adapters, seq2seq
-from eval import MAIN_METRIC, glue_metric, glue_predictions
+import hub
+from data import glue, llm_adapters, quanta, seq2seq, text
+from eval import MAIN_METRIC, glue_metric, glue_predictions, option_scores, quanta_generate, quanta_math_correct
 from lmam import map_sizes
 from loss import lm_loss
-from presets import TRAIN_DEFAULTS
+from presets import NAMED_PRESETS, TRAIN_DEFAULTS
 from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- the command line
@@ -72,6 +78,9 @@ TRAIN_HELP = {
     "update_freq": "micro-batches per step with max_tokens (He et al.'s MT 4: 16k tokens a step)",
     "adam_beta2": "AdamW's β2 (0.999; He et al.'s GLUE and MT 0.98)",
     "adam_eps": "AdamW's ε (1e-8; He et al.'s GLUE and MT 1e-6)",
+    "lr_schedule": "linear (decay to 0 after the warmup; transformers' default) or constant (LongLoRA)",
+    "s2_ratio": "LongLoRA's shifted sparse attention in training, groups of ratio × length tokens "
+                "(LongLoRA: 0.25; 0: full attention)",
 }
 # Method flags: the hyperparameters of methods.py's functions (their defaults and presets.py's rows).
 METHOD_HELP = {
@@ -94,21 +103,43 @@ METHOD_HELP = {
     "lmam_mode": "LMAM placement: head (the first n tokens, Eq. 14-15) or tail (the last n, Eq. 16)",
     "lmam_init": "LMAM initialisation (the paper gives none): zero (Attn_s = 0, √s absorbed into the "
                  "factors; learns at the paper's lr) or paper (N(0, 1) factors, the literal s)",
+    "context_len": "LongLoRA: the training length; RoPE positions are interpolated by ceil(context_len / the "
+                   "model's length) (its fine-tune.py; default: --cutoff_len of the lm pipeline)",
+    "adalora_init_r": "AdaLoRA's initial rank of every layer (peft's AdaLoraConfig: 12)",
+    "adalora_target_r": "AdaLoRA's average rank after pruning (peft: 8)",
+    "adalora_tinit": "AdaLoRA: steps before the budget starts to shrink (peft: 0)",
+    "adalora_tfinal": "AdaLoRA: last steps at the final budget (peft: 0)",
+    "adalora_delta_t": "AdaLoRA: steps between two rank allocations (peft: 1)",
+    "adalora_beta1": "AdaLoRA: EMA of the sensitivity (peft: 0.85)",
+    "adalora_beta2": "AdaLoRA: EMA of the uncertainty (peft: 0.85)",
+    "adalora_orth_reg": "AdaLoRA's orthogonality regulariser weight (peft: 0.5)",
+    "sora_lambda": "SoRA's L1 weight on the gates in the loss (its GLUE scripts: 10)",
+    "sora_lambda2": "SoRA's proximal threshold after each step (its GLUE scripts: 3e-4)",
+    "sora_threshold": "SoRA's threshold mode (its code: fixed)",
+    "sora_schedule": "SoRA's sparsity schedule (its code: none)",
+    "sora_max_lambda": "SoRA's largest λ of the schedule (its code: 10)",
+    "sora_lambda_num": "SoRA's number of λ steps in the schedule (its code: 10)",
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny",
-                   help=f"a checkpoint (directory or llama2.c .bin); with --dry_run also a preset name "
-                        f"({', '.join([*M.LLAMA_PRESETS, *M.ENCDEC_PRESETS])})")
+                   help=f"a local checkpoint (directory or llama2.c .bin; always wins), a Hugging Face Hub id "
+                        f"(org/name, downloaded once: pip install -r requirements-hub.txt; HF_TOKEN for gated ones) "
+                        f"or a paper name, which downloads its hub id ({', '.join(f'{k}: {v}' for k, v in hub.PAPER_MODELS.items())}). "
+                        f"With --dry_run a preset name ({', '.join([*M.LLAMA_PRESETS, *M.ENCDEC_PRESETS])}) "
+                        f"builds the shapes only, nothing downloaded")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in the checkpoint directory)")
     p.add_argument("--method", default="lorada_la", help=f"one of: {', '.join(methods.METHODS)}")
     p.add_argument("--data", default="commonsense_170k",
-                   help="LLaMA: a JSON file or a name (" + ", ".join(llm_adapters.TRAIN_SETS) + "); GLUE: the "
+                   help="LLaMA: a JSON file or a name (" + ", ".join(llm_adapters.TRAIN_SETS) + "; from "
+                        "$LLM_ADAPTERS_DATA/ft-training_set/, else downloaded once from LLM-Adapters' repository at "
+                        "a pinned commit, hash-checked, cached in $LORADA_CACHE or ~/.cache/lorada); GLUE: the "
                         "task's folder of TSVs; XSum / WMT: a folder of train/val JSON lines or .source/.target")
     p.add_argument("--task", default=None,
-                   help="picks the task's presets. LLaMA: commonsense or math (default: math for math_* data); "
+                   help="picks the task's presets. LLaMA: commonsense or math (default: math for math_* data), "
+                        "or lm (plain text in rows of --cutoff_len tokens: LongLoRA); "
                         "RoBERTa: a GLUE task (" + ", ".join(glue.TASKS) + "); BART: xsum; mBART: wmt16-en-ro")
     p.add_argument("--out_dir", default="out", help="where the run writes its files (see above)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
@@ -126,14 +157,56 @@ def parse_args(argv=None):
                    help="bf16: frozen weights in bf16, the method's tensors, the GLUE head and AdamW in fp32 "
                         "(full fine-tuning and BitFit: fp32 weights under bf16 autocast); the same recipe on "
                         "CPU and GPU. Default: bf16 on a GPU, fp32 on CPU")
+    t.add_argument("--s2_wrap", action="store_true",
+                   help="S²-Attn as the LongLoRA paper's Algorithm 1 (a roll: the first G/2 tokens see the last) "
+                        "instead of LongLoRA's current code (no wrap-around)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="shard the model, the frozen base included, over the torchrun processes (FSDP2, fsdp.py): "
+                        "for models no single device holds, e.g. LLaMA2-70B (docs/performance.md, memory plan)")
     t.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms where torch has them (README: what is bit-exact on a GPU)")
+    t.add_argument("--protocol", choices=("default", "quanta"), default="default",
+                   help="whose pipeline trains. default: the benchmark's reference (LLaMA: LLM-Adapters' finetune.py; "
+                        "RoBERTa, BART: He et al.). quanta (LLaMA): QuanTA's run.py, where Table 4's QuanTA rows and "
+                        "Table 8 come from: commonsense trained as classification over the answer candidates, math "
+                        "on the answer tokens of '{q}\\nAnswer: {output}', 400 dev examples drawn as its split "
+                        "does, ft_com.sh's settings (5 epochs, lr 5e-5, batch 4, seed 31415); evaluate with "
+                        "eval.py --protocol quanta")
+    t.add_argument("--group_by_length", action="store_true",
+                   help="LLaMA (LLM-Adapters' pipeline): batches of similar lengths (a seeded shuffle, then each "
+                        "group of 50 batches sorted by length: less padding, faster; transformers' group_by_length, "
+                        "which LLM-Adapters leaves off). Default: random batches, as LLM-Adapters trains")
+    t.add_argument("--token_weighted_loss", action="store_true",
+                   help="LLaMA: a step's loss is the mean over all its labelled tokens, however they fall into "
+                        "micro-batches. Default: the mean of each micro-batch's mean token loss (the Hugging Face "
+                        "Trainer that LLM-Adapters and QuanTA train with), where a token of a short micro-batch "
+                        "weighs more")
+    t.add_argument("--preset", default=None,
+                   help="a named preset of presets.NAMED_PRESETS over the method's rows (the command line still "
+                        "wins): " + "; ".join(f"{k}: {v['about']}" for k, v in NAMED_PRESETS.items()).replace("%", "%%"))
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     h = p.add_argument_group("method hyperparameters (default: the method's, methods.py, or its preset, presets.py)")
     for name, typ in methods.flag_types().items():
         h.add_argument(f"--{name}", type=typ, default=None,
                        help=METHOD_HELP.get(name, f"a hyperparameter of the methods that take it (methods.py)"))
-    return p.parse_args(argv)
+    return apply_named_preset(p.parse_args(argv))
+
+
+def apply_named_preset(args):
+    """--preset NAME: the method's row of presets.NAMED_PRESETS[NAME] fills the method flags the
+    command line left unset (so prepare() takes them as overrides, after the model's and the task's
+    rows). A name without a row for the method is an error."""
+    if args.preset is None:
+        return args
+    if args.preset not in NAMED_PRESETS:
+        raise SystemExit(f"error: --preset {args.preset!r}: unknown; valid: {', '.join(NAMED_PRESETS)}")
+    rows = NAMED_PRESETS[args.preset]["rows"]
+    if args.method not in rows:
+        raise SystemExit(f"error: --preset {args.preset} has settings for {', '.join(rows)}, not for {args.method}")
+    for k, v in rows[args.method].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 # ----------------------------------------------------------------------------- the benchmarks
@@ -174,15 +247,35 @@ def validation_loss(val_set, collate, loss_sum, units, micro_batch_size):
     return validate
 
 
+def micro_batch_mean(total, batch):
+    """The Hugging Face Trainer's loss with gradient accumulation, as LLM-Adapters (transformers
+    4.28-era) and QuanTA (4.41.1) ran it: the model returns each micro-batch's mean over its own
+    labelled tokens, and the Trainer divides it by gradient_accumulation_steps before backward, so
+    a step's gradient is that of the mean of its micro-batches' means: a token in a micro-batch
+    with few labelled tokens weighs more than one in a long micro-batch. (transformers >= 4.46
+    divides by the step's token count instead, which is --token_weighted_loss.)
+
+    Returned as the micro-batch's mean times its number of examples, with the pipeline's units
+    counting examples: the loop's division by the step's units then gives the mean of the
+    micro-batch means, each weighted by its examples, which are equal but for an epoch's last,
+    shorter micro-batch (the Trainer divides that one by gradient_accumulation_steps all the same).
+    `total` is the summed token loss of `batch`; the count is read from the CPU labels."""
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(n_tokens, 1) * batch["labels"].shape[0]
+
+
 def llm_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on LLM-Adapters' data: next-token cross-entropy over the prompt and the response
-    (train_on_inputs=True, their default), validation by loss on val_set_size held-out examples."""
+    (train_on_inputs=True, their default), validation by loss on val_set_size held-out examples.
+    As their finetune.py trains (the Hugging Face Trainer): the held-out examples are the ones
+    datasets' train_test_split(test_size=val_set_size, shuffle=True, seed=42) holds out, batches
+    are drawn at random (--group_by_length: of similar lengths), and the loss is the mean of the
+    micro-batches' mean token losses (--token_weighted_loss: the mean over the step's tokens)."""
     records = llm_adapters.load_records(llm_adapters.resolve(args.data, split="train"))
-    order = list(range(len(records)))
-    random.Random(hp["seed"]).shuffle(order)               # held-out split: a seeded shuffle
     n_val = min(hp["val_set_size"], len(records) // 2)
-    examples = [llm_adapters.tokenize(tokenizer, records[i], hp["cutoff_len"], not args.mask_prompt) for i in order]
-    train_set, val_set = examples[n_val:], examples[:n_val]
+    train_idx, val_idx = llm_adapters.train_test_split(len(records), n_val)     # seed 42, whatever --seed is
+    tokenize = lambda i: llm_adapters.tokenize(tokenizer, records[i], hp["cutoff_len"], not args.mask_prompt)
+    train_set, val_set = [tokenize(i) for i in train_idx], [tokenize(i) for i in val_idx]
 
     def collate(ex):
         return llm_adapters.collate(ex, tokenizer.pad_id)
@@ -193,22 +286,114 @@ def llm_pipeline(args, model, tokenizer, hp, device, autocast):
             mask = None                           # one graph for torch.compile
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             hidden = model(ids, attention_mask=mask, return_hidden=True)
-            return lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])    # the LM head fused with the loss
+            total = lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])    # the LM head fused with the loss
+        return total if args.token_weighted_loss else micro_batch_mean(total, batch)
 
     def units(ex):
+        if not args.token_weighted_loss:
+            return len(ex)                                 # micro_batch_mean's units: examples
         return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in ex)
 
     def epoch_batches(epoch):
-        lengths = [len(e["input_ids"]) for e in train_set]
-        steps = llm_adapters.length_grouped_batches(lengths, hp["batch_size"], hp["seed"] + epoch)
+        if args.group_by_length:
+            lengths = [len(e["input_ids"]) for e in train_set]
+            steps = llm_adapters.length_grouped_batches(lengths, hp["batch_size"], hp["seed"] + epoch)
+        else:                                              # the Trainer's random sampler
+            steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
         return micro_batches(steps, hp["micro_batch_size"])
 
     return Pipeline(train_set, val_set, collate, loss_sum, units, lambda ex: sum(len(e["input_ids"]) for e in ex),
                     epoch_batches, validation_loss(val_set, collate, loss_sum, units, hp["micro_batch_size"]))
 
 
+def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
+    """LLaMA on LLM-Adapters' data under QuanTA's protocol (--protocol quanta; its run.py with
+    ft_com.sh, data/quanta.py). The dev set: the last val_set_size (400) examples of a permutation
+    of the file seeded with 271828; the rest trains, in random batches.
+    Commonsense (--train_as_classification): each example is all its candidates, each scored by the
+    mean log-probability of its answer tokens (eval.option_scores), and the loss is the
+    cross-entropy of those scores against the gold candidate, one term per example; validation by
+    rank-classification accuracy on the dev set (QuanTA selects its best checkpoint by it).
+    Math: cross-entropy over the answer tokens only, the Trainer's mean of micro-batch means;
+    validation by the accuracy of greedy answers on the dev set, with the correct metric (QuanTA
+    selects by its released one, which counts any prediction >= gold as correct)."""
+    records = llm_adapters.load_records(llm_adapters.resolve(args.data, split="train"),
+                                        fields=("instruction", "output", "answer"))
+    n_dev = min(hp["val_set_size"], len(records) // 2)
+    train_idx, dev_idx = quanta.split(len(records), n_dev)
+    max_length = hp["cutoff_len"]
+
+    def epoch_batches(epoch):                               # the Trainer's random sampler
+        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
+        return micro_batches(steps, hp["micro_batch_size"])
+
+    if args.task == "commonsense":
+        where = lambda i: f"{args.data} record {i}"
+        prepared = {}
+        for i in train_idx + dev_idx:
+            e = quanta.tokenize_choices(tokenizer, quanta.choice_sample(records[i], where(i)), max_length)
+            e["candidates"] = [array("i", c) for c in e["candidates"]]      # 4 bytes a token, not a Python int
+            prepared[i] = e
+        train_set, val_set = [prepared[i] for i in train_idx], [prepared[i] for i in dev_idx]
+
+        def collate(ex):
+            return quanta.collate_choices(ex, tokenizer.pad_id)
+
+        def loss_sum(model, batch):
+            scores = option_scores(model, batch, device, autocast)
+            labels, total, start = batch["labels"].to(scores.device), 0, 0
+            for j, n in enumerate(batch["counts"]):      # utils.forward_wrap_with_option_len, per example
+                total = total + F.cross_entropy(scores[start:start + n][None], labels[j:j + 1], reduction="sum")
+                start += n
+            return total
+
+        def validate(model):
+            correct = 0
+            for s in range(0, len(val_set), 8):
+                part = val_set[s:s + 8]
+                batch = collate(part)
+                scores, start = option_scores(model, batch, device, autocast).tolist(), 0
+                for e, n in zip(part, batch["counts"]):
+                    row = scores[start:start + n]
+                    correct += max(range(n), key=row.__getitem__) == e["label"]
+                    start += n
+            return -(correct / max(len(val_set), 1)), "accuracy"          # negated: lower is better
+
+        return Pipeline(train_set, val_set, collate, loss_sum, len,
+                        lambda ex: sum(len(c) for e in ex for c in e["candidates"]), epoch_batches, validate)
+
+    samples = {i: quanta.math_sample(records[i]) for i in train_idx + dev_idx}
+    train_set = [quanta.tokenize_target(tokenizer, samples[i], max_length - quanta.MAX_NEW_TOKENS) for i in train_idx]
+    dev = [samples[i] for i in dev_idx]
+    val_set = [{"prompt": quanta.prompt_ids(tokenizer, s["question"], max_length - quanta.MAX_NEW_TOKENS),
+                "answer": s["answer"]} for s in dev]
+
+    def collate(ex):
+        return llm_adapters.collate(ex, tokenizer.pad_id)
+
+    def loss_sum(model, batch):
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        mask = None if bool(batch["attention_mask"].all()) else mask
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = model(ids, attention_mask=mask, return_hidden=True)
+            total = lm_loss(hidden[:, :-1], model.lm_head, labels[:, 1:])
+        return micro_batch_mean(total, batch)
+
+    def validate(model):
+        correct = 0
+        for s in range(0, len(val_set), 8):
+            part = val_set[s:s + 8]
+            for e, response in zip(part, quanta_generate(model, tokenizer, [e["prompt"] for e in part],
+                                                          max_length=max_length)):
+                correct += quanta_math_correct(e["answer"], response)[0]
+        return -(correct / max(len(val_set), 1)), "accuracy"
+
+    return Pipeline(train_set, val_set, collate, loss_sum, len, lambda ex: sum(len(e["input_ids"]) for e in ex),
+                    epoch_batches, validate)
+
+
 def glue_pipeline(args, model, tokenizer, hp, device, autocast):
-    """RoBERTa on a GLUE task: cross-entropy (squared error for STS-B) over the examples,
+    """RoBERTa or DeBERTa on a GLUE task: cross-entropy (squared error for STS-B) over the examples,
     validation by the task's metric on the first val_set_size dev examples (He et al.)."""
     first_dev = next(iter(glue.EVAL_SPLITS[args.task]))
     train_set, val_set = ([glue.tokenize(tokenizer, r, hp["cutoff_len"])
@@ -283,32 +468,77 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
                     validation_loss(val_set, collate, loss_sum, units, hp["micro_batch_size"]))
 
 
+def lm_pipeline(args, model, tokenizer, hp, device, autocast):
+    """LLaMA on plain text (LongLoRA's pipeline, Table 7): the documents tokenized between BOS and
+    EOS, joined, and cut into rows of exactly cutoff_len tokens (data/text.py; a token file in the
+    run's folder, read through a memory map), in random order; the loss on every next token.
+    The last val_set_size rows are held out when asked for (LongLoRA has none)."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    tokens = text.token_file(args.data, tokenizer, os.path.join(args.out_dir, "train_tokens.bin"))
+    L = hp["cutoff_len"]
+    n = len(tokens) // L
+    if n == 0:
+        raise ValueError(f"{args.data}: {len(tokens)} tokens, fewer than one row of --cutoff_len {L}")
+    n_val = min(hp["val_set_size"], n // 2)
+    train_set, val_set = text.Rows(tokens, L, 0, n - n_val), text.Rows(tokens, L, n - n_val, n)
+
+    def collate(ex):
+        return llm_adapters.collate(ex, tokenizer.pad_id)
+
+    def loss_sum(model, batch):
+        ids = batch["input_ids"].to(device)                   # rows of exactly L tokens: no mask
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            return lm_loss(model(ids, return_hidden=True)[:, :-1], model.lm_head, ids[:, 1:])
+
+    def epoch_batches(epoch):
+        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
+        return micro_batches(steps, hp["micro_batch_size"])
+
+    units = lambda ex: len(ex) * (L - 1)
+    return Pipeline(train_set, list(val_set), collate, loss_sum, units, lambda ex: len(ex) * L, epoch_batches,
+                    validation_loss(list(val_set), collate, loss_sum, units, hp["micro_batch_size"]))
+
+
 # pipeline name -> (the model class it trains, its tasks, the function that builds it)
 PIPELINES = {"llm": (M.Llama, ("commonsense", "math"), llm_pipeline),
-             "glue": (M.Roberta, tuple(glue.TASKS), glue_pipeline),
+             "lm": (M.Llama, ("lm",), lm_pipeline),
+             "glue": ((M.Roberta, M.Deberta), tuple(glue.TASKS), glue_pipeline),     # isinstance's tuple
              "xsum": (M.Bart, ("xsum",), seq2seq_pipeline),
-             "mt": (M.Bart, ("wmt16-en-ro",), seq2seq_pipeline)}
+             "mt": (M.Bart, ("wmt16-en-ro",), seq2seq_pipeline),
+             "quanta": (M.Llama, ("commonsense", "math"), quanta_pipeline)}
+# --protocol -> its pipeline; these pipelines run only when asked for
+PROTOCOLS = {"quanta": "quanta"}
 
 
 def pipeline_name(model, args) -> str:
-    """Which benchmark a model and --task train on; LLaMA's task defaults from --data."""
+    """Which benchmark a model and --task train on (--protocol: whose pipeline); LLaMA's task
+    defaults from --data."""
     if isinstance(model, M.Llama) and args.task is None:
         args.task = "math" if os.path.basename(args.data).startswith("math") else "commonsense"
-    for name, (cls, tasks, _) in PIPELINES.items():
+    protocol = getattr(args, "protocol", "default")
+    if protocol != "default":
+        cls, tasks, _ = PIPELINES[PROTOCOLS[protocol]]
         if isinstance(model, cls) and args.task in tasks:
+            return PROTOCOLS[protocol]
+        raise ValueError(f"--protocol {protocol} trains {cls.__name__} on {' or '.join(tasks)}, not "
+                         f"{type(model).__name__} on {args.task}")
+    for name, (cls, tasks, _) in PIPELINES.items():
+        if name not in PROTOCOLS.values() and isinstance(model, cls) and args.task in tasks:
             return name
-    valid = [t for cls, tasks, _ in PIPELINES.values() if isinstance(model, cls) for t in tasks]
+    valid = [t for name, (cls, tasks, _) in PIPELINES.items()
+             if name not in PROTOCOLS.values() and isinstance(model, cls) for t in tasks]
     raise ValueError(f"--task {args.task} is not a task for {type(model).__name__}; valid: {', '.join(valid)}")
 
 
 # ----------------------------------------------------------------------------- schedule, RNG, processes
 
-def linear_schedule(warmup: int, total: int):
-    """Linear warmup from 0, then linear decay to 0 at `total` (transformers' default schedule)."""
+def linear_schedule(warmup: int, total: int, decay: bool = True):
+    """Linear warmup from 0, then linear decay to 0 at `total` (transformers' default schedule), or
+    constant after the warmup (decay=False: transformers' constant_with_warmup, LongLoRA's)."""
     def f(step):
         if step < warmup:
             return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        return max(0.0, (total - step) / max(1, total - warmup)) if decay else 1.0
     return f
 
 
@@ -333,15 +563,17 @@ def setup_distributed(args):
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     return dist.get_rank(), world
 
 
-def sum_across_processes(params, loss_sum, stopping, world, bucket=2 ** 24):
+def sum_across_processes(params, loss_sum, stopping, world, bucket=2 ** 24, reduce_gradients=True):
     """Data parallel: add up every process's gradients (its micro-batches' share of the step), the
     step's loss (a tensor) and the stop flags, so that all processes take the same step, or all
     stop. A process with no micro-batch this step contributes zeros. Gradients go in buckets of up
-    to `bucket` elements, so the extra memory stays at one bucket (64 MB) even for full fine-tuning."""
+    to `bucket` elements, so the extra memory stays at one bucket (64 MB) even for full fine-tuning.
+    Sharded (FSDP) the gradients are already summed: reduce_gradients=False."""
     if world == 1:
         return loss_sum, stopping
     for p in params:
@@ -349,6 +581,8 @@ def sum_across_processes(params, loss_sum, stopping, world, bucket=2 ** 24):
             p.grad = torch.zeros_like(p)
     extra = torch.stack([loss_sum.float(), torch.tensor(float(stopping), device=loss_sum.device)])
     dist.all_reduce(extra)
+    if not reduce_gradients:
+        return extra[0], bool(extra[1] > 0)
     group, size = [], 0
     for p in [*params, None]:
         if p is None or (group and size + p.numel() > bucket):
@@ -393,29 +627,49 @@ def prepare(args):
     """Model (method applied), pipeline (data, batches, loss), training hyperparameters."""
     overrides = {k: getattr(args, k) for k in methods.flag_types() if getattr(args, k) is not None}
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
-    if args.dry_run:
-        model = build(args.model)
+    preset = args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS
+    if args.dry_run:                     # a preset name: its shapes on the meta device, nothing downloaded
+        model = build(args.model if preset else hub.resolve_model(args.model))
         methods.apply_method(model, args.method, task=args.task, **overrides)
         return model, None, None
-    if args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS:
+    # --model: a local checkpoint, a Hub id or a paper name (hub.PAPER_MODELS: downloaded once)
+    if preset and args.model not in hub.PAPER_MODELS and not os.path.exists(args.model):
         raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path "
                          f"(or use --dry_run)")
-    tokenizer = load_tokenizer(args.tokenizer or (args.model if os.path.isdir(args.model) else os.path.dirname(args.model)))
+    paper, args.model = hub.paper_name(args.model), hub.resolve_model(args.model)
+    if args.fsdp and not os.path.exists(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--fsdp reads Hugging Face checkpoints (config.json + safetensors); {args.model} is not one")
+    if args.task in (None, "commonsense", "math") and args.data in llm_adapters.TRAIN_SETS:
+        args.data = llm_adapters.resolve(args.data, split="train")      # downloaded once if not local
+    tokenizer = load_tokenizer(args.tokenizer or hub.tokenizer_source(args.model))
     # The bf16 recipe (the default on a GPU): frozen weights in bf16, the method's tensors in fp32.
     # Full fine-tuning and BitFit train the base weights themselves: fp32 weights, bf16 autocast.
     bf16 = (args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
     dtype = torch.bfloat16 if bf16 and not methods.trains_base(args.method) else torch.float32
     num_labels = glue.num_labels(args.task) if args.task in glue.TASKS else None
     torch.manual_seed(args.seed if args.seed is not None else TRAIN_DEFAULTS["seed"])   # a fresh GLUE head
-    model = load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
+    if args.fsdp:                        # memory-mapped, nothing read yet: fsdp.shard reads each process's rows
+        model = load(args.model, dtype=None, device=None, num_labels=num_labels)
+    else:
+        model = load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
+    model.cfg.name = paper or model.cfg.name   # the paper's name when given: its rows of presets.py
     kind = pipeline_name(model, args)
     hp = methods.train_hparams(args.method, model.cfg.name, kind, args.task)
     hp.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
     hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
     if num_labels is not None and model.head is not None and model.head.dense.weight.dtype != torch.float32:
         model.head.float()                   # a fresh head trains in fp32 next to bf16 frozen weights
+    takes = methods.hyperparameters(methods.METHODS[args.method])
+    if "context_len" in takes and "context_len" not in overrides and kind == "lm":
+        overrides["context_len"] = hp["cutoff_len"]       # LongLoRA: interpolate positions for the rows' length
+    if hp["s2_ratio"]:
+        if not isinstance(model, M.Llama):
+            raise ValueError("--s2_ratio (LongLoRA's S²-Attn) is for LLaMA")
+        model.s2_ratio, model.s2_wrap = hp["s2_ratio"], args.s2_wrap
     torch.manual_seed(hp["seed"])        # the method's initialisation, then dropout: one seeded stream
     methods.apply_method(model, args.method, task=args.task, **overrides)
+    if args.fsdp:
+        model = fsdp.shard(model, dtype, args.device)
     print(f"presets: {args.method} on {model.cfg.name or 'a ' + type(model).__name__ + ' of no preset shape'}, "
           f"task {args.task}")
     autocast = bf16 and dtype == torch.float32                            # full / bitfit under bf16
@@ -424,6 +678,21 @@ def prepare(args):
 
 
 # ----------------------------------------------------------------------------- the training loop
+
+def check_fsdp(args):
+    """--fsdp's requirements, before any process group is set up."""
+    if not args.fsdp or args.dry_run:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards the model over several processes: start it with "
+                         "torchrun --nproc_per_node N train.py ... (N >= 2)")
+    if args.compile:
+        raise ValueError("--fsdp with --compile is not supported: drop --compile (each block would "
+                         "have to be compiled inside its FSDP unit)")
+    if (args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS) and args.model not in hub.PAPER_MODELS \
+            and not os.path.exists(args.model):
+        raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path")
+
 
 def configure_torch(args):
     """Numerics of the run: TF32 for the fp32 matrix products on a GPU (adapters, heads, QuanTA);
@@ -438,6 +707,7 @@ def configure_torch(args):
 
 
 def train(args):
+    check_fsdp(args)
     configure_torch(args)
     rank, world = (0, 1) if args.dry_run else setup_distributed(args)
     model, pipe, hp = prepare(args)
@@ -461,14 +731,20 @@ def train(args):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {args.method!r} trains no parameter of this model")
-    optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
+    hooks = methods.update_hooks(model)       # work around each update (adaptive.py: AdaLoRA, SoRA; see step 3)
+    if hooks and args.fsdp:
+        raise ValueError(f"--fsdp with {args.method}: its update hook needs whole tensors, not shards")
+    own = {id(p) for h in hooks for p in h.own_parameters(model)}       # stepped by their hook (SoRA's gates)
+    optimizer = torch.optim.AdamW([p for p in params if id(p) not in own], lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
                                   betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
     per_epoch = len(pipe.epoch_batches(0))
     total = per_epoch * hp["num_epochs"]
     if hp["max_steps"]:
         total = min(total, hp["max_steps"]) if hp["num_epochs"] else hp["max_steps"]
     warmup = math.ceil(hp["warmup_ratio"] * total) if hp["warmup_ratio"] else hp["warmup_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+    if hp["lr_schedule"] not in ("linear", "constant"):
+        raise ValueError(f"--lr_schedule {hp['lr_schedule']!r}: expected linear or constant")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total, hp["lr_schedule"] == "linear"))
     every = lambda k: k if k > 0 else per_epoch                     # 0: once per epoch
     state = {"step": 0, "best_val": float("inf")}
 
@@ -485,28 +761,49 @@ def train(args):
         if len(rngs) != world:
             raise ValueError(f"--resume: {ckpt_path} was written by {len(rngs)} process(es) and this run has "
                              f"{world}: resume with the same number (torchrun --nproc_per_node {len(rngs)})")
-        with torch.no_grad():
-            current = methods.adapter_state(model)
-            for k, t in ck["tensors"].items():
-                current[k].copy_(t)
-        optimizer.load_state_dict(ck["optimizer"])
+        if args.fsdp:                                             # each process takes its chunks
+            fsdp.load_full_tensors(model, ck["tensors"])
+            fsdp.load_optimizer_state(model, optimizer, ck["optimizer"])
+        else:
+            with torch.no_grad():
+                current = methods.adapter_state(model)
+                for k, t in ck["tensors"].items():
+                    current[k].copy_(t)
+            optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         state = ck["state"]
         set_rng_state(rngs[rank])
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {state['step']}")
+    run_info = {"args": vars(args), "train": hp, "method": model.peft_method, "processes": world}
+    if args.fsdp:                                   # what each process holds of the frozen weights
+        held = [None] * world
+        dist.all_gather_object(held, fsdp.frozen_bytes(model))
+        run_info["fsdp_frozen_bytes"] = [{"held": a, "of": b} for a, b in held]
     if rank == 0:
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump({"args": vars(args), "train": hp, "method": model.peft_method, "processes": world}, f, indent=2)
+            json.dump(run_info, f, indent=2)
+
+    def adapter_tensors():
+        """The method's tensors, whole (a sharded model's are gathered: every process calls this)."""
+        if args.fsdp:
+            return fsdp.full_tensors(model, methods.adapter_state(model).keys())
+        return {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()}
+
+    def save_adapter(path):                         # every process calls it
+        tensors = adapter_tensors()
+        if rank == 0:
+            methods.save_adapter(model, path, tensors)
 
     def save_checkpoint():                          # every process calls it (it gathers their RNG states)
         rngs = [rng_state()]
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
+        tensors = adapter_tensors()
+        opt_state = fsdp.optimizer_state(model, optimizer) if args.fsdp else optimizer.state_dict()
         if rank == 0:
-            snapshot = {"tensors": {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            snapshot = {"tensors": tensors, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
                         "state": dict(state), "rng": rngs, "method": model.peft_method}
             atomic_write(ckpt_path, lambda f: torch.save(snapshot, f))   # never a half-written file
 
@@ -538,21 +835,35 @@ def train(args):
             # 2. Forward and backward, one micro-batch at a time. Each micro-batch's summed loss is
             #    divided by the whole step's number of units (tokens, or examples for GLUE), so the
             #    accumulated gradient is that of the step's mean loss, however it is split. With
-            #    several processes, each runs micro-batches k, k + N, ... of the step.
+            #    several processes, each runs micro-batches k, k + N, ... of the step. Sharded (FSDP),
+            #    every process must run as many forwards as the others (each one gathers the weights
+            #    together): one short of micro-batches runs the step's first again, weighted 0.
             loss_sum = torch.zeros((), device=args.device)      # summed on the device: no sync per micro-batch
-            for part in micro[rank::world]:
-                loss = pipe.loss_sum(forward_model, pipe.collate(part)) / max(n_units, 1)
+            mine = micro[rank::world]
+            passes = [(part, 1.0) for part in mine]
+            if args.fsdp:
+                passes += [(micro[0], 0.0)] * (math.ceil(len(micro) / world) - len(mine))
+            for part, weight in passes:
+                loss = pipe.loss_sum(forward_model, pipe.collate(part)) * (weight / max(n_units, 1))
                 loss.backward()
                 loss_sum += loss.detach().float()
-            loss_sum, stopping = sum_across_processes(params, loss_sum, stop["signal"] is not None, world)
+            loss_sum, stopping = sum_across_processes(params, loss_sum, stop["signal"] is not None, world,
+                                                      reduce_gradients=not args.fsdp)
             loss_sum = float(loss_sum)                            # the step's one sync: for the log
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last "
                                          f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
 
             # 3. The update: clip the gradient's global norm, one AdamW step, the schedule's next lr.
+            #    A method's update hooks (adaptive.py) add their regulariser's gradient before the
+            #    clipping and do their own work after AdamW's step (AdaLoRA's rank allocation, SoRA's
+            #    proximal gate step), while the gradients are still there.
+            for h in hooks:
+                h.before_update(model, state["step"] + 1, total)
             torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
             optimizer.step()
+            for h in hooks:
+                h.after_update(model, state["step"] + 1, total, scheduler.get_last_lr()[0])
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -568,7 +879,9 @@ def train(args):
                 record["lmam_max_abs"] = map_sizes(model)
 
             # 5. Validate now and then (process 0), keeping the best adapter so far.
-            if rank == 0 and pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total):
+            #    (Sharded, every process validates: each forward needs all of them.)
+            validating = pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total)
+            if validating and (rank == 0 or args.fsdp):
                 model.eval()
                 with torch.no_grad():
                     score, what = pipe.validate(model)
@@ -577,7 +890,7 @@ def train(args):
                 state["val_what"] = what
                 if score < state["best_val"]:
                     state["best_val"] = score
-                    methods.save_adapter(model, os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT))
+                    save_adapter(os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT))
             if rank == 0:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -600,17 +913,22 @@ def train(args):
             log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if rank > 0:
-        return model
     final = os.path.join(args.out_dir, "adapter" + methods.ADAPTER_EXT)
     best = os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT)
+    if args.fsdp and not pipe.val_set:
+        save_adapter(final)                         # every process gathers, process 0 writes
+    if rank > 0:
+        return model
     if pipe.val_set and os.path.exists(best):
         os.replace(best, final)          # the checkpoint with the best validation score
         what, best_val = state.get("val_what", "loss"), state["best_val"]
         print(f"best validation {what} {best_val if what == 'loss' else -best_val:.4f}; adapter written to {final}")
     else:
-        methods.save_adapter(model, final)
+        if not args.fsdp:
+            methods.save_adapter(model, final)
         print(f"adapter written to {final}")
+    for h in hooks:                                  # the ranks AdaLoRA / SoRA kept, per layer
+        print(h.summary(model))
     return model
 
 

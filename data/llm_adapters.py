@@ -8,6 +8,7 @@ in whitespace (two spaces after "request." and a blank line of 16 spaces in trai
 import json
 import os
 import random
+import sys
 
 import torch
 
@@ -72,7 +73,9 @@ def load_records(path: str, fields=("instruction", "output")) -> list[dict]:
 
 def resolve(name_or_path: str, root: str = DEFAULT_ROOT, split: str = "test") -> str:
     """A data file from a path, a sample name ("commonsense_sample"), a training set name
-    (ft-training_set/NAME.json) or a task name (dataset/NAME/test.json)."""
+    (ROOT/ft-training_set/NAME.json; if absent there, downloaded from LLM-Adapters' repository at a
+    pinned commit and checked, data/fetch.py) or a task name (ROOT/dataset/NAME/test.json; if absent,
+    downloaded the same way, and where that fails the missing local path, with a warning)."""
     if os.path.exists(name_or_path):
         return name_or_path
     if os.sep in name_or_path or name_or_path.endswith(".json"):
@@ -81,9 +84,21 @@ def resolve(name_or_path: str, root: str = DEFAULT_ROOT, split: str = "test") ->
     if os.path.exists(sample):
         return sample
     if name_or_path in TRAIN_SETS:
-        return os.path.join(root, "ft-training_set", f"{name_or_path}.json")
+        local = os.path.join(root, "ft-training_set", f"{name_or_path}.json")
+        if os.path.exists(local):
+            return local
+        from data import fetch
+        return fetch.train_set_path(name_or_path)
     if name_or_path in COMMONSENSE + MATH + ["mathqa"]:
-        return os.path.join(root, "dataset", name_or_path, f"{split}.json")
+        local = os.path.join(root, "dataset", name_or_path, f"{split}.json")
+        if os.path.exists(local) or split != "test":
+            return local
+        from data import fetch
+        try:                    # the test set from LLM-Adapters' repository; offline: the missing local path
+            return fetch.test_set_path(name_or_path)
+        except fetch.DownloadError as e:
+            print(f"warning: {e}", file=sys.stderr)
+            return local
     samples = sorted(f[:-5] for f in os.listdir(SAMPLES) if f.endswith(".json"))
     raise ValueError(f"unknown dataset {name_or_path!r}: not a file, and not one of the names "
                      f"{', '.join(samples + TRAIN_SETS + COMMONSENSE + MATH)}")
@@ -122,3 +137,20 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega:
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     random.Random(seed + 1).shuffle(batches)
     return batches
+
+
+VAL_SPLIT_SEED = 42      # finetune.py: train_test_split(test_size=val_set_size, shuffle=True, seed=42)
+
+
+def train_test_split(n: int, n_test: int, seed: int = VAL_SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) of n records as Hugging Face datasets'
+    Dataset.train_test_split(test_size=n_test, shuffle=True, seed=seed) draws them (arrow_dataset.py):
+    generator = np.random.default_rng(seed) (PCG64), permutation = generator.permutation(n), the
+    held-out set permutation[:n_test], the training set permutation[n_test:], in that order (the
+    Trainer reshuffles it). LLM-Adapters' finetune.py calls it with seed=42 whatever the run's seed.
+    n_test = 0 holds nothing out and keeps the file's order (finetune.py skips the split then)."""
+    import numpy as np
+    if n_test <= 0:
+        return list(range(n)), []
+    perm = np.random.default_rng(seed).permutation(n).tolist()
+    return perm[n_test:], perm[:n_test]

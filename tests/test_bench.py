@@ -35,3 +35,14 @@ def test_bench_keep_memory_runs_in_its_own_process():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "freed memory kept (--keep-memory)" in out.stdout and "page faults per run ours / ref" in out.stdout
+
+
+def test_bench_inference_quick_reports_tables_2_and_3(capsys):
+    rows = bench.main(["--inference", "--quick", "--device", "cpu"])
+    assert len(rows) == 4 and all(ta > 0 and tb > 0 for _, ta, tb in rows)
+    out = capsys.readouterr().out
+    assert "h·min(n,N)² = 524,288 additions per layer" in out                      # Table 2 at LLaMA-7B's shapes
+    # Table 3: the paper's numbers, from the formula and from the bytes of real tensors (bench asserts they agree)
+    assert "| LLaMA-7B (h=32, n=128, r=2) | LMAM | 2hn(12r+n) = 1.19 MB |" in out
+    assert "= 1.19 MB | 2hnn = 1 MB | 1 MB |" in out
+    assert "| LLaMA2-70B (h=64, n=128, r=2) | LMAM | 2hn(12r+n) = 2.38 MB |" in out and "12hnn = 12 MB" in out

@@ -338,11 +338,13 @@ def test_meta_unknown_key_and_missing_shard_tensor(tmp_path):
         load(str(tmp_path))
 
 
-def test_linear_fast_path_equals_f_linear():
-    """model.linear: bmm over row halves for a few rows on CPU (decoding), F.linear otherwise;
-    the same values and gradients up to rounding, with and without bias, for 1-32 and 33 rows."""
+def test_linear_fast_path_equals_f_linear(monkeypatch):
+    """model.linear: bmm over row halves for a few rows on CPU (decoding) where that was measured
+    faster on this machine, F.linear otherwise; the same values and gradients up to rounding, with
+    and without bias, for 1-32 and 33 rows."""
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(64, 16, generator=g, requires_grad=True), torch.randn(64, generator=g, requires_grad=True)
+    monkeypatch.setitem(model.ROW_HALVES, (64, 16), (1.0, 0.1))      # as if measured: the row halves win
     for shape in [(16,), (1, 16), (3, 1, 16), (32, 16), (33, 16)]:
         x = torch.randn(*shape, generator=g, requires_grad=True)
         for bias in (None, b):
@@ -362,7 +364,14 @@ def test_linear_fast_path_equals_f_linear():
         return any(e.name == "aten::bmm" for e in prof.events())
     x1, w1 = torch.randn(1, 16), w.detach()
     assert uses_bmm(x1, w1) and not uses_bmm(torch.randn(33, 16), w1)
-    assert not uses_bmm(x1.bfloat16(), w1.bfloat16())            # bf16: its own kernel is the faster one
+    assert not uses_bmm(x1.bfloat16(), w1.bfloat16())            # bf16: its own kernel
+    monkeypatch.setitem(model.ROW_HALVES, (64, 16), (0.1, 1.0))      # measured slower: F.linear
+    assert not uses_bmm(x1, w1)
+    # a shape not measured yet is measured once, and the report says what was chosen
+    fresh = torch.randn(48, 16)
+    model.linear(x1, fresh)
+    assert (48, 16) in model.ROW_HALVES and "48x16: " in model.decoding_report()
+    model.ROW_HALVES.pop((48, 16))
 
 
 def test_lm_loss_under_autocast():

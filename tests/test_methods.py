@@ -50,7 +50,8 @@ TINY_OVERRIDES = {"series": dict(adapter_r=8), "parallel": dict(adapter_r=8), "a
 # The methods made of several: their parts, for the tests' formulas (methods.py composes them)
 PARTS = {"mam": ("prefix", "adapter_ffn"), "lorada_la": ("lmam", "lora", "adapter_ffn"),
          "lorada_q": ("lmam", "quanta"), "lorada_a": ("lmam", "adapter_ffn"), "lora+lmam": ("lora", "lmam"),
-         "dora+lmam": ("dora", "lmam"), "series+lmam": ("series", "lmam"), "parallel+lmam": ("parallel", "lmam")}
+         "dora+lmam": ("dora", "lmam"), "series+lmam": ("series", "lmam"), "parallel+lmam": ("parallel", "lmam"),
+         "longlora+lmam": ("longlora", "lmam")}
 for _name, _parts in PARTS.items():               # LMAM methods on the 4-head tiny model
     if "lmam" in _parts:
         TINY_OVERRIDES[_name] = dict(TINY_OVERRIDES.get(_name.split("+")[0], {}), lmam_heads=2, lmam_len=6,
@@ -217,6 +218,8 @@ def closed_form(name, c, hp):
     """Each method's parameter count from its formula (docstrings of lora.py, adapters.py, quanta.py)."""
     if name != "mam" and name in PARTS:                   # LoRaDA variants and plug-in pairs: the sum
         return sum(closed_form(p, c, hp) for p in PARTS[name])
+    if name == "longlora":                                # LoRA r=8 on q,k,v,o + embeddings ([PAD]: +1 row) + norms
+        return closed_form("lora", c, hp) + c.vocab_size * c.dim + (2 * c.n_layers + 1) * c.dim   # (V counts [PAD])
     if name == "lmam" and hp["lmam_variant"] == "full_rank":   # FMAM: the (h, n, n) map of every head
         return c.n_layers * c.n_heads * hp["lmam_len"] ** 2
     if name == "lmam":                                    # Wa (h_s, n, r) + Wb (h_s, r, n) per layer
@@ -227,6 +230,9 @@ def closed_form(name, c, hp):
     targets = hp.get("target_modules", "").split(",")
     if name in ("lora", "dora"):
         per = sum(hp["lora_r"] * sum(shapes[t]) + (shapes[t][1] if name == "dora" else 0) for t in targets)
+    elif name in ("adalora", "sora"):                     # adaptive.py: P, Λ, Q / A, g, B: r·(in + out + 1)
+        r = hp["adalora_init_r"] if name == "adalora" else hp["lora_r"]
+        per = sum(r * (sum(shapes[t]) + 1) for t in targets)
     elif name == "quanta":
         dims = [int(x) for x in hp["quanta_dims"].split("-")]
         per = len(targets) * sum((dims[a] * dims[b]) ** 2 for a in range(len(dims)) for b in range(a + 1, len(dims)))
@@ -259,13 +265,18 @@ def test_parameter_counts_match_the_formula(name, preset):
     expected = closed_form(name, m.cfg, m.peft_method["hparams"])
     if name == "full":
         assert trainable == total == everything
+    elif name.startswith("longlora"):                   # the embeddings were counted; [PAD] adds a row to them and the head
+        assert trainable == expected
+        assert everything == total + expected - m.cfg.vocab_size * m.cfg.dim - (2 * m.cfg.n_layers + 1) * m.cfg.dim \
+            + 2 * m.cfg.dim
     else:
         assert trainable == expected
         assert everything == total + expected
     # only the method's own parameters train
     markers = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "quanta": ("quanta_T",),
                "series": ("adapter_",), "parallel": ("adapter_",), "adapter_ffn": ("adapter_",),
-               "prefix": ("prefix_",), "mam": ("prefix_", "adapter_")}.get(name)
+               "prefix": ("prefix_",), "mam": ("prefix_", "adapter_"), "adalora": ("lora_A", "lora_E", "lora_B"),
+               "sora": ("lora_A", "lora_gate", "lora_B"), "longlora": ("lora_A", "lora_B", "embed", "norm")}.get(name)
     if markers:
         for n, p in m.named_parameters():
             assert p.requires_grad == any(s in n for s in markers), n
@@ -366,7 +377,7 @@ def test_bad_input_errors():
 
 
 def test_train_cli_reports_bad_names():
-    for args, msg in ((["--model", "llama-8b"], "neither a model name (llama-7b"),
+    for args, msg in ((["--model", "llama-8b"], "llama-8b: no such checkpoint"),
                       (["--method", "lorra"], "valid methods: full")):
         out = subprocess.run([sys.executable, "train.py", *args, "--dry-run"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)

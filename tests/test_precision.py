@@ -48,9 +48,12 @@ def test_bf16_recipe_trains_validates_merges_generates_llama(tiny_ckpt, tmp_path
     model, tok = E.load_for_eval(tiny_ckpt, str(out / "adapter.safetensors"), precision="bf16")
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in methods.adapter_state(model)
-               and method not in ("full", "bitfit"))
+               and not methods.trains_base(method))            # (those train base weights: fp32 + autocast)
     ids = torch.tensor([tok.encode("Please answer", bos=True)])
-    assert generate(model, ids, max_new_tokens=3, eos_id=tok.eos_id).shape[1] > ids.shape[1]
+    if model.peft_method["hparams"].get("lmam_mode") == "tail":       # Eq. 16's map moves with each token: no cache
+        assert torch.isfinite(model(ids).float()).all()
+    else:
+        assert generate(model, ids, max_new_tokens=3, eos_id=tok.eos_id).shape[1] > ids.shape[1]
 
 
 @pytest.mark.parametrize("family", ["roberta", "bart"])

@@ -34,7 +34,6 @@ import sys
 import torch
 
 import hub
-import methods
 import model as M
 from checkpoint import CheckpointError, atomic_write, load
 from data import glue as G

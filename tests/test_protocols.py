@@ -21,6 +21,7 @@ from torch.testing import assert_close
 import eval as E
 import export
 import methods
+import pipelines
 import train as T
 from checkpoint import build, load
 from conftest import ROOT
@@ -153,7 +154,7 @@ def test_quanta_classification_loss_and_scores_match_transformers(tmp_path):
     tok = CharTokenizer()
     records = D.load_records(COMMONSENSE)
     hp = dict(methods.train_hparams("quanta", None, "quanta"), val_set_size=2)
-    pipe = T.quanta_pipeline(quanta_args(COMMONSENSE, "commonsense"), ours, tok, hp, "cpu", False)
+    pipe = pipelines.quanta_pipeline(quanta_args(COMMONSENSE, "commonsense"), ours, tok, hp, "cpu", False)
     train_idx, dev_idx = ref_quanta_split(len(records), 2)
     assert [e["label"] for e in pipe.val_set] == [ref_encode(tok, records[i])[2] for i in dev_idx]
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_validation_split_is_datasets_train_test_split():
     tok = CharTokenizer()
     records = D.load_records(COMMONSENSE)
     hp = dict(methods.train_hparams("lora"), val_set_size=2, seed=7)      # the split ignores --seed, as finetune.py
-    pipe = T.llm_pipeline(quanta_args(COMMONSENSE, "commonsense"), None, tok, hp, "cpu", False)
+    pipe = pipelines.llm_pipeline(quanta_args(COMMONSENSE, "commonsense"), None, tok, hp, "cpu", False)
     train_idx, test_idx = datasets_train_test_split(len(records), 2, 42)
     assert [e["input_ids"] for e in pipe.val_set] == [D.tokenize(tok, records[i])["input_ids"] for i in test_idx]
     assert [e["input_ids"] for e in pipe.train_set] == [D.tokenize(tok, records[i])["input_ids"] for i in train_idx]
@@ -243,7 +244,7 @@ def test_loss_is_the_trainers_mean_of_micro_batch_means():
     for weighted in (False, True):
         args = Namespace(data=COMMONSENSE, task="commonsense", mask_prompt=True, token_weighted_loss=weighted,
                          group_by_length=False)
-        pipe = T.llm_pipeline(args, ours, tok, hp, "cpu", False)
+        pipe = pipelines.llm_pipeline(args, ours, tok, hp, "cpu", False)
         micro = [pipe.train_set[0:2], pipe.train_set[2:4]]
         with torch.no_grad():
             got = sum(pipe.loss_sum(ours, pipe.collate(m)) for m in micro) / pipe.units(micro[0] + micro[1])
@@ -259,11 +260,11 @@ def test_loss_is_the_trainers_mean_of_micro_batch_means():
         assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert counts[0] != counts[1]                              # the two weightings differ here
     n = len(pipe.train_set)
-    assert pipe.epoch_batches(1) == T.micro_batches(glue.shuffled_batches(n, 4, hp["seed"] + 1), 2)
+    assert pipe.epoch_batches(1) == pipelines.micro_batches(glue.shuffled_batches(n, 4, hp["seed"] + 1), 2)
     args.group_by_length = True
-    grouped = T.llm_pipeline(args, ours, tok, hp, "cpu", False)
+    grouped = pipelines.llm_pipeline(args, ours, tok, hp, "cpu", False)
     lengths = [len(e["input_ids"]) for e in grouped.train_set]
-    assert grouped.epoch_batches(1) == T.micro_batches(D.length_grouped_batches(lengths, 4, hp["seed"] + 1), 2)
+    assert grouped.epoch_batches(1) == pipelines.micro_batches(D.length_grouped_batches(lengths, 4, hp["seed"] + 1), 2)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -337,10 +338,10 @@ def test_llama_prefix_is_30_on_commonsense_and_10_on_math():
 
 
 def test_protocol_selects_its_pipeline():
-    assert T.pipeline_name(tiny("mha")[0], Namespace(task=None, data="math_10k", protocol="quanta")) == "quanta"
-    assert T.pipeline_name(tiny("mha")[0], Namespace(task="commonsense", data="x", protocol="default")) == "llm"
+    assert pipelines.pipeline_name(tiny("mha")[0], Namespace(task=None, data="math_10k", protocol="quanta")) == "quanta"
+    assert pipelines.pipeline_name(tiny("mha")[0], Namespace(task="commonsense", data="x", protocol="default")) == "llm"
     with pytest.raises(ValueError, match="--protocol quanta trains Llama"):
-        T.pipeline_name(build("roberta-base"), Namespace(task="sst2", data="x", protocol="quanta"))
+        pipelines.pipeline_name(build("roberta-base"), Namespace(task="sst2", data="x", protocol="quanta"))
     hp = methods.train_hparams("lorada_q", "llama2-7b", "quanta", "commonsense")
     assert (hp["batch_size"], hp["learning_rate"], hp["num_epochs"], hp["val_set_size"], hp["seed"]) == \
         (8, 1e-4, 5, 400, 31415)

@@ -47,3 +47,30 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def main_stopped_by_sigterm(main, argv, pipelines, name, after):
+    """Run train.main(argv) with pipeline `name` of `pipelines` (train.PIPELINES) sending the process
+    SIGTERM during its `after`-th loss computation; check that the run saved and stopped (exit 128 +
+    SIGTERM). The resume tests then continue it with --resume."""
+    import signal
+    original, calls = pipelines[name], {"n": 0}
+
+    def signalling_pipeline(*a):
+        pipe = original[2](*a)
+        loss_sum = pipe.loss_sum
+
+        def loss_then_signal(model, batch):
+            calls["n"] += 1
+            if calls["n"] == after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_sum(model, batch)
+        pipe.loss_sum = loss_then_signal
+        return pipe
+    pipelines[name] = (*original[:2], signalling_pipeline)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+    finally:
+        pipelines[name] = original
+    assert stop.value.code == 128 + signal.SIGTERM

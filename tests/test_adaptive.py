@@ -1,8 +1,6 @@
 """AdaLoRA and SoRA (adaptive.py, Table 11's baselines): AdaLoRA against peft's AdaLoraModel
 (forward, gradients, the rank pattern after the same steps), SoRA's proximal gate step against its
 formula, sparsity, pruning, and both through train.py (hooks, resume)."""
-import os
-import signal
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import methods
 import train as T
 from adaptive import AdaLoRALinear, SoRAGates, SoRALinear, prune_sora, soft_threshold
 from checkpoint import load, read_safetensors
+from conftest import main_stopped_by_sigterm
 from hf_deberta import batch, deberta_ckpt, save, tiny_deberta
 from test_methods import grads_match
 
@@ -207,7 +206,7 @@ def test_sora_lambda_schedule_phases():
 
 # ----------------------------------------------------------------------------- through train.py
 
-def test_train_py_runs_the_hooks_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
+def test_train_py_runs_the_hooks_and_resumes_bit_for_bit(tmp_path, capsys):
     """AdaLoRA and SoRA on DeBERTa through train.py: the allocation reaches its target, SoRA's
     gates are stepped by the hook (not AdamW), the summary is printed, and a run stopped by SIGTERM
     after 2 of 3 steps and resumed ends with the same adapter as an uninterrupted one (the
@@ -223,10 +222,6 @@ def test_train_py_runs_the_hooks_and_resumes_bit_for_bit(tmp_path, capsys, monke
     flags = {"adalora": ["--adalora_init_r", "3", "--adalora_target_r", "1", "--adalora_tinit", "0",
                          "--adalora_tfinal", "1", "--adalora_delta_t", "1"],      # over sst2's preset (6000 steps)
              "sora": ["--lora_r", "3", "--sora_lambda2", "1e-3", "--lora_dropout", "0.1"]}
-    original = T.PIPELINES["glue"]
-    # model.row_halves_wins draws from the global RNG the first time it meets a weight shape: one
-    # step first, so that the runs compared below draw the same dropout masks
-    T.main(["--method", "lora", *common, "--out_dir", str(tmp_path / "warm"), "--max_steps", "1"])
     for method, extra in flags.items():
         run = ["--method", method, *common, *extra]
         T.main(run + ["--out_dir", str(tmp_path / method / "full")])
@@ -241,24 +236,8 @@ def test_train_py_runs_the_hooks_and_resumes_bit_for_bit(tmp_path, capsys, monke
             n_adamw = sum(len(g["params"]) for g in ck["optimizer"]["param_groups"])
             assert n_adamw == sum(1 for k in final if k.endswith(("lora_A", "lora_B"))) + 4   # + the head's
             assert all(int(v) == 3 for k, v in final.items() if k.endswith("gate_step"))
-        calls = {"n": 0}
-
-        def signalling_pipeline(*a):                 # the GLUE pipeline, whose 2nd loss sends SIGTERM
-            pipe = original[2](*a)
-            loss_sum = pipe.loss_sum
-
-            def loss_then_signal(model, batch):
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return loss_sum(model, batch)
-            pipe.loss_sum = loss_then_signal
-            return pipe
-        monkeypatch.setitem(T.PIPELINES, "glue", (*original[:2], signalling_pipeline))
-        with pytest.raises(SystemExit) as stop:
-            T.main(run + ["--out_dir", str(tmp_path / method / "part")])
-        assert stop.value.code == 128 + signal.SIGTERM
-        monkeypatch.setitem(T.PIPELINES, "glue", original)
+        main_stopped_by_sigterm(T.main, run + ["--out_dir", str(tmp_path / method / "part")], T.PIPELINES, "glue",
+                                after=2)
         T.main(run + ["--out_dir", str(tmp_path / method / "part"), "--resume"])
         resumed = read_safetensors(str(tmp_path / method / "part" / "adapter.safetensors"))
         assert set(resumed) == set(final) and all(torch.equal(resumed[k], final[k]) for k in final), method

@@ -3,7 +3,6 @@ tiny end-to-end run per pipeline (train.py with lorada_a, then eval.py)."""
 import json
 import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import eval as E
 import methods
 import train as T
 from checkpoint import load, read_safetensors
-from conftest import shared
+from conftest import main_stopped_by_sigterm, shared
 from data import glue as G
 from data import seq2seq as S
 from hf_encdec import byte_vocab_dir, save, train_mbart_spm
@@ -190,7 +189,7 @@ def glue_dir(tmp_path):
     return str(d)
 
 
-def test_glue_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_glue_end_to_end_and_resume(tmp_path):
     ckpt = tiny_roberta_ckpt(tmp_path / "roberta")
     data = glue_dir(tmp_path)
     args = ["--model", ckpt, "--method", "lorada_a", "--task", "sst2", "--data", data, "--batch_size", "4",
@@ -206,25 +205,7 @@ def test_glue_end_to_end_and_resume(tmp_path, monkeypatch):
     assert res["sst2"]["accuracy"] == pytest.approx(best) and res["sst2"]["total"] == 8
     assert json.load(open(tmp_path / "eval" / "results.json"))["sst2"]["accuracy"] == pytest.approx(best)
     # a run stopped by SIGTERM after step 5 and resumed ends bit-identical (dropout 0.1: the RNG matters)
-    calls = {"n": 0}
-    original = T.PIPELINES["glue"]
-
-    def signalling_pipeline(*a):                     # the GLUE pipeline, whose 5th loss sends SIGTERM
-        pipe = original[2](*a)
-        loss_sum = pipe.loss_sum
-
-        def loss_then_signal(model, batch):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return loss_sum(model, batch)
-        pipe.loss_sum = loss_then_signal
-        return pipe
-    monkeypatch.setitem(T.PIPELINES, "glue", (*original[:2], signalling_pipeline))
-    with pytest.raises(SystemExit) as stop:
-        T.main(args + ["--out_dir", str(tmp_path / "b")])
-    assert stop.value.code == 128 + signal.SIGTERM
-    monkeypatch.setitem(T.PIPELINES, "glue", original)
+    main_stopped_by_sigterm(T.main, args + ["--out_dir", str(tmp_path / "b")], T.PIPELINES, "glue", after=5)
     T.main(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
     a, b = (read_safetensors(str(tmp_path / d / "adapter.safetensors")) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

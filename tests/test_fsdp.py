@@ -13,7 +13,7 @@ from torch.testing import assert_close
 import train as T
 from checkpoint import read_safetensors
 from conftest import ROOT
-from test_pipeline import run_train, sigterm_after_two_steps, tiny_ckpt  # noqa: F401  (a fixture)
+from test_pipeline import run_train, tiny_ckpt, torchrun_stopped_and_resumed  # noqa: F401  (a fixture)
 from test_precision import small_flags
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -61,18 +61,7 @@ def test_sharded_resume_after_sigterm_is_bit_exact(tiny_ckpt, tmp_path):  # noqa
     """SIGTERM to torchrun: both processes stop after the same step and save one checkpoint
     (gathered tensors and AdamW state); the resumed run ends bit for bit as an uninterrupted one.
     Resuming with another process count is refused."""
-    cmd = lambda out, *extra: TORCHRUN + run_train(tiny_ckpt, out, "--fsdp", "--device", "cpu", *extra)[1:]
-    out = subprocess.run(cmd(tmp_path / "a"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    b = tmp_path / "b"
-    returncode, err = sigterm_after_two_steps(cmd(b), b)
-    assert returncode != 0 and "checkpoint saved" in err, err[-3000:]
-    assert 2 <= torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"] < 8
-    out = subprocess.run(cmd(b, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
-    ref = read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))
-    got = read_safetensors(str(b / "adapter.safetensors"))
-    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    b = torchrun_stopped_and_resumed(tiny_ckpt, tmp_path, "--fsdp", "--device", "cpu")
     out = subprocess.run(run_train(tiny_ckpt, b, "--resume", "--device", "cpu"), cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode != 0 and "written by 2 process(es)" in out.stderr, out.stderr[-2000:]

@@ -1,6 +1,5 @@
 """The LLaMA pipeline: data and prompts, train.py (schedule, resume, signals, compile), eval.py."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -362,12 +361,12 @@ def test_two_processes_take_the_single_process_steps(tiny_ckpt, tmp_path):
     assert out.returncode != 0 and "written by 2 process(es)" in out.stderr, out.stderr[-2000:]
 
 
-def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
-    """SIGTERM to torchrun reaches both processes: they agree to stop after the same step, save
-    one checkpoint with both RNG states, and the resumed run (with dropout) ends bit for bit where
-    an uninterrupted two-process run does."""
+def torchrun_stopped_and_resumed(tiny_ckpt, tmp_path, *extra):
+    """Two processes under torchrun, SIGTERM to torchrun after two steps, then --resume: the run
+    must stop every process after the same step, save one checkpoint, and end bit for bit where an
+    uninterrupted run does. Returns the stopped run's folder."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = lambda out, *extra: torchrun + run_train(tiny_ckpt, out, "--lora_dropout", "0.1", *extra)[1:]
+    cmd = lambda out, *more: torchrun + run_train(tiny_ckpt, out, *extra, *more)[1:]
     out = subprocess.run(cmd(tmp_path / "a"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     b = tmp_path / "b"
@@ -379,3 +378,11 @@ def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
     ref = read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))
     got = read_safetensors(str(b / "adapter.safetensors"))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    return b
+
+
+def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
+    """SIGTERM to torchrun reaches both processes: they agree to stop after the same step, save
+    one checkpoint with both RNG states, and the resumed run (with dropout) ends bit for bit where
+    an uninterrupted two-process run does."""
+    torchrun_stopped_and_resumed(tiny_ckpt, tmp_path, "--lora_dropout", "0.1")

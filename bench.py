@@ -3,6 +3,7 @@
     python bench.py             # the default shapes (4 layers, d=512, batch 4 x 512 tokens, fp32, CPU)
     python bench.py --quick     # a smoke run of a few seconds (what the tests call)
     python bench.py --no-compile --device cuda --dtype bf16 --seq 2048   # other shapes, bf16, the GPU
+    python bench.py --decoding   # the decoding rows only, and where each side's time goes (profile)
     python bench.py --inference  # LMAM at inference against merged LoRA (Table 2) and its memory (Table 3)
 
 Each pair (ours, reference) is warmed up, then timed interleaved (A B A B ...); the table gives
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-memory", dest="keep_memory", action="store_true",
                    help="glibc never returns freed memory to the OS (mallopt): no page faults per step; see keep_freed_memory")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, no compile")
+    p.add_argument("--decoding", action="store_true",
+                   help="the decoding rows only, each followed by a profile: where a step's time goes, both sides")
     p.add_argument("--inference", action="store_true",
                    help="LMAM at inference instead: the paper's Tables 2 and 3, formulas and measured (see inference)")
     args = p.parse_args(argv)
@@ -293,6 +296,61 @@ def inference(args):
     return rows
 
 
+def decoding(hf, base, ids, new):
+    """The decoding benchmarks, with the KV cache: greedy and 4-beam, batch 1 and a left-padded batch
+    of 4, new tokens each (no early stop). Yields (name, ours, reference, tokens generated)."""
+    prompts = ids[:, :min(64, ids.shape[1])]
+    padded = torch.ones_like(prompts)
+    padded[1:, :8] = 0                                         # left padding in every row but the first
+    for name, p, mask, beams in (("greedy, batch 1", prompts[:1], None, 1), ("4 beams, batch 1", prompts[:1], None, 4),
+                                 ("greedy, padded batch of 4", prompts[:4], padded[:4], 1),
+                                 ("4 beams, padded batch of 4", prompts[:4], padded[:4], 4)):
+        ga = lambda p=p, mask=mask, beams=beams: generate(base, p, mask, max_new_tokens=new, num_beams=beams)
+        gb = lambda p=p, mask=mask, beams=beams: hf.generate(
+            input_ids=p, attention_mask=torch.ones_like(p) if mask is None else mask, do_sample=False,
+            num_beams=beams, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        yield name, ga, gb, new * p.shape[0]
+
+
+# Where decoding time goes, by the kind of operator the profiler sees (the same names on both sides).
+KINDS = (("weight products", ("aten::mm", "aten::bmm", "aten::addmm")),
+         ("attention kernel", ("aten::_scaled_dot_product",)),
+         ("beam reorder of the KV cache", ("aten::index_select",)),
+         ("copies, concatenation, indexing (cache updates, masks, sequences)",
+          ("aten::copy_", "aten::cat", "aten::index", "aten::fill_", "aten::zero", "aten::clone", "aten::pad",
+           "aten::constant_pad_nd", "aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::arange")),
+         ("logits processing (log-softmax, top-k, argmax, masks of tokens)",
+          ("aten::_log_softmax", "aten::topk", "aten::argmax", "aten::isin", "aten::masked_fill", "aten::where",
+           "aten::gather", "aten::sort", "aten::max", "aten::all", "aten::any", "aten::eq", "aten::ne")),
+         ("element-wise (norms, RoPE, SiLU, residuals)",
+          ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu", "aten::neg", "aten::sub",
+           "aten::div", "aten::cos", "aten::sin", "aten::_to_copy")),
+         ("views and reshapes (no data moved: dispatch cost only)",
+          ("aten::as_strided", "aten::slice", "aten::view", "aten::transpose", "aten::reshape", "aten::t", "aten::select",
+           "aten::narrow", "aten::unsqueeze", "aten::expand", "aten::permute", "aten::squeeze", "aten::chunk",
+           "aten::split", "aten::unfold", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::to",
+           "aten::matmul", "aten::linear", "aten::scaled_dot_product_attention")))
+
+
+def decoding_profile(fn, steps):
+    """Milliseconds per decoding step of fn(), by operator kind (KINDS; every operator's own time,
+    children excluded: aten::linear's own time is its dispatch, its product is counted under mm), plus the time outside any operator: Python, dispatch and the profiler's
+    own cost. One profiled run after a warm-up."""
+    from torch.profiler import profile
+    fn()
+    with profile() as prof:
+        t = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t
+    spent = {name: 0.0 for name, _ in KINDS} | {"other operators": 0.0}
+    for e in prof.key_averages():
+        kind = next((name for name, ops in KINDS if e.key.startswith(ops)), "other operators")
+        spent[kind] += e.self_cpu_time_total / 1e3
+    spent["outside operators (Python, dispatch, profiler)"] = max(0.0, 1e3 * wall - sum(spent.values()))
+    spent["total (profiled)"] = 1e3 * wall
+    return {k: v / steps for k, v in spent.items()}
+
+
 def machine(device) -> str:
     """The machine a table comes from: tables of different machines are never to be mixed."""
     if device.startswith("cuda"):
@@ -338,51 +396,44 @@ def main(argv=None):
         mem = (None, None) if args.keep_memory else (peak_memory_mb(fa, dev), peak_memory_mb(fb, dev))
         rows.append((name, t_ours, t_ref, t_ref / t_ours, work / t_ours, gf, 100 * gf / peak, *mem, pf_ours, pf_ref))
 
-    for use_dora in (False, True):
-        name = "DoRA" if use_dora else "LoRA r=32"
-        ours = methods.apply_method(copy.deepcopy(base), "dora" if use_dora else "lora", lora_r=32, lora_alpha=64,
-                                    lora_dropout=0.0, target_modules=",".join(targets)).train()
-        ref = get_peft_model(copy.deepcopy(hf), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0,
-                                                           target_modules=targets, use_dora=use_dora)).train()
-        mine = [p for p in ours.parameters() if p.requires_grad]
-        theirs = [p for p in ref.parameters() if p.requires_grad]
-        with torch.no_grad():                      # the same loss on the same weights: the same work
-            la, lb = float(our_loss(ours)(ids)), float(reference_loss(ref)(ids))
-        assert abs(la - lb) <= 2e-2 * abs(lb), (la, lb)
-        fa, fb = train_step(our_loss(ours), mine, ids), train_step(reference_loss(ref), theirs, ids)
-        row(f"train step, {name}, eager", interleaved(fa, fb, args.repeats, dev), fa, fb)
-        if args.compile:
-            co, cr = torch.compile(ours), torch.compile(ref)
-            fa, fb = train_step(our_loss(co), mine, ids), train_step(reference_loss(cr), theirs, ids)
-            row(f"train step, {name}, compiled", interleaved(fa, fb, args.compile_repeats, dev), fa, fb)
+    if not args.decoding:                    # training steps: LoRA, DoRA, LMAM's overhead
+        for use_dora in (False, True):
+            name = "DoRA" if use_dora else "LoRA r=32"
+            ours = methods.apply_method(copy.deepcopy(base), "dora" if use_dora else "lora", lora_r=32, lora_alpha=64,
+                                        lora_dropout=0.0, target_modules=",".join(targets)).train()
+            ref = get_peft_model(copy.deepcopy(hf), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0,
+                                                               target_modules=targets, use_dora=use_dora)).train()
+            mine = [p for p in ours.parameters() if p.requires_grad]
+            theirs = [p for p in ref.parameters() if p.requires_grad]
+            with torch.no_grad():                      # the same loss on the same weights: the same work
+                la, lb = float(our_loss(ours)(ids)), float(reference_loss(ref)(ids))
+            assert abs(la - lb) <= 2e-2 * abs(lb), (la, lb)
+            fa, fb = train_step(our_loss(ours), mine, ids), train_step(reference_loss(ref), theirs, ids)
+            row(f"train step, {name}, eager", interleaved(fa, fb, args.repeats, dev), fa, fb)
+            if args.compile:
+                co, cr = torch.compile(ours), torch.compile(ref)
+                fa, fb = train_step(our_loss(co), mine, ids), train_step(reference_loss(cr), theirs, ids)
+                row(f"train step, {name}, compiled", interleaved(fa, fb, args.compile_repeats, dev), fa, fb)
 
-    # LMAM's overhead: lorada_la against the same LoRA + Adapter-FFN with the map removed
-    kw = dict(lmam_heads=args.heads, lmam_len=min(128, args.seq), lmam_rank=2, lmam_scale=1e-3, lora_r=1,
-              lora_alpha=2, adapter_r=16)
-    with_map = methods.apply_method(copy.deepcopy(base), "lorada_la", **kw).train()
-    without = copy.deepcopy(with_map)
-    for layer in without.layers:
-        layer.self_attn.attn_map = None
-    fa = train_step(our_loss(with_map), [p for p in with_map.parameters() if p.requires_grad], ids)
-    fb = train_step(our_loss(without), [p for p in without.parameters() if p.requires_grad], ids)
-    # (a difference of a few percent: more repeats than the other rows, against this machine's noise)
-    row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev),
-        fa, fb)
+        # LMAM's overhead: lorada_la against the same LoRA + Adapter-FFN with the map removed
+        kw = dict(lmam_heads=args.heads, lmam_len=min(128, args.seq), lmam_rank=2, lmam_scale=1e-3, lora_r=1,
+                  lora_alpha=2, adapter_r=16)
+        with_map = methods.apply_method(copy.deepcopy(base), "lorada_la", **kw).train()
+        without = copy.deepcopy(with_map)
+        for layer in without.layers:
+            layer.self_attn.attn_map = None
+        fa = train_step(our_loss(with_map), [p for p in with_map.parameters() if p.requires_grad], ids)
+        fb = train_step(our_loss(without), [p for p in without.parameters() if p.requires_grad], ids)
+        # (a difference of a few percent: more repeats than the other rows, against this machine's noise)
+        row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev),
+            fa, fb)
 
-    # generation with the KV cache: greedy and 4-beam, batch 1 and a left-padded batch of 4
-    new = args.new_tokens
-    prompts = ids[:, :min(64, args.seq)]
-    padded = torch.ones_like(prompts)
-    padded[1:, :8] = 0                                         # left padding in every row but the first
-    for name, p, mask, beams in (("greedy, batch 1", prompts[:1], None, 1), ("4 beams, batch 1", prompts[:1], None, 4),
-                                 ("greedy, padded batch of 4", prompts[:4], padded[:4], 1),
-                                 ("4 beams, padded batch of 4", prompts[:4], padded[:4], 4)):
-        ga = lambda: generate(base, p, mask, max_new_tokens=new, num_beams=beams)
-        gb = lambda: hf.generate(input_ids=p, attention_mask=torch.ones_like(p) if mask is None else mask,
-                                 do_sample=False, num_beams=beams, max_new_tokens=new, min_new_tokens=new,
-                                 pad_token_id=0)
+    profiles = {}
+    for name, ga, gb, work in decoding(hf, base, ids, args.new_tokens):
         with torch.no_grad():
-            row(f"generate, {name}", interleaved(ga, gb, args.repeats, dev), ga, gb, work=new * p.shape[0])
+            row(f"generate, {name}", interleaved(ga, gb, args.repeats, dev), ga, gb, work=work)
+            if args.decoding and not dev.startswith("cuda"):
+                profiles[name] = [decoding_profile(f, args.new_tokens) for f in (ga, gb)]
 
     freed = "freed memory kept (--keep-memory)" if args.keep_memory else "freed memory returned to the OS (default)"
     what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
@@ -400,6 +451,12 @@ def main(argv=None):
     for name, a, b, ratio, tps, gf, pct, ma, mb, fa, fb in rows:
         print(f"| {name} | {a:.4f} | {b:.4f} | {ratio:.2f} | {tps:,.0f} | {fmt(gf, '.1f')} | {fmt(pct, '.0f')} | "
               f"{fmt(ma, ',.0f')} / {fmt(mb, ',.0f')} | {fmt(fa, ',.0f')} / {fmt(fb, ',.0f')} |")
+    if profiles:
+        print(f"\nWhere a decoding step's time goes: ms per step ({args.new_tokens} steps; one profiled run each, "
+              f"so the totals run above the table's medians by the profiler's cost), ours / reference")
+        print("| operators | " + " | ".join(profiles) + " |\n|---|" + "---|" * len(profiles))
+        for kind in next(iter(profiles.values()))[0]:
+            print(f"| {kind} | " + " | ".join(f"{o[kind]:.2f} / {r[kind]:.2f}" for o, r in profiles.values()) + " |")
     return rows
 
 

@@ -148,16 +148,30 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, num_beams
     # Without padding the model needs no mask at all (its fastest path). Checked once per call, not
     # at every step (reading a GPU tensor's values waits for the GPU).
     padded = attention_mask is not None and not bool(attention_mask.all())
-    state = {"mask": attention_mask.repeat_interleave(K, 0) if padded else None}
-    cache = model.new_cache(B * K, T + max_new_tokens)
+    state = {"mask": attention_mask if padded else None}
+    # The K beams of a prompt start identical, so the prompt goes through the model once (B rows,
+    # not B·K as transformers does) and its cache is then copied to the K beams.
+    cache = model.new_cache(B, T + max_new_tokens)
 
     def step(tokens):
-        if cache.length and padded:                       # one new real token per row
+        first = cache.length == 0
+        if first:
+            tokens = tokens[::K]                          # (B, T): each prompt once
+        elif padded:                                      # one new real token per row
             state["mask"] = F.pad(state["mask"], (0, 1), value=1)
         h = model(tokens, attention_mask=state["mask"], cache=cache, return_hidden=True)
-        return model.lm_head(h[:, -1]).float()           # the LM head on the last position only
+        logits = model.lm_head(h[:, -1]).float()         # the LM head on the last position only
+        if first and K > 1:                               # (B, ...) -> (B·K, ...): beams of prompt b at b·K ...
+            beams = torch.arange(B, device=tokens.device).repeat_interleave(K)
+            cache.reorder(beams)
+            state["mask"] = None if not padded else state["mask"][beams]
+            logits = logits[beams]
+        return logits
 
-    return decode_loop(step, cache.reorder, input_ids, T + max_new_tokens, K, eos_id, pad_id, length_penalty,
+    def reorder(idx):           # beams only ever take a beam of their own prompt: the T prompt slots stay
+        cache.reorder(idx, start=T)
+
+    return decode_loop(step, reorder, input_ids, T + max_new_tokens, K, eos_id, pad_id, length_penalty,
                        early_stopping, min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size)
 
 

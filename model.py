@@ -164,13 +164,13 @@ def apply_rope(x, cos, sin):
 
 def linear(x, weight, bias=None):
     """F.linear, except for a few fp32 rows on a CPU (decoding) where a batched product over the
-    weight's two row halves was measured faster on this machine (row_halves_wins). Decoding reads
-    every weight once per token, so this product is most of a step, and BLAS libraries differ on
-    it: on one machine of this project F.linear's matrix-vector product was 2-5x slower than the
-    batched form, on another 3x faster. Same result up to rounding."""
+    weight's two row halves was measured faster on this machine, for this shape and this number of
+    rows (row_halves_wins). Decoding reads every weight once per token, so this product is most of
+    a step, and BLAS libraries differ on it: on one machine of this project F.linear's few-row
+    product was 2-5x slower than the batched form, on another 3x faster. Same result up to rounding."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 32 or weight.shape[0] % 2 \
-            or torch.compiler.is_compiling() or not row_halves_wins(weight):
+            or torch.compiler.is_compiling() or not row_halves_wins(weight, rows):
         return F.linear(x, weight, bias)
     y = row_halves(x, weight)
     return y if bias is None else y + bias
@@ -183,39 +183,46 @@ def row_halves(x, weight):
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
 
 
-ROW_HALVES = {}     # (out, in) -> (F.linear's seconds, the row halves' seconds) for one row, measured here
+ROW_HALVES = {}   # (out, in, rows) -> (F.linear's seconds, the row halves' seconds), measured on this machine
 
 
-@torch.compiler.disable
-@torch.no_grad()
-def row_halves_wins(weight) -> bool:
-    """Is the row-halves product clearly (> 1.25x) faster than F.linear for one row times this
-    weight's shape on this machine? Measured once per shape (best of 5), then remembered."""
-    key = tuple(weight.shape)
+def row_halves_wins(weight, rows: int) -> bool:
+    """Is the row-halves product clearly (> 1.25x) faster than F.linear for `rows` rows times this
+    weight's shape on this machine? Measured once per (shape, rows), then remembered: a decoding
+    run meets one or two row counts (batch × beams), a few milliseconds each."""
+    key = (*weight.shape, rows)
     if key not in ROW_HALVES:
-        g = torch.Generator().manual_seed(0)              # not the global RNG: training stays reproducible
-        x, w = torch.randn(1, weight.shape[1], generator=g), torch.randn(weight.shape, generator=g)
-
-        def best(f):
-            f()
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                f()
-                times.append(time.perf_counter() - t)
-            return min(times)
-        ROW_HALVES[key] = (best(lambda: F.linear(x, w)), best(lambda: row_halves(x, w)))
+        ROW_HALVES[key] = measure_row_halves(key)
     plain, halves = ROW_HALVES[key]
     return halves * 1.25 < plain
 
 
+@torch.compiler.disable
+@torch.no_grad()
+def measure_row_halves(key):
+    """(F.linear's seconds, the row halves' seconds) for rows × (out, in), each the best of 5."""
+    out, d, rows = key
+    g = torch.Generator().manual_seed(0)                  # not the global RNG: training stays reproducible
+    x, w = torch.randn(rows, d, generator=g), torch.randn(out, d, generator=g)
+
+    def best(f):
+        f()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(lambda: F.linear(x, w)), best(lambda: row_halves(x, w))
+
+
 def decoding_report() -> str:
-    """Which product each weight shape uses when decoding on this CPU, as measured."""
+    """Which product each weight shape and row count uses when decoding on this CPU, as measured."""
     if not ROW_HALVES:
         return "decoding products: F.linear (nothing measured: no fp32 decoding on a CPU yet)"
-    parts = [f"{o}x{i}: {'row halves' if h * 1.25 < p else 'F.linear'} ({1e6 * p:.0f} vs {1e6 * h:.0f} µs)"
-             for (o, i), (p, h) in ROW_HALVES.items()]
-    return "decoding products, measured on this CPU (F.linear vs row halves, one row): " + "; ".join(parts)
+    parts = [f"{o}x{i}, {r} row{'s' * (r > 1)}: {'row halves' if h * 1.25 < p else 'F.linear'} "
+             f"({1e6 * p:.0f} vs {1e6 * h:.0f} µs)" for (o, i, r), (p, h) in sorted(ROW_HALVES.items())]
+    return "decoding products, measured on this CPU (F.linear vs row halves): " + "; ".join(parts)
 
 
 class Linear(nn.Linear):
@@ -412,9 +419,17 @@ class KVCache:
         self.length += T
         self.layer = 0
 
-    def reorder(self, idx):
-        self.k = [k.index_select(0, idx) for k in self.k]
-        self.v = [v.index_select(0, idx) for v in self.v]
+    def reorder(self, idx, start: int = 0):
+        """Row i takes row idx[i]'s keys and values (beam search: each beam its parent's). Slots
+        before `start` must already be equal in every row that idx maps onto each other (a prompt's
+        beams share the prompt), so only slots [start, length) are moved."""
+        if start == 0 or len(idx) != self.k[0].shape[0]:                # a new number of rows: copy all
+            self.k = [k.index_select(0, idx) for k in self.k]
+            self.v = [v.index_select(0, idx) for v in self.v]
+            return
+        for buf in self.k + self.v:
+            part = buf[:, :, start:self.length]                          # (B, Hkv, generated, hd)
+            part.copy_(part.index_select(0, idx))
 
 
 def token_positions(attention_mask):

@@ -46,3 +46,23 @@ def test_bench_inference_quick_reports_tables_2_and_3(capsys):
     assert "| LLaMA-7B (h=32, n=128, r=2) | LMAM | 2hn(12r+n) = 1.19 MB |" in out
     assert "= 1.19 MB | 2hnn = 1 MB | 1 MB |" in out
     assert "| LLaMA2-70B (h=64, n=128, r=2) | LMAM | 2hn(12r+n) = 2.38 MB |" in out and "12hnn = 12 MB" in out
+
+
+def test_bench_decoding_profile_accounts_for_each_step(capsys):
+    """--decoding: the four decoding rows, then where a step's time goes on each side; the kinds
+    of operators and the time outside them add up to the profiled total."""
+    rows = bench.main(["--quick", "--decoding", "--device", "cpu"])
+    assert [r[0] for r in rows] == ["generate, greedy, batch 1", "generate, 4 beams, batch 1",
+                                    "generate, greedy, padded batch of 4", "generate, 4 beams, padded batch of 4"]
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "Where a decoding step's time goes" in out
+    profile = [line for line in out.splitlines() if line.startswith("| ") and " / " in line and "benchmark" not in line
+               and "generate" not in line]
+    kinds = [line.split(" | ")[0][2:] for line in profile]
+    assert kinds[0] == "weight products" and kinds[-1] == "total (profiled)" and "attention kernel" in kinds
+    cells = [[[float(x) for x in cell.split(" / ")] for cell in line.strip("| ").split(" | ")[1:]] for line in profile]
+    for column in range(4):
+        for side in range(2):
+            parts = sum(c[column][side] for c in cells[:-1])
+            assert abs(parts - cells[-1][column][side]) < 0.02 + 0.01 * parts      # rounding to 0.01 ms only
+            assert cells[0][column][side] > 0                                       # products were seen

@@ -151,6 +151,31 @@ def test_beam_search_length_penalty(tmp_path):
         assert generate(ours, ids, mask, eos_id=eos, pad_id=0, **kw).tolist() == ref.tolist()
 
 
+def test_beam_search_runs_each_prompt_once_and_reorders_only_generated_slots(tmp_path):
+    """The K beams of a prompt start identical: the prompt goes through the model with B rows,
+    not B·K, and a beam reorder moves only the generated slots of the cache (the prompt's are
+    shared by its beams). The tokens stay transformers' (test_generate_matches_transformers)."""
+    hf = tiny_hf_llama("gqa", init=0.2)
+    ours = load(write_layout(hf, "safetensors", str(tmp_path / "c")))
+    ids, mask = prompts()
+    rows = []
+    hook = ours.embed_tokens.register_forward_hook(lambda m, inp, out: rows.append(tuple(inp[0].shape)))
+    generate(ours, ids, mask, max_new_tokens=4, num_beams=3)
+    hook.remove()
+    B, T = ids.shape
+    assert rows == [(B, T)] + [(3 * B, 1)] * 3
+
+    cache = model.KVCache(1, 4, 2, 6, 3, torch.float32, "cpu")
+    shared_prompt = torch.randn(2, 1, 2, 3, 3).repeat_interleave(2, 0).reshape(4, 2, 3, 3)  # rows 0=1, 2=3
+    cache.update(torch.cat([shared_prompt, torch.randn(4, 2, 2, 3)], 2), torch.randn(4, 2, 5, 3))
+    cache.advance(5)
+    idx = torch.tensor([1, 1, 3, 2])                                # beams take beams of their own prompt
+    full = [x.index_select(0, idx) for x in (cache.k[0], cache.v[0])]
+    cache.reorder(idx, start=3)
+    assert torch.equal(cache.k[0][:, :, :3], full[0][:, :, :3])   # the prompt's slots: equal, never moved
+    assert torch.equal(cache.k[0][:, :, 3:5], full[0][:, :, 3:5]) and torch.equal(cache.v[0][:, :, 3:5], full[1][:, :, 3:5])
+
+
 def test_preset_parameter_counts():
     expected = {"llama-7b": 6_738_415_616, "llama2-70b": 68_976_648_192, "llama3-8b": 8_030_261_248,
                 "llama-13b": 13_015_864_320, "llama2-7b": 6_738_415_616}
@@ -344,7 +369,8 @@ def test_linear_fast_path_equals_f_linear(monkeypatch):
     and without bias, for 1-32 and 33 rows."""
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(64, 16, generator=g, requires_grad=True), torch.randn(64, generator=g, requires_grad=True)
-    monkeypatch.setitem(model.ROW_HALVES, (64, 16), (1.0, 0.1))      # as if measured: the row halves win
+    for rows in (1, 3, 32, 33):                                       # as if measured: the row halves win
+        monkeypatch.setitem(model.ROW_HALVES, (64, 16, rows), (1.0, 0.1))
     for shape in [(16,), (1, 16), (3, 1, 16), (32, 16), (33, 16)]:
         x = torch.randn(*shape, generator=g, requires_grad=True)
         for bias in (None, b):
@@ -365,13 +391,17 @@ def test_linear_fast_path_equals_f_linear(monkeypatch):
     x1, w1 = torch.randn(1, 16), w.detach()
     assert uses_bmm(x1, w1) and not uses_bmm(torch.randn(33, 16), w1)
     assert not uses_bmm(x1.bfloat16(), w1.bfloat16())            # bf16: its own kernel
-    monkeypatch.setitem(model.ROW_HALVES, (64, 16), (0.1, 1.0))      # measured slower: F.linear
+    monkeypatch.setitem(model.ROW_HALVES, (64, 16, 1), (0.1, 1.0))   # measured slower: F.linear
     assert not uses_bmm(x1, w1)
-    # a shape not measured yet is measured once, and the report says what was chosen
+    monkeypatch.setitem(model.ROW_HALVES, (64, 16, 3), (0.1, 1.0))   # the choice is per row count too
+    assert not uses_bmm(torch.randn(3, 16), w1) and uses_bmm(torch.randn(32, 16), w1)
+    # a shape or row count not measured yet is measured once, and the report says what was chosen
     fresh = torch.randn(48, 16)
-    model.linear(x1, fresh)
-    assert (48, 16) in model.ROW_HALVES and "48x16: " in model.decoding_report()
-    model.ROW_HALVES.pop((48, 16))
+    for rows in (1, 4):
+        model.linear(torch.randn(rows, 16), fresh)
+    assert {(48, 16, 1), (48, 16, 4)} <= set(model.ROW_HALVES)
+    assert "48x16, 1 row: " in model.decoding_report() and "48x16, 4 rows: " in model.decoding_report()
+    model.ROW_HALVES.pop((48, 16, 1)), model.ROW_HALVES.pop((48, 16, 4))
 
 
 def test_lm_loss_under_autocast():

@@ -4,6 +4,7 @@
     python bench.py --quick     # a smoke run of a few seconds (what the tests call)
     python bench.py --no-compile --device cuda --dtype bf16 --seq 2048   # other shapes, bf16, the GPU
     python bench.py --decoding   # the decoding rows only, and where each side's time goes (profile)
+    python bench.py --profile    # every row, then where each side's time goes, by kind of operator
     python bench.py --inference  # LMAM at inference against merged LoRA (Table 2) and its memory (Table 3)
 
 Each pair (ours, reference) is warmed up, then timed interleaved (A B A B ...); the table gives
@@ -56,11 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--keep-memory", dest="keep_memory", action="store_true",
                    help="glibc never returns freed memory to the OS (mallopt): no page faults per step; see keep_freed_memory")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, no compile")
-    p.add_argument("--decoding", action="store_true",
-                   help="the decoding rows only, each followed by a profile: where a step's time goes, both sides")
+    p.add_argument("--decoding", action="store_true", help="the decoding rows only (with their profile)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the table, where each row's time goes on each side, by operator kind (CPU)")
     p.add_argument("--inference", action="store_true",
                    help="LMAM at inference instead: the paper's Tables 2 and 3, formulas and measured (see inference)")
     args = p.parse_args(argv)
+    args.profile = (args.profile or args.decoding) and not args.device.startswith("cuda")
     if args.quick:
         args.layers, args.dim, args.heads, args.ffn, args.vocab = 2, 128, 4, 344, 1000
         args.batch, args.seq, args.repeats, args.new_tokens, args.compile = 2, 64, 2, 8, False
@@ -312,43 +315,51 @@ def decoding(hf, base, ids, new):
         yield name, ga, gb, new * p.shape[0]
 
 
-# Where decoding time goes, by the kind of operator the profiler sees (the same names on both sides).
+# Where the time goes, by the kind of operator the profiler sees (the same names on both sides).
 KINDS = (("weight products", ("aten::mm", "aten::bmm", "aten::addmm")),
-         ("attention kernel", ("aten::_scaled_dot_product",)),
-         ("beam reorder of the KV cache", ("aten::index_select",)),
-         ("copies, concatenation, indexing (cache updates, masks, sequences)",
+         ("attention kernel (and its backward)", ("aten::_scaled_dot_product", "aten::_flash_attention")),
+         ("index_select (embedding lookup; beam reorder of the KV cache)", ("aten::index_select",)),
+         ("copies, casts, concatenation (cache updates, masks, bf16 <-> fp32)",
           ("aten::copy_", "aten::cat", "aten::index", "aten::fill_", "aten::zero", "aten::clone", "aten::pad",
-           "aten::constant_pad_nd", "aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::arange")),
-         ("logits processing (log-softmax, top-k, argmax, masks of tokens)",
-          ("aten::_log_softmax", "aten::topk", "aten::argmax", "aten::isin", "aten::masked_fill", "aten::where",
-           "aten::gather", "aten::sort", "aten::max", "aten::all", "aten::any", "aten::eq", "aten::ne")),
-         ("element-wise (norms, RoPE, SiLU, residuals)",
+           "aten::constant_pad_nd", "aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::arange",
+           "aten::_to_copy", "aten::embedding_dense_backward", "aten::scatter", "aten::new_")),
+         ("softmax, loss, logits processing (top-k, argmax, masks of tokens)",
+          ("aten::_log_softmax", "aten::_softmax", "aten::topk", "aten::argmax", "aten::isin", "aten::masked_fill",
+           "aten::where", "aten::gather", "aten::sort", "aten::max", "aten::all", "aten::any", "aten::eq", "aten::ne",
+           "aten::nll_loss", "aten::exp", "aten::logsumexp", "aten::amax")),
+         ("element-wise (norms, RoPE, SiLU, residuals, their gradients)",
           ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu", "aten::neg", "aten::sub",
-           "aten::div", "aten::cos", "aten::sin", "aten::_to_copy")),
+           "aten::div", "aten::cos", "aten::sin", "aten::sum", "aten::norm", "aten::linalg_vector_norm", "aten::sigmoid",
+           "aten::reciprocal", "aten::sqrt", "aten::clamp")),
+         ("optimizer (AdamW)", ("aten::_foreach", "aten::_fused_adam", "aten::lerp", "aten::addcmul", "aten::addcdiv")),
          ("views and reshapes (no data moved: dispatch cost only)",
           ("aten::as_strided", "aten::slice", "aten::view", "aten::transpose", "aten::reshape", "aten::t", "aten::select",
            "aten::narrow", "aten::unsqueeze", "aten::expand", "aten::permute", "aten::squeeze", "aten::chunk",
            "aten::split", "aten::unfold", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::to",
-           "aten::matmul", "aten::linear", "aten::scaled_dot_product_attention")))
+           "aten::matmul", "aten::linear", "aten::scaled_dot_product_attention", "aten::contiguous", "aten::numpy_T",
+           "aten::unflatten", "aten::flatten", "aten::split_with_sizes", "aten::repeat_interleave", "aten::embedding")))
 
 
-def decoding_profile(fn, steps):
-    """Milliseconds per decoding step of fn(), by operator kind (KINDS; every operator's own time,
-    children excluded: aten::linear's own time is its dispatch, its product is counted under mm), plus the time outside any operator: Python, dispatch and the profiler's
-    own cost. One profiled run after a warm-up."""
+def profile_by_kind(fn, per=1):
+    """Milliseconds of one fn() (divided by `per`: decoding steps), by operator kind (KINDS; each
+    operator's own time, children excluded: aten::linear's own time is its dispatch, its product
+    is counted under mm), plus the time outside any operator: Python, autograd's engine, dispatch
+    and the profiler's own cost. One profiled run after a warm-up."""
     from torch.profiler import profile
     fn()
     with profile() as prof:
         t = time.perf_counter()
         fn()
         wall = time.perf_counter() - t
-    spent = {name: 0.0 for name, _ in KINDS} | {"other operators": 0.0}
+    python_level = "autograd's nodes, Python-level records (Optimizer.step, autograd.Function)"
+    spent = {name: 0.0 for name, _ in KINDS} | {"other operators": 0.0, python_level: 0.0}
     for e in prof.key_averages():
-        kind = next((name for name, ops in KINDS if e.key.startswith(ops)), "other operators")
+        kind = next((name for name, ops in KINDS if e.key.startswith(ops)),
+                    "other operators" if e.key.startswith("aten::") else python_level)
         spent[kind] += e.self_cpu_time_total / 1e3
-    spent["outside operators (Python, dispatch, profiler)"] = max(0.0, 1e3 * wall - sum(spent.values()))
+    spent["outside operators (Python, autograd, dispatch, profiler)"] = max(0.0, 1e3 * wall - sum(spent.values()))
     spent["total (profiled)"] = 1e3 * wall
-    return {k: v / steps for k, v in spent.items()}
+    return {k: v / per for k, v in spent.items()}
 
 
 def machine(device) -> str:
@@ -388,9 +399,11 @@ def main(argv=None):
     n_matrix = sum(p.numel() for n, p in base.named_parameters() if p.dim() == 2 and "embed" not in n)
     flops = (4 * n_matrix + 12 * args.layers * args.dim * args.seq) * tokens
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    rows = []
+    rows, profiles = [], {}        # profiles: row name -> (ours, reference) by operator kind (--profile)
 
     def row(name, runs, fa, fb, work=tokens):
+        if args.profile and work == tokens:
+            profiles[name] = [profile_by_kind(f) for f in (fa, fb)]
         (t_ours, pf_ours), (t_ref, pf_ref) = runs
         gf = flops / t_ours / 1e9 if work == tokens else float("nan")
         mem = (None, None) if args.keep_memory else (peak_memory_mb(fa, dev), peak_memory_mb(fb, dev))
@@ -428,12 +441,11 @@ def main(argv=None):
         row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev),
             fa, fb)
 
-    profiles = {}
     for name, ga, gb, work in decoding(hf, base, ids, args.new_tokens):
         with torch.no_grad():
             row(f"generate, {name}", interleaved(ga, gb, args.repeats, dev), ga, gb, work=work)
-            if args.decoding and not dev.startswith("cuda"):
-                profiles[name] = [decoding_profile(f, args.new_tokens) for f in (ga, gb)]
+            if args.profile:
+                profiles[f"generate, {name}"] = [profile_by_kind(f, args.new_tokens) for f in (ga, gb)]
 
     freed = "freed memory kept (--keep-memory)" if args.keep_memory else "freed memory returned to the OS (default)"
     what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
@@ -452,8 +464,8 @@ def main(argv=None):
         print(f"| {name} | {a:.4f} | {b:.4f} | {ratio:.2f} | {tps:,.0f} | {fmt(gf, '.1f')} | {fmt(pct, '.0f')} | "
               f"{fmt(ma, ',.0f')} / {fmt(mb, ',.0f')} | {fmt(fa, ',.0f')} / {fmt(fb, ',.0f')} |")
     if profiles:
-        print(f"\nWhere a decoding step's time goes: ms per step ({args.new_tokens} steps; one profiled run each, "
-              f"so the totals run above the table's medians by the profiler's cost), ours / reference")
+        print(f"\nWhere the time goes, ours / reference: ms per training step, ms per decoding step ({args.new_tokens}"
+              f" steps); one profiled run each, so the totals run above the table's medians by the profiler's cost")
         print("| operators | " + " | ".join(profiles) + " |\n|---|" + "---|" * len(profiles))
         for kind in next(iter(profiles.values()))[0]:
             print(f"| {kind} | " + " | ".join(f"{o[kind]:.2f} / {r[kind]:.2f}" for o, r in profiles.values()) + " |")

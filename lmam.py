@@ -184,16 +184,18 @@ class LMAM(nn.Module):
         slot.scatter_(1, torch.where(kok, ki, n), torch.arange(S, device=q.device).expand(B, S))
         slot = slot[:, :n]                                                      # S = "no token"
         v_map = v.gather(2, slot.clamp(max=S - 1)[:, None, :, None].expand(B, Hkv, n, hd))
-        v_map = v_map * (slot < S)[:, None, :, None]                            # zero where no token
-        v_map = v_map.repeat_interleave(H // Hkv, dim=1)                        # (B, H, n, hd)
+        v_map.mul_((slot < S)[:, None, :, None])                                # zero where no token
+        if H != Hkv:
+            v_map = v_map.repeat_interleave(H // Hkv, dim=1)                    # (B, H, n, hd)
         a = self.heads_map(self.attn_map())                                     # (H, n, n), fp32
         if T < n:       # few queries (decoding: one per step): only their rows of the map, O(h·T·n·hd)
             rows = a[:, qi].transpose(0, 1) * qok[:, None, :, None]             # (B, H, T, n); 0 off the map
             return y + (rows @ v_map.to(a.dtype)).to(q.dtype), None
-        u = (a @ v_map.to(a.dtype)).to(q.dtype)                                 # (B, H, n, hd) = Attn_s·V, in fp32
-        u = F.pad(u, (0, 0, 0, 1))                                              # row n: zeros
+        a = F.pad(a, (0, 0, 0, 1))                                              # (H, n + 1, n): row n zeros
+        u = (a @ v_map.to(a.dtype)).to(q.dtype)                                 # (B, H, n + 1, hd) = Attn_s·V, fp32
         row = torch.where(qok, qi, n)                                           # queries off the map get row n
-        return y + u.gather(2, row[:, None, :, None].expand(B, H, T, hd)), None  # each query's map row
+        out = u.gather(2, row[:, None, :, None].expand(B, H, T, hd))            # each query's map row
+        return out.add_(y), None                  # (in place on the gather's fresh output: no second copy)
 
     def factors(self, wa=None, wb=None):
         """(Wa + PE on its rows, Wb + PE on its columns), Eq. 8-9, each times root (√s when s is

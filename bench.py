@@ -329,11 +329,13 @@ KINDS = (("weight products", ("aten::mm", "aten::bmm", "aten::addmm")),
            "aten::nll_loss", "aten::exp", "aten::logsumexp", "aten::amax")),
          ("element-wise (norms, RoPE, SiLU, residuals, their gradients)",
           ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu", "aten::neg", "aten::sub",
-           "aten::div", "aten::cos", "aten::sin", "aten::sum", "aten::norm", "aten::linalg_vector_norm", "aten::sigmoid",
+           "aten::div", "aten::cos", "aten::sin", "aten::sum", "aten::norm", "aten::linalg_vector_norm",
+           "aten::sigmoid",
            "aten::reciprocal", "aten::sqrt", "aten::clamp")),
          ("optimizer (AdamW)", ("aten::_foreach", "aten::_fused_adam", "aten::lerp", "aten::addcmul", "aten::addcdiv")),
          ("views and reshapes (no data moved: dispatch cost only)",
-          ("aten::as_strided", "aten::slice", "aten::view", "aten::transpose", "aten::reshape", "aten::t", "aten::select",
+          ("aten::as_strided", "aten::slice", "aten::view", "aten::transpose", "aten::reshape", "aten::t",
+           "aten::select",
            "aten::narrow", "aten::unsqueeze", "aten::expand", "aten::permute", "aten::squeeze", "aten::chunk",
            "aten::split", "aten::unfold", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::to",
            "aten::matmul", "aten::linear", "aten::scaled_dot_product_attention", "aten::contiguous", "aten::numpy_T",
@@ -437,8 +439,8 @@ def main(argv=None):
             layer.self_attn.attn_map = None
         fa = train_step(our_loss(with_map), [p for p in with_map.parameters() if p.requires_grad], ids)
         fb = train_step(our_loss(without), [p for p in without.parameters() if p.requires_grad], ids)
-        # (a difference of a few percent: more repeats than the other rows, against this machine's noise)
-        row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, args.repeats + 4, dev),
+        # (a difference of a few percent: three times the repeats of the other rows, against the noise)
+        row(f"lorada_la step: with LMAM (n={kw['lmam_len']}) / without", interleaved(fa, fb, 3 * args.repeats, dev),
             fa, fb)
 
     for name, ga, gb, work in decoding(hf, base, ids, args.new_tokens):

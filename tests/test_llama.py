@@ -173,7 +173,8 @@ def test_beam_search_runs_each_prompt_once_and_reorders_only_generated_slots(tmp
     full = [x.index_select(0, idx) for x in (cache.k[0], cache.v[0])]
     cache.reorder(idx, start=3)
     assert torch.equal(cache.k[0][:, :, :3], full[0][:, :, :3])   # the prompt's slots: equal, never moved
-    assert torch.equal(cache.k[0][:, :, 3:5], full[0][:, :, 3:5]) and torch.equal(cache.v[0][:, :, 3:5], full[1][:, :, 3:5])
+    assert torch.equal(cache.k[0][:, :, 3:5], full[0][:, :, 3:5])           # the generated slots: reordered
+    assert torch.equal(cache.v[0][:, :, 3:5], full[1][:, :, 3:5])
 
 
 def test_preset_parameter_counts():

@@ -1,11 +1,12 @@
 """Reading and writing checkpoints: from files on disk to the models of model.py, and back.
 
-  - `load(path)`: a checkpoint directory (or llama2.c .bin file) -> a model with its weights, in
-    eval mode. The layout is detected from the files present:
+  - `load(path)`: a checkpoint directory (or llama2.c .bin or GGUF file) -> a model with its weights,
+    in eval mode. The layout is detected from the files present:
       - Hugging Face: config.json + model.safetensors / pytorch_model.bin, single or sharded
         (model_type llama, roberta, bart, mbart or deberta-v2; RoBERTa's and DeBERTa's keys are
         renamed onto BART's module names);
       - Meta: params.json + consolidated.NN.pth (model-parallel shards are concatenated);
+      - GGUF (llama.cpp): one .gguf file of the llama architecture, dequantised (checkpoint_gguf.py);
       - llama2.c: one .bin file (legacy v0 or v1 header).
     The model is built on the meta device and the tensors are assigned into it, so a checkpoint
     is never held twice in memory; anything missing, unexpected or mis-shaped is a CheckpointError
@@ -213,10 +214,11 @@ def meta_to_hf_rows(w, n_heads: int):
 # Loading a checkpoint: LLaMA's three layouts, RoBERTa, BART / mBART
 
 def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = None):
-    """Read the checkpoint directory (or llama2.c .bin file) at `path` and return the model.
+    """Read the checkpoint directory (or llama2.c .bin or GGUF file) at `path` and return the model.
 
     The layout is detected from the files present (and the model from config.json's model_type:
-    llama, roberta, bart, mbart, deberta-v2); the model is built on the meta device and the tensors are
+    llama, roberta, bart, mbart, deberta-v2): config.json, else params.json, else one .gguf file,
+    else one .bin file; the model is built on the meta device and the tensors are
     assigned into it, so a checkpoint is never held twice in memory. `num_labels` (RoBERTa, DeBERTa): the
     classification head's outputs; a fresh head is created where the checkpoint has none.
 
@@ -225,24 +227,33 @@ def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = 
 
     dtype=None and device=None keep the checkpoint's tensors as they are: for safetensors,
     memory-mapped views, nothing read until used (fsdp.py shards such a model, each process
-    reading only its rows).
+    reading only its rows). A GGUF file is dequantised to float32 (dtype=None) on the CPU
+    (device=None); it needs the optional gguf package (requirements-gguf.txt).
     """
     if num_labels is not None and not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: num_labels is for RoBERTa checkpoints (config.json with model_type roberta)")
+    from checkpoint_gguf import load_gguf               # (imports this module)
     if os.path.isfile(path) and path.endswith(".bin") and not path.endswith("pytorch_model.bin"):
         model = load_llama2c(path, dtype, device)
+    elif os.path.isfile(path) and path.endswith(".gguf"):
+        model = load_gguf(path, dtype, device)
     elif not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory or llama2.c .bin file")
+        raise CheckpointError(f"{path}: no such checkpoint directory, llama2.c .bin file or .gguf file")
     elif os.path.exists(os.path.join(path, "config.json")):
         model = load_hf(path, dtype, device, num_labels)
     elif os.path.exists(os.path.join(path, "params.json")):
         model = load_meta(path, dtype, device)
+    elif ggufs := sorted(glob.glob(os.path.join(path, "*.gguf"))):
+        if len(ggufs) > 1:
+            names = ", ".join(os.path.basename(g) for g in ggufs)
+            raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({names}); pass the one to load")
+        model = load_gguf(ggufs[0], dtype, device)
     elif len(bins := sorted(glob.glob(os.path.join(path, "*.bin")))) == 1:
         model = load_llama2c(bins[0], dtype, device)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint layout; expected config.json + model.safetensors / "
                               f"pytorch_model.bin (Hugging Face), params.json + consolidated.*.pth (Meta), "
-                              f"or one llama2.c .bin file")
+                              f"one .gguf file (llama.cpp) or one llama2.c .bin file")
     model.cfg.name = preset_name(model.cfg)     # which rows of presets.py apply: from the config's fields
     return model.eval()
 

@@ -136,7 +136,7 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
     `prompt` builds the prompt of a record (LLM-Adapters' evaluation prompt by default)."""
     if max_new_tokens is None:
         max_new_tokens = 32 if task in D.COMMONSENSE else 256
-    prompts = {i: tokenizer.encode(prompt(r), bos=True) for i, r in enumerate(records)}
+    prompts = {i: tokenizer.encode(prompt(r)) for i, r in enumerate(records)}
     device = next(model.parameters()).device
 
     def predict(idx):
@@ -152,6 +152,90 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
                    "correct": is_correct(task, records[i]["answer"], pred)}
     done = predict_resumably(prompts, predict, out_path, "correct", task, batch_size, progress)
     return sum(done.values()), len(records)
+
+
+def candidate_sequences(tokenizer, prompt: str, candidates: list, response: str = "the correct answer is {}"):
+    """The token ids of `prompt` completed by each candidate's response, split into the part all
+    candidates share and each one's own tokens. Prompt and response are tokenized together, as in
+    training (the prompt's trailing spaces merge with the response's first word), so the shared
+    part is the longest common prefix of the candidates' sequences, not the prompt alone."""
+    seqs = [tokenizer.encode(prompt + response.format(c)) for c in candidates]
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return seqs[0][:n], [s[n:] for s in seqs]
+
+
+@torch.no_grad()
+def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, prompt=D.eval_prompt,
+                  progress=True):
+    """Rank classification in LLM-Adapters' layout (eval.py --protocol rank): each candidate of the
+    record's answer format ("true/false", "answer1/.../answer4", ...) completes the prompt as the
+    training response does, "the correct answer is {candidate}", and the candidate whose own tokens
+    have the highest summed log-probability is the prediction (the first on a tie). The tokens the
+    candidates share score the same for all, so they are left out of the sum. One forward pass per
+    record when every candidate differs in its last token only (LLaMA's and SmolLM2's tokenizers
+    split "answer1" into "answer" + "1"); otherwise one per candidate. QuanTA's protocol (--protocol
+    quanta) does the same in its own prompt, with the mean over the response's tokens.
+    Returns (correct, total); the scores go to out_path, one line per record, resumed on a rerun."""
+    samples = {}
+    for i, r in enumerate(records):
+        cands = Q.answer_format(r["instruction"])
+        if r["answer"] not in cands:
+            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its answer format's "
+                             f"candidates {cands}")
+        shared, own = candidate_sequences(tokenizer, prompt(r), cands)
+        samples[i] = (cands, shared, own)
+    device = next(model.parameters()).device
+
+    def score(idx):
+        rows, spans = [], []              # one row per record (single-token tails) or per candidate
+        for i in idx:
+            cands, shared, own = samples[i]
+            if all(len(o) == 1 for o in own):
+                spans.append((i, len(rows), None))
+                rows.append(shared)
+            else:
+                spans.append((i, len(rows), len(cands)))
+                rows += [shared + o for o in own]
+        batch = D.collate([{"input_ids": r} for r in rows], tokenizer.pad_id, side="right")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = model(ids, attention_mask=None if bool(mask.all()) else mask, return_hidden=True)
+        # the positions whose next-token distribution scores a candidate's own tokens: (row, position)
+        at = {}
+        for i, row, n in spans:
+            cands, shared, own = samples[i]
+            for c, o in enumerate(own):
+                r = row if n is None else row + c
+                for j in range(1 if n is None else len(o)):
+                    at.setdefault((r, len(shared) + j - 1), len(at))
+        where = torch.tensor(list(at), device=device)
+        logp = model.lm_head(hidden[where[:, 0], where[:, 1]]).float().log_softmax(-1).cpu()   # (positions, vocab)
+        for i, row, n in spans:
+            cands, shared, own = samples[i]
+            if n is None:                                   # the next token after the shared part
+                s = [logp[at[(row, len(shared) - 1)], o[0]].item() for o in own]
+            else:
+                s = [sum(logp[at[(row + c, len(shared) + j - 1)], t].item() for j, t in enumerate(o))
+                     for c, o in enumerate(own)]
+            pred = max(range(len(cands)), key=s.__getitem__)
+            yield {"index": i, "scores": s, "prediction": cands[pred], "label": records[i]["answer"],
+                   "correct": cands[pred] == records[i]["answer"]}
+    lengths = {i: shared + max(own, key=len) for i, (_, shared, own) in samples.items()}
+    done = predict_resumably(lengths, score, out_path, "correct", task, batch_size, progress)
+    return sum(done.values()), len(records)
+
+
+def remove_lmam(model) -> int:
+    """eval.py --lmam_off: take LMAM's learned map out of every attention layer (Attn_s ≡ 0) and
+    leave everything else as it is; returns the number of maps removed (an error if none)."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "attn_map", None) is not None:
+            m.attn_map, n = None, n + 1
+    if not n:
+        raise ValueError("--lmam_off: this model has no LMAM map to remove (its method has no LMAM)")
+    return n
 
 
 def markdown_table(results: dict, method: str = "") -> str:
@@ -651,7 +735,8 @@ def main(argv=None):
                         "adapter_model.safetensors / .bin: LoRA and DoRA from peft, DoRA from NVlabs/DoRA's "
                         "released checkpoints, LoRA and the series / parallel bottleneck adapters from "
                         "LLM-Adapters' released checkpoints); none: the base model")
-    p.add_argument("--task", required=True, help="|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))
+    p.add_argument("--task", required=True, help="LLaMA: a task, a group or several, comma-separated; "
+                   + "|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))
                    + "|ppl (perplexity of a token file or text, Table 7)")
     p.add_argument("--seq_len", default="2048", help="ppl: evaluation context lengths, e.g. 2048,4096,8192 (Table 7)")
     p.add_argument("--context_size", type=int, default=None,
@@ -661,6 +746,8 @@ def main(argv=None):
                    help="ppl: LongLoRA's (Table 7's numbers) or the standard strided perplexity")
     p.add_argument("--data", default=None, help="LLaMA: a test file in LLM-Adapters' format (default: "
                    "dataset/TASK/test.json); GLUE: the task's folder; XSum / WMT: the folder or file of the split")
+    p.add_argument("--data_dir", default=None, help="LLaMA: a folder holding TASK.json for each task evaluated "
+                   "(e.g. a held-out split); default: LLM-Adapters' dataset/TASK/test.json")
     p.add_argument("--split", default="test", help="XSum / WMT: which split to evaluate (test, val)")
     p.add_argument("--out_dir", default="eval_out", help="predictions (TASK.jsonl, resumed on a rerun) and results.json")
     p.add_argument("--batch_size", type=int, default=8, help="examples per generation batch (left-padded)")
@@ -674,22 +761,33 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the weights' dtype (default: bf16 on a GPU, fp32 on CPU)")
-    p.add_argument("--protocol", choices=("default", "quanta"), default="default",
+    p.add_argument("--prompt_layout", choices=("eval", "train"), default="eval",
+                   help="LLaMA's commonsense and math tasks: the prompt of LLM-Adapters' evaluation scripts "
+                        "(eval, the default) or of its training (train: finetune.py's layout, which differs in "
+                        "whitespace; see data/llm_adapters.py)")
+    p.add_argument("--lmam_off", action="store_true",
+                   help="remove the adapter's LMAM map (Attn_s = 0) and keep everything else: what the map "
+                        "itself contributes")
+    p.add_argument("--protocol", choices=("default", "quanta", "rank"), default="default",
                    help="LLaMA's commonsense and math tasks. default: LLM-Adapters' evaluation (4-beam generation, "
                         "the answer by regex). quanta: QuanTA's (run.py), where Table 4's QuanTA rows and Table 8 "
                         "come from: commonsense by rank classification over the candidates (mean log-probability "
                         "of '... the correct answer is {candidate}.'), math ('math' = AQuA, gsm8k, mawps, SVAMP) by "
                         "greedy decoding of 50 tokens up to a newline, scored by the correct metric and by QuanTA's "
                         "released one (labelled; it counts any prediction >= gold as correct). Writes "
-                        "TASK.quanta.jsonl and results.quanta.json")
+                        "TASK.quanta.jsonl and results.quanta.json. rank: commonsense by rank classification in "
+                        "--prompt_layout's prompt (evaluate_rank: one forward pass per question, every question "
+                        "affordable on a CPU); writes TASK.rank.jsonl and results.rank.json")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    quanta = args.protocol == "quanta"
-    results_path = os.path.join(args.out_dir, "results.quanta.json" if quanta else "results.json")
+    quanta, rank = args.protocol == "quanta", args.protocol == "rank"
+    suffix = {"default": "", "quanta": ".quanta", "rank": ".rank"}[args.protocol]
+    results_path = os.path.join(args.out_dir, f"results{suffix}.json")
+    layout = D.train_prompt_only if args.prompt_layout == "train" else D.eval_prompt
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     medium = args.task in G.TASKS or args.task in S.TASKS
     try:
-        if quanta and (medium or args.task == "ppl"):
+        if (quanta or rank) and (medium or args.task == "ppl"):
             raise ValueError("--protocol quanta is QuanTA's for LLaMA's commonsense and math tasks, not for "
                              f"{args.task}")
         if quanta and (args.num_beams or 1) != 1:
@@ -722,19 +820,27 @@ def main(argv=None):
                                                       args.batch_size, args.limit, num_beams=args.num_beams,
                                                       max_source_len=args.max_source_len)
         else:
-            tasks = (QUANTA_GROUPS if quanta else GROUPS).get(args.task, [args.task])
+            tasks = [t for name in args.task.split(",") for t in (QUANTA_GROUPS if quanta else GROUPS).get(name, [name])]
             for t in tasks:
+                if rank and t not in D.COMMONSENSE:
+                    raise ValueError(f"--protocol rank scores answer candidates: {t} has none (commonsense "
+                                     f"tasks only: {', '.join(D.COMMONSENSE)})")
                 if t not in TASKS:
                     raise ValueError(f"unknown task {t!r}; valid: {', '.join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))}")
             if args.data and len(tasks) > 1:
                 raise ValueError("--data names one file: use it with a single --task")
-            files = {t: args.data or D.resolve(t) for t in tasks}
+            if args.data and args.data_dir:
+                raise ValueError("--data and --data_dir: give one (a file for one task, or a folder of TASK.json)")
+            files = {t: args.data or (os.path.join(args.data_dir, f"{t}.json") if args.data_dir else D.resolve(t))
+                     for t in tasks}
             missing = [f for f in files.values() if not os.path.exists(f)]
             if len(tasks) == 1 and missing:
                 raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
             data = {t: D.load_records(f, fields=("instruction", "answer"))[:args.limit]
                     for t, f in files.items() if os.path.exists(f)}
             model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
+            if args.lmam_off:
+                print(f"LMAM map removed from {remove_lmam(model)} layers (--lmam_off)")
             for f in missing:
                 print(f"skipping {f}: not found", file=sys.stderr)
             for t, records in data.items():
@@ -742,8 +848,13 @@ def main(argv=None):
                     results[t] = evaluate_quanta(model, tok, t, records, args.out_dir, args.batch_size,
                                                  args.max_new_tokens)
                     continue
-                correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
-                                               args.batch_size, args.num_beams or 4, args.max_new_tokens)
+                if rank:
+                    correct, total = evaluate_rank(model, tok, t, records, os.path.join(args.out_dir, f"{t}.rank.jsonl"),
+                                                   args.batch_size, prompt=layout)
+                else:
+                    correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
+                                                   args.batch_size, args.num_beams or 4, args.max_new_tokens,
+                                                   prompt=layout)
                 results[t] = {"accuracy": correct / total, "correct": correct, "total": total}
     except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -10,7 +10,7 @@ config, weights, tokenizer), safetensors when the repository has them, else the 
 
 huggingface_hub is an optional extra (requirements-hub.txt), imported only when a hub id or a paper
 name is resolved. Its environment applies unchanged, since nothing here overrides it: HF_TOKEN (or
-`huggingface-cli login`) for gated repositories, HF_HOME / HF_HUB_CACHE for where the cache is,
+`hf auth login`) for gated repositories, HF_HOME / HF_HUB_CACHE for where the cache is,
 HF_HUB_OFFLINE=1 to use the cache without network, HF_ENDPOINT for a mirror.
 """
 import os
@@ -25,6 +25,7 @@ PAPER_MODELS = {
     "llama2-13b": "meta-llama/Llama-2-13b-hf",          # Llama 2 13B (gated)
     "llama2-70b": "meta-llama/Llama-2-70b-hf",          # Llama 2 70B (gated), GQA with 8 KV heads
     "llama3-8b": "meta-llama/Meta-Llama-3-8B",          # Llama 3 8B (gated); its tiktoken tokenizer.model is in original/
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",   # not in the paper: a real model for a CPU (docs/results.md)
     "roberta-base": "FacebookAI/roberta-base",          # RoBERTa-base (Liu et al. 2019), GLUE (Tables 5, 16)
     "bart-large": "facebook/bart-large",                # BART-large (Lewis et al. 2020), XSum (Table 10)
     "mbart-large-cc25": "facebook/mbart-large-cc25",    # mBART-large-cc25 (Liu et al. 2020), WMT16 en-ro (Table 10)
@@ -102,17 +103,17 @@ def download(repo: str, asked: str | None = None) -> str:
     except GatedRepoError:                                 # (a subclass of RepositoryNotFoundError)
         raise HubError(f"{repo} is a gated repository on the Hugging Face Hub and this machine has no access: "
                        f"accept its license at https://huggingface.co/{repo} with your account, then set HF_TOKEN "
-                       f"to a read token of that account (or run `huggingface-cli login`) and rerun") from None
+                       f"to a read token of that account (or run `hf auth login`) and rerun") from None
     except RepositoryNotFoundError:
         raise HubError(f"{repo}: no such repository on the Hugging Face Hub (or a private one: set HF_TOKEN or run "
-                       f"`huggingface-cli login`); {asked} is not a local path either") from None
+                       f"`hf auth login`); {asked} is not a local path either") from None
     except RevisionNotFoundError as e:
         raise HubError(f"{repo}: the Hub has no such revision ({e})") from None
     except LocalEntryNotFoundError as e:                   # offline, or the Hub unreachable, and not cached
         if constants.HF_HUB_OFFLINE:
             raise HubError(f"{repo} is not (completely) in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                            f"HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE on a machine with "
-                           f"network, or fill the cache elsewhere (`huggingface-cli download {repo}`) and copy it "
+                           f"network, or fill the cache elsewhere (`hf download {repo}`) and copy it "
                            f"to HF_HOME, or give the path of a local checkpoint") from None
         raise HubError(f"cannot download {repo}: the Hugging Face Hub is not reachable from here and the model is "
                        f"not in the cache ({constants.HF_HUB_CACHE}). Check the network (or set HF_ENDPOINT to a "
@@ -130,6 +131,8 @@ def download(repo: str, asked: str | None = None) -> str:
 def tokenizer_source(path: str) -> str:
     """Where load_tokenizer finds a checkpoint's tokenizer: its directory (a file's directory), or
     original/tokenizer.model where only that has one (Meta's Llama 3 repositories on the Hub)."""
+    if path.endswith(".gguf"):                 # a GGUF file carries its own tokenizer in its metadata
+        return path
     d = path if os.path.isdir(path) else os.path.dirname(path)
     nested = os.path.join(d, "original", "tokenizer.model")
     if not any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES) and os.path.exists(nested):

@@ -58,7 +58,9 @@ class LMAM(nn.Module):
                  variant: str = "default", tail: bool = False, init: str = "zero", device=None):
         super().__init__()
         if heads <= 0 or n_heads % heads:
-            raise ValueError(f"the model's {n_heads} attention heads are not divisible by lmam_heads={heads}")
+            divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
+            raise ValueError(f"--lmam_heads {heads}: the model's {n_heads} attention heads are not divisible by it "
+                             f"(h_s must divide them: {', '.join(map(str, divisors))})")
         if rank <= 0 or length <= 0:
             raise ValueError(f"lmam_rank and lmam_len must be positive, got {rank} and {length}")
         if variant not in VARIANTS:

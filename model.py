@@ -79,6 +79,10 @@ LLAMA_PRESETS = {
                        norm_eps=1e-5, max_seq_len=4096),
     "llama3-8b":  dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                        vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    # SmolLM2-135M(-Instruct), HuggingFaceTB: a real pretrained LLaMA-architecture model small enough
+    # for a CPU (its config.json; GQA with 3 KV heads, tied embeddings)
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                         norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
     # tiny shapes for tests and the CPU demo
     "llama-tiny":     dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=176,
                            vocab_size=512, max_seq_len=256),

@@ -129,6 +129,24 @@ METHOD_PRESETS = {
     ("lora+lmam", "llama-tiny-gqa"): LMAM_TINY, ("dora+lmam", "llama-tiny-gqa"): LMAM_TINY,
     ("series+lmam", "llama-tiny-gqa"): LMAM_TINY, ("parallel+lmam", "llama-tiny-gqa"): LMAM_TINY,
 }
+# --- SmolLM2-135M (d = 576, 9 heads, 3 KV heads): not in the paper; its rows in the paper's form, for the
+# real-model study (docs/results.md). LMAM: Table 19's LLaMA-7B row with h_s = the number of heads (32 of
+# 32 there, 9 of 9 here), r = 2, n = 128 and 1/s = d·600. LoRA and DoRA: LLM-Adapters' / DoRA's r = 32 at
+# d = 4096 scaled to the width, 32·576/4096 = 4.5 -> 4 (α = 2r, their ratio). LoRaDA-LA: Table 19's LoRA
+# r = 1 (no smaller rank exists) and its Adapter-FFN r = 18 at d = 4096 scaled the same way, 18·576/4096
+# = 2.5 -> 3. LoRA + LMAM keeps the LoRA row's r = 4, so that the pair differs by the map alone.
+LMAM_SMOLLM2 = dict(lmam_heads=9, lmam_rank=2, lmam_len=128, lmam_scale=1 / (576 * 600))
+SMOLLM2_LORA = dict(lora_r=4, lora_alpha=8.0)
+METHOD_PRESETS.update({
+    ("lmam", "smollm2-135m"): LMAM_SMOLLM2,
+    ("lora", "smollm2-135m"): SMOLLM2_LORA, ("dora", "smollm2-135m"): SMOLLM2_LORA,
+    ("lorada_la", "smollm2-135m"): dict(LMAM_SMOLLM2, adapter_r=3),
+    ("lorada_q", "smollm2-135m"): dict(LMAM_SMOLLM2, lmam_rank=1, quanta_dims="8-8-9"),
+    ("lorada_a", "smollm2-135m"): LMAM_SMOLLM2,
+    ("lora+lmam", "smollm2-135m"): dict(SMOLLM2_LORA, **LMAM_SMOLLM2),
+    ("dora+lmam", "smollm2-135m"): dict(SMOLLM2_LORA, **LMAM_SMOLLM2),
+    ("series+lmam", "smollm2-135m"): LMAM_SMOLLM2, ("parallel+lmam", "smollm2-135m"): LMAM_SMOLLM2,
+})
 for _method in ("lmam", "lorada_a", "lora+lmam", "dora+lmam", "series+lmam"):     # Table 16: n per GLUE task
     for _task, _n in GLUE_LMAM_LEN.items():
         METHOD_PRESETS[(_method, _task)] = dict(lmam_len=_n)
@@ -182,7 +200,7 @@ TRAIN_DEFAULTS = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_
                       val_set_size=120, eval_step=80, save_step=80, warmup_steps=100, weight_decay=0.0,
                       max_grad_norm=1.0, seed=42, max_steps=0, warmup_ratio=0.0, label_smoothing=0.0,
                       max_target_len=0, max_tokens=0, update_freq=1, adam_beta2=0.999, adam_eps=1e-8,
-                      lr_schedule="linear", s2_ratio=0.0)
+                      lr_schedule="linear", s2_ratio=0.0, lmam_lr_scale=1.0)
 
 TRAIN_PRESETS = {
     # The pipelines. The medium models: He et al.'s scripts (adapters.md section 7); eval_step /

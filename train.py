@@ -76,6 +76,8 @@ TRAIN_HELP = {
     "lr_schedule": "linear (decay to 0 after the warmup; transformers' default) or constant (LongLoRA)",
     "s2_ratio": "LongLoRA's shifted sparse attention in training, groups of ratio × length tokens "
                 "(LongLoRA: 0.25; 0: full attention)",
+    "lmam_lr_scale": "LMAM's learning rate as a multiple of learning_rate (1: the paper's single rate; "
+                     "not in the paper: for studies of how much the map learns)",
 }
 # Method flags: the hyperparameters of methods.py's functions (their defaults and presets.py's rows).
 METHOD_HELP = {
@@ -409,8 +411,12 @@ def train(args):
     if hooks and args.fsdp:
         raise ValueError(f"--fsdp with {args.method}: its update hook needs whole tensors, not shards")
     own = {id(p) for h in hooks for p in h.own_parameters(model)}       # stepped by their hook (SoRA's gates)
-    optimizer = torch.optim.AdamW([p for p in params if id(p) not in own], lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
-                                  betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
+    # One learning rate for everything, as the paper; --lmam_lr_scale gives LMAM's factors their own.
+    stepped = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
+    groups = [{"params": [p for n, p in stepped if ".attn_map." not in n]},
+              {"params": [p for n, p in stepped if ".attn_map." in n], "lr": hp["learning_rate"] * hp["lmam_lr_scale"]}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["learning_rate"],
+                                  weight_decay=hp["weight_decay"], betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
     per_epoch = len(pipe.epoch_batches(0))
     total = per_epoch * hp["num_epochs"]
     if hp["max_steps"]:

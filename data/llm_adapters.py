@@ -43,6 +43,11 @@ def train_prompt(record: dict) -> str:
     return template.format(instruction=record["instruction"], input=record.get("input", ""), output=record["output"])
 
 
+def train_prompt_only(record: dict) -> str:
+    """The training prompt up to "### Response:\n" and its 16 spaces: the training layout, to evaluate in."""
+    return train_prompt({**record, "output": ""})
+
+
 def eval_prompt(record: dict) -> str:
     template = EVAL_PROMPT_INPUT if record.get("input") else EVAL_PROMPT
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
@@ -108,12 +113,12 @@ def tokenize(tokenizer, record: dict, cutoff_len: int = 256, train_on_inputs: bo
     """LLM-Adapters' tokenize(): BOS from the tokenizer, truncation to cutoff_len tokens, EOS only
     when the sequence was not truncated, labels = input_ids (prompt masked with -100 when
     train_on_inputs is False)."""
-    ids = tokenizer.encode(train_prompt(record), bos=True)[:cutoff_len]
+    ids = tokenizer.encode(train_prompt(record))[:cutoff_len]
     if ids[-1] != tokenizer.eos_id and len(ids) < cutoff_len:
         ids.append(tokenizer.eos_id)
     labels = list(ids)
     if not train_on_inputs:
-        n_prompt = len(tokenizer.encode(train_prompt({**record, "output": ""}), bos=True)[:cutoff_len])
+        n_prompt = len(tokenizer.encode(train_prompt({**record, "output": ""}))[:cutoff_len])
         labels = [-100] * n_prompt + labels[n_prompt:]
     return {"input_ids": ids, "labels": labels}
 

@@ -211,7 +211,7 @@ def test_download_from_a_local_hub(tmp_path, tiny_dir):
         assert_close(load(tiny["ok"])(ids), load(str(tiny_dir))(ids))
     assert gated["error"].startswith("org/gated is a gated repository on the Hugging Face Hub")
     assert "https://huggingface.co/org/gated" in gated["error"] and "HF_TOKEN" in gated["error"]
-    assert "huggingface-cli login" in gated["error"]
+    assert "hf auth login" in gated["error"]
     assert missing["error"].startswith("org/missing: no such repository on the Hugging Face Hub")
     # cached now: offline (and train.py's --dry_run with a hub id) use the snapshot
     out = run(["train.py", "--model", "org/tiny", "--method", "lora", "--lora_r", "2", "--dry_run"],

@@ -181,7 +181,7 @@ def test_default_init_is_exactly_the_base_model(case):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="4 attention heads are not divisible by lmam_heads=3"):
+    with pytest.raises(ValueError, match=r"--lmam_heads 3: the model.s 4 attention heads are not divisible by it \(h_s must divide them: 1, 2, 4\)"):
         lmam_model(lmam_heads=3)
     with pytest.raises(ValueError, match="lmam_rank and lmam_len must be positive"):
         lmam_model(lmam_rank=0)

@@ -23,7 +23,7 @@ class BottleneckLinear(nn.Module):
     down: (d_in → r), up: (r → d_out), no biases; d_in = d_out = in (series_in), out (series_out),
     or in → out (parallel). Parameters added: r · (d_in + d_out). Init "bert": both N(0, 0.02), so
     the adapter is near (not exactly) the identity at the start, as in the reference. Runs in fp32.
-    (Houlsby's adapter on RoBERTa/BART is HoulsbyAdapter below: it acts after the block's dropout.)
+    (Houlsby's adapter on RoBERTa/BART is HoulsbyAdapter below.)
     """
 
     def __init__(self, base: nn.Linear, r: int, kind: str, scale: float = 1.0, dropout: float = 0.0):
@@ -56,14 +56,17 @@ class BottleneckLinear(nn.Module):
 
 class HoulsbyAdapter(nn.Module):
     """Houlsby et al.'s adapter as He et al. run it on RoBERTa/BART/mBART (their "sequential"
-    adapter), after a sub-block's output projection and its dropout:
+    adapter), after a sub-block's output projection:
 
-        y' = y + up(dropout(ReLU(down(LN(y)))))        y: the sub-block's output after dropout
+        y' = y + up(dropout(ReLU(down(LN(y)))))        y: the sub-block's output
 
     with a LayerNorm on the adapter's input after attention only (layer_norm=True) and biases.
     down: (d → r), up: (r → d): 2·d·r + r + d parameters (+ 2·d for the LayerNorm). Init "bert":
     weights N(0, 0.02), biases 0, as in the reference. Attached in a sub-block's `adapter` slot
-    (model.py: MultiHeadAttention.adapter, FFN.adapter), which the layer applies after dropout.
+    (model.py: MultiHeadAttention.adapter, FFN.adapter); where each acts follows He et al.'s code
+    (EncoderLayer.residual): after attention, on out_proj's output *before* the block's dropout
+    (RoBERTa's SelfOutput: dense → adapter → dropout; BART/mBART: inside the attention module,
+    right after out_proj); after the FFN, *after* the block's dropout (fc2 → dropout → adapter).
     """
 
     def __init__(self, dim: int, r: int, dropout: float = 0.0, layer_norm: bool = False, device=None):
@@ -79,7 +82,8 @@ class HoulsbyAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x, y):
-        """x: the sub-block's input (unused: the adapter reads y), y: its output after dropout."""
+        """x: the sub-block's input (unused: the adapter reads y), y: its output (attention: before
+        the block's dropout; FFN: after it)."""
         h = self.dropout(F.relu(self.adapter_down(self.adapter_norm(y.float()))))      # dropout after ReLU
         return y + self.adapter_up(h).to(y.dtype)
 
@@ -90,11 +94,17 @@ class AdapterFFN(nn.Module):
 
         FFN'(x) = FFN(x) + s · (W_up dropout(ReLU(W_down x + b_down)) + b_up)
 
-    x is the FFN's input (in a pre-LN layer, mBART: the residual stream before the LayerNorm, as He
-    et al. place it). On RoBERTa/BART/mBART the term is added after the block's residual dropout,
-    as in He et al.'s code (the layer applies `FFN.adapter` after dropout); LLaMA has no dropout there. W_down: (r, d), W_up: (d, r), with biases: 2·d·r + r + d parameters.
-    LoRA-style init as in the reference (init_option "lora"): W_down kaiming-uniform (a = √5), W_up
-    and both biases zero, so the adapter starts as an exact no-op. Attached as `MLP.adapter`.
+    x is what the adapter reads, and the two pre-norm families differ:
+      - RoBERTa/BART (post-LN): the FFN's input;
+      - mBART (pre-LN): the residual stream before the FFN's LayerNorm, as He et al. place it;
+      - LLaMA (pre-RMSNorm): the MLP's input, i.e. the *normalised* stream (MLP.adapter gets what
+        the MLP gets). No reference places Adapter-FFN in LLaMA; this reads what LLM-Adapters'
+        parallel adapter on up_proj reads. A choice (docs/choices.md), not He et al.'s mBART rule.
+    On RoBERTa/BART/mBART the term is added after the block's residual dropout, as in He et al.'s
+    code (the layer applies `FFN.adapter` after dropout); LLaMA has no dropout there. W_down: (r, d),
+    W_up: (d, r), with biases: 2·d·r + r + d parameters. LoRA-style init as in the reference
+    (init_option "lora"): W_down kaiming-uniform (a = √5), W_up and both biases zero, so the adapter
+    starts as an exact no-op. Attached as `MLP.adapter` (LLaMA) or `FFN.adapter`.
     """
 
     def __init__(self, dim: int, r: int, scale: float, dropout: float = 0.0, device=None):

@@ -13,7 +13,8 @@ model's hooks; methods.adalora / methods.sora attach them):
     summary(model) -> str                   the ranks kept, printed at the end of training
 
 `step` counts from 1 (the step being taken), `total` is the run's number of steps, `lr` the learning
-rate of this step. Their state (importance averages, the gate's Adam moments) lives in buffers of
+rate of this step. (AdaLoRA's schedule counts the steps done before this one, t = step − 1, from 0,
+as its references do.) Their state (importance averages, the gate's Adam moments) lives in buffers of
 their layers, so checkpoints and --resume carry it.
 """
 import math
@@ -79,7 +80,10 @@ class AdaLoRALinear(AdditiveUpdate):
 
 class AdaLoRAAllocator:
     """AdaLoRA's budget allocation (peft's RankAllocator and AdaLoraModel.update_and_allocate), an
-    update hook (module docstring). Per step t:
+    update hook (module docstring). t counts from 0, as in the references: AdaLoRA's trainer calls
+    update_and_mask(model, global_step) after the optimizer step and before global_step += 1, and
+    peft's examples pass the same 0-based step to update_and_allocate; so the first step is t = 0
+    and the last t = total − 1. Per step t:
 
       - before the update: the orthogonality regulariser's gradient, of
             orth_reg · mean over every P and Q of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F
@@ -91,7 +95,8 @@ class AdaLoRAAllocator:
             b(t) = b_T + (b0 − b_T)·(1 − (t − tinit)/(total − tfinal − tinit))³,  b_T = target_r · #layers,
         and every deltaT steps the Λᵢ of the b0 − b(t) lowest-scoring triplets are set to 0 (they can
         grow back until the next allocation);
-      - at t = total − tfinal the final allocation to b_T, whose mask then holds until the end.
+      - at t = total − tfinal the final allocation to b_T, whose mask then holds until the end
+        (with tfinal = 0 that step never comes, t ending at total − 1, as in the references).
     """
 
     def __init__(self, target_r: int, tinit: int, tfinal: int, delta_t: int, beta1: float, beta2: float,
@@ -126,12 +131,12 @@ class AdaLoRAAllocator:
         for p, g in zip(params, grads):
             p.grad = g if p.grad is None else p.grad + g
 
-    def budget(self, step: int, total: int, b0: int, bT: int) -> tuple[int, bool]:
-        """(budget, whether to mask now) during the allocation phase (t < total − tfinal)."""
-        if step <= self.tinit:
+    def budget(self, t: int, total: int, b0: int, bT: int) -> tuple[int, bool]:
+        """(budget, whether to mask now) at the 0-based step t of the allocation phase (t < total − tfinal)."""
+        if t <= self.tinit:
             return b0, False
-        shrink = 1 - (step - self.tinit) / (total - self.tfinal - self.tinit)
-        return int((b0 - bT) * shrink ** 3 + bT), step % self.delta_t == 0
+        shrink = 1 - (t - self.tinit) / (total - self.tfinal - self.tinit)
+        return int((b0 - bT) * shrink ** 3 + bT), t % self.delta_t == 0
 
     def update_importance(self, layers):
         with torch.no_grad():
@@ -163,14 +168,15 @@ class AdaLoRAAllocator:
         if self.tinit >= final:
             raise ValueError(f"AdaLoRA's schedule leaves no allocation phase: adalora_tinit={self.tinit} and "
                              f"adalora_tfinal={self.tfinal} for {total} steps")
+        t = step - 1                                          # the references' global_step: from 0
         layers = self.layers(model)
         b0, bT = sum(m.r for m in layers), self.target_r * len(layers)
-        if step < final:
+        if t < final:
             self.update_importance(layers)
-            budget, now = self.budget(step, total, b0, bT)
+            budget, now = self.budget(t, total, b0, bT)
             if now:
                 self.mask_to_budget(layers, budget)
-        elif step == final:                                   # the final allocation, kept from now on
+        elif t == final:                                      # the final allocation, kept from now on
             self.mask_to_budget(layers, bT)
             with torch.no_grad():
                 for m in layers:
@@ -236,8 +242,26 @@ class SoRALinear(AdditiveUpdate):
 
 
 def soft_threshold(z, xi: float):
-    """The proximal operator of ξ·|g|: sign(z)·max(|z| − ξ, 0)."""
+    """The proximal operator of ξ·|g|: sign(z)·max(|z| − ξ, 0) (SoRA's paper, "soft")."""
     return torch.sign(z) * (z.abs() - xi).clamp(min=0)
+
+
+def released_threshold(z, xi: float):
+    """SoRA's released code (src/sparse_optimizer.py, SparseAdamW.step): three in-place masks in a
+    row, each on the result of the one before,
+
+        z[z > ξ] −= ξ;   z[z < −ξ] += ξ;   z[|z| < ξ] = 0
+
+    so a gate shifted into (−ξ, ξ) by the first two is zeroed by the third: every |z| < 2ξ goes to
+    0 (|z| = ξ exactly stays, the masks being strict), the rest shrinks by ξ as the soft threshold."""
+    z = z.clone()
+    z[z > xi] -= xi
+    z[z < -xi] += xi
+    z[z.abs() < xi] = 0.0
+    return z
+
+
+SORA_PROX = {"released": released_threshold, "soft": soft_threshold}
 
 
 LAMBDA_SCHEDULES = ("none", "linear", "log_linear", "exp_linear")
@@ -251,12 +275,13 @@ class SoRAGates:
         sora_lambda · Σ|g| / (number of gates), so that clipping sees it as theirs does;
       - after the update: an Adam step of the gates (their SparseAdamW: transformers' AdamW with
         bias correction, β = (0.9, 0.999), ε = 1e-6, no weight decay, the run's learning rate
-        schedule), then the proximal step of the L1 penalty, soft-thresholding
-            g ← sign(z)·max(|z| − ξ, 0),
+        schedule), then the proximal step of the L1 penalty at
         ξ = sora_lambda2 ("fixed": their sparse_optimizer.py, which run_glue.py uses) or lr·sora_lambda2
-        ("lr": their sparse_optimizer_multiply_lr.py and the paper's T_{ηλ}).
-    Their code applies three in-place masks in a row (g > ξ: g − ξ; g < −ξ: g + ξ; |g| < ξ: 0), which
-    also zeroes the gates that were in (ξ, 2ξ) before the shift; the formula is taken here.
+        ("lr": their sparse_optimizer_multiply_lr.py and the paper's T_{ηλ}), in one of two forms:
+          sora_prox "released" (default): their code's three in-place masks in a row (g > ξ: g − ξ;
+            g < −ξ: g + ξ; |g| < ξ: 0), which also zeroes the gates that were in (ξ, 2ξ) before
+            the shift: g ← 0 where |z| < 2ξ, else sign(z)·(|z| − ξ) (released_threshold);
+          sora_prox "soft": the paper's soft threshold g ← sign(z)·max(|z| − ξ, 0) (soft_threshold).
     The λ2 schedule (sora_schedule linear / log_linear / exp_linear from sora_lambda2 to
     sora_max_lambda in sora_lambda_num values): the run splits into sora_lambda_num equal phases,
     phase k using the k-th value (their run_glue.py instead trains sora_lambda_num − 1 more rounds
@@ -264,9 +289,13 @@ class SoRAGates:
     """
 
     def __init__(self, lam: float, lam2: float, threshold: str = "fixed", schedule: str = "none",
-                 max_lambda: float = 10.0, lambda_num: int = 10, betas=(0.9, 0.999), eps: float = 1e-6):
+                 max_lambda: float = 10.0, lambda_num: int = 10, betas=(0.9, 0.999), eps: float = 1e-6,
+                 prox: str = "released"):
         if threshold not in ("fixed", "lr"):
             raise ValueError(f"sora_threshold must be 'fixed' or 'lr', got {threshold!r}")
+        if prox not in SORA_PROX:
+            raise ValueError(f"sora_prox must be one of {', '.join(SORA_PROX)}, got {prox!r}")
+        self.prox = prox
         if schedule not in LAMBDA_SCHEDULES:
             raise ValueError(f"unknown sora_schedule {schedule!r}; valid: {', '.join(LAMBDA_SCHEDULES)}")
         if lam < 0 or lam2 < 0 or (schedule != "none" and lambda_num < 1):
@@ -318,7 +347,7 @@ class SoRAGates:
                 m.gate_exp_avg_sq.mul_(b2).addcmul_(g.grad, g.grad, value=1 - b2)
                 step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
                 g.add_(m.gate_exp_avg / (m.gate_exp_avg_sq.sqrt() + self.eps) * -step_size)
-                g.copy_(soft_threshold(g, xi))
+                g.copy_(SORA_PROX[self.prox](g, xi))
                 g.grad = None                   # AdamW's zero_grad does not reach the gates
 
     def summary(self, model) -> str:

@@ -203,7 +203,8 @@ def inference(args):
     Table 2: with Attn_s merged, LMAM adds h·min(n, N)² additions per layer (the map added to the
     attention probabilities) and no multiplication. This code never materialises the probabilities
     (SDPA); it adds Attn_s·V_map instead, 2·h·n²·hd FLOPs per layer and sequence (lmam.py), and when
-    decoding with a KV cache that product is computed again for every new token. Timed here on this
+    decoding with a KV cache only the new token's row of the map times V_map, 2·h·n·hd FLOPs per
+    layer and new token (LMAM.attend's few-queries path). Timed here on this
     machine at bench's shapes (N = --seq tokens, n = min(128, N)): lorada_la with everything merged,
     against the same model with its map removed and against LoRA merged.
     Table 3: LMAM's and FMAM's (the full-rank map, ¬L) memory per layer, as the paper counts it (16-bit
@@ -223,8 +224,8 @@ def inference(args):
           f"and no multiplication; {L} layers: {L * adds / fwd:.1e} of the forward's 2·P·N = {fwd / 1e12:.1f} TFLOP.")
     extra = 2 * h * n * n * (d // h)
     print(f"  this code (SDPA, no probabilities): Attn_s·V_map, 2·h·n²·hd = {extra / 1e6:.0f} MFLOP per layer and "
-          f"sequence, {L * extra / fwd:.1e} of the forward; decoding repeats it per new token: "
-          f"{L * extra / (2 * P):.1%} of a token's 2·P.")
+          f"sequence, {L * extra / fwd:.1e} of the forward; decoding computes only the new token's row, "
+          f"2·h·n·hd per layer: {L * extra / n / (2 * P):.1e} of a token's 2·P.")
 
     # Table 2, measured: lorada_la merged against its map removed and against LoRA merged
     torch.manual_seed(0)

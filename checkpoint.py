@@ -14,12 +14,15 @@
   - `build(name_or_path)`: a preset name -> a weightless model of that shape (parameter counts),
     a path -> load(path).
   - A small safetensors reader (memory-mapped) and writer, used for the checkpoints and for the
-    adapter files of methods.py; `atomic_write`, the one way this project replaces a file.
+    adapter files of methods.py, which checks every header before reading a byte; `atomic_write`,
+    the one way this project replaces a file; `content_hash`, what identifies an input in the
+    records that cached results carry; `check_device`.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -48,7 +51,10 @@ class CheckpointError(ValueError):
 def read_safetensors_header(path: str) -> tuple[dict, int, int]:
     """The layout of a .safetensors file: 8-byte little-endian header length n, a JSON header
     {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw
-    bytes. Returns (header, n, file size); a truncated or unreadable header is a CheckpointError."""
+    bytes. Returns (header, n, file size); a truncated, unreadable or lying header is a CheckpointError
+    (check_safetensors_header)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a folder, not a .safetensors file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -63,7 +69,55 @@ def read_safetensors_header(path: str) -> tuple[dict, int, int]:
             raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    check_safetensors_header(path, header, size - 8 - n)
     return header, n, size
+
+
+def _natural(x) -> bool:
+    """A non-negative integer of JSON (not a bool, which Python counts as an int)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_safetensors_header(path: str, header: dict, data_len: int):
+    """What the safetensors format promises, checked before any byte is read as a tensor: every
+    entry an object {dtype, shape, data_offsets}; a known dtype; the shape a list of non-negative
+    integers; data_offsets [begin, end] non-negative integers inside the data section, with
+    end - begin = dtype size × the shape's product; no two tensors overlapping; __metadata__ an
+    object of strings. A header that lies (negative offsets reading the header as weights, a
+    shape larger than its bytes) is a CheckpointError naming the file and the key."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: safetensors __metadata__ is not an object of strings")
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise CheckpointError(f"{path}: tensor {key!r}: expected an object with dtype, shape and data_offsets, "
+                                  f"found {json.dumps(info)[:80]}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r} "
+                                  f"(expected one of {', '.join(_ST_DTYPES)})")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shape!r}: expected a list of "
+                                  f"non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor {key!r} has data_offsets {offsets!r}: expected [begin, end], "
+                                  f"non-negative integers")
+        begin, end = offsets
+        need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+        if end < begin or end > data_len:
+            raise CheckpointError(f"{path}: tensor {key!r} {dtype}{shape} needs bytes [{begin}, {end}) but the data "
+                                  f"section has {data_len} bytes (truncated?)")
+        if end - begin != need:
+            raise CheckpointError(f"{path}: tensor {key!r} {dtype}{shape} needs {need} bytes, its data_offsets "
+                                  f"[{begin}, {end}) hold {end - begin}")
+        spans.append((begin, end, key))
+    spans.sort()
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {k0!r} [{b0}, {e0}) and {k1!r} [{b1}, {e1}) overlap")
 
 
 def read_safetensors_metadata(path: str) -> dict[str, str]:
@@ -76,19 +130,12 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     share the mapped pages (copy-on-write); nothing is read until a tensor is used."""
     header, n, size = read_safetensors_header(path)
     header.pop("__metadata__", None)
-    data_len = size - 8 - n
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     raw = torch.empty(0, dtype=torch.uint8).set_(storage)                 # the whole file as bytes
     out = {}
-    for key, info in header.items():
-        if info.get("dtype") not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+    for key, info in header.items():                                      # (checked by the header's reader)
         dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
         begin, end = info["data_offsets"]
-        numel = math.prod(shape)
-        if end > data_len or end - begin != numel * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {key!r} {info['dtype']}{shape} needs bytes "
-                                  f"[{begin}, {end}) but the data section has {data_len} bytes (truncated?)")
         chunk = raw[8 + n + begin: 8 + n + end]
         if (8 + n + begin) % dtype.itemsize:                              # unaligned: copy
             chunk = chunk.clone()
@@ -100,7 +147,10 @@ def atomic_write(path: str, write):
     """Replace the file at `path` so that a reader, or a crash, sees the old file or the new one,
     never a part of it: `write(f)` fills a temporary file (opened "wb") in the same directory,
     which is flushed to disk (fsync) and renamed over `path` (os.replace: atomic on one file
-    system). The temporary file is removed if `write` fails."""
+    system). The temporary file is removed if `write` fails; one left by a process that was killed
+    while writing `path` is removed on the next write (remove_stale_tmp). A read-only or full disk is
+    an OSError naming `path`."""
+    remove_stale_tmp(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -108,10 +158,82 @@ def atomic_write(path: str, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):             # the file the user knows, not the temporary one
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a zombie counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                    # another user's: it exists
+        return True
+    return True
+
+
+def remove_stale_tmp(path: str) -> list[str]:
+    """Remove the PATH.<pid>.tmp files that atomic_write (and data/text.token_file) left beside
+    `path` when their process was killed mid-write: only this naming, only for a pid that no longer
+    runs (a live writer's file is left alone). Returns what was removed."""
+    folder, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.tmp")
+    removed = []
+    try:
+        entries = os.listdir(folder or ".")
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+            except OSError:
+                pass
+    return removed
+
+
+def content_hash(path: str) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (their relative paths and bytes, in sorted
+    order): what identifies a data file, an adapter or a peft folder in the records that cached
+    results carry (train.py's checkpoint, eval.py's predictions, the token caches)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+        for rel in files:
+            h.update(rel.encode() + b"\0" + content_hash(os.path.join(path, rel)).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """A device torch can use here: cpu, cuda or cuda:N with N < the GPUs present, mps where torch
+    has it. Anything else is a ValueError naming the flag and the value (before any work)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {device!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: no CUDA GPU is available here (torch sees none); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{flag} {device}: MPS is not available here; use --device cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    return device
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None):
@@ -273,6 +395,29 @@ def build(name_or_path: str, dtype=torch.float32, device="cpu"):
         raise ValueError(f"{name_or_path!r} is neither a model name ({', '.join([*LLAMA_PRESETS, *ENCDEC_PRESETS])}) "
                          f"nor a path")
     return load(name_or_path, dtype, device)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 arithmetic of its own (AVX512-BF16 or AMX-BF16, /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_precision(device) -> str:
+    """train.py's and eval.py's --precision when none is given: bf16 on a GPU and on a CPU with native
+    bf16 arithmetic, where it measured faster than fp32 (docs/performance.md), else fp32. The
+    environment variable LORADA_PRECISION (fp32 or bf16) overrides it: the tests set fp32, their
+    reference precision."""
+    chosen = os.environ.get("LORADA_PRECISION")
+    if chosen:
+        if chosen not in ("fp32", "bf16"):
+            raise ValueError(f"LORADA_PRECISION={chosen!r}: expected fp32 or bf16")
+        return chosen
+    return "bf16" if str(device).startswith("cuda") or (str(device) == "cpu" and native_bf16_cpu()) else "fp32"
 
 
 def llama_config_from_hf(hf: dict, file: str) -> LlamaConfig:

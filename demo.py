@@ -7,13 +7,21 @@ Its four steps are the four lines it prints:
 [2/4] Generate a multiple-choice task in LLM-Adapters' ARC format ("What color is the grass?\n\n
       Answer1: blue Answer2: green Answer3: red Answer4: yellow\n\nAnswer format: answer1/.../answer4"
       -> "the correct answer is answer2"); the base model knows the facts, not the format.
-[3/4] Fine-tune with lorada_la and with LoRA at about the same parameter budget, through train.py.
-[4/4] Evaluate the base model and both adapters with eval.py's code and print the accuracies.
+[3/4] Fine-tune with lorada_la and with LoRA at about the same parameter budget, through train.py
+      (its progress line on the terminal, the rest of its output in the run's train.log).
+[4/4] Evaluate the base model and both adapters with eval.py's code and print the accuracies; draw
+      LMAM's map for one test question (.cache/demo/demo_attention.png, with matplotlib).
+
+On one machine every run prints the same numbers: fixed threads, seeded data, and torch's
+deterministic algorithms (see deterministic()). Nothing is written outside .cache/demo/.
 """
+import contextlib
 import json
 import os
 import random
+import shlex
 import shutil
+import sys
 import time
 
 import torch
@@ -82,11 +90,17 @@ def train_tokenizer(lines, path):
     spm.SentencePieceTrainer.train(input=text, model_prefix=path[:-6], vocab_size=CONFIG.vocab_size,
                                    model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
                                    pad_id=-1, byte_fallback=False, split_digits=True, minloglevel=2,
+                                   num_threads=1,
                                    # "\n": the trainer reads lines, so it would never see one. 16 spaces as
                                    # one piece: LLM-Adapters' prompts end in 16 spaces, and the training
                                    # prompt is then followed by the response while the evaluation prompt
-                                   # stops there; with this piece both end on the same token.
-                                   user_defined_symbols=["\n", "\u2581" * 16],
+                                   # stops there; with this piece both end on the same token. Two spaces
+                                   # as one piece, as LLaMA-2's vocabulary has: the training prompt's
+                                   # "request.␣␣" then differs from the evaluation prompt's "request.␣" by a
+                                   # substituted token, not an extra one, so the instruction keeps its
+                                   # positions in both layouts, as with LLaMA-2 (README, "Why LMAM cares
+                                   # about the evaluation prompt's whitespace"; scripts/prompt_offsets.py).
+                                   user_defined_symbols=["\n", "\u2581" * 16, "\u2581" * 2],
                                    remove_extra_whitespaces=False, normalization_rule_name="identity")
 
 
@@ -103,11 +117,19 @@ def save_hf(model, path):
     write_safetensors(tensors, os.path.join(path, "model.safetensors"))
 
 
+RECIPE = 2     # the base model's recipe; a cached model of another one is rebuilt (2: the "␣␣" piece)
+
+
 def pretrain(path, steps=500, seq=128, batch=24, seed=0):
     """Build (or reuse) the demo's base model at `path`."""
+    stamp = os.path.join(path, "demo.json")
+    recipe = {"recipe": RECIPE, "steps": steps, "seq": seq, "batch": batch, "seed": seed}
     if os.path.exists(os.path.join(path, "model.safetensors")):
-        print(f"[1/4] reusing the pretrained demo model in {path}")
-        return
+        with contextlib.suppress(OSError, ValueError), open(stamp) as f:
+            if json.load(f) == recipe:
+                print(f"[1/4] reusing the pretrained demo model in {path}")
+                return
+        print(f"[1/4] the demo model in {path} was built by another version of demo.py: rebuilding it")
     os.makedirs(path, exist_ok=True)
     rng = random.Random(seed)
     lines = corpus(rng)
@@ -140,10 +162,12 @@ def pretrain(path, steps=500, seq=128, batch=24, seed=0):
         progress.update(step, float(loss.detach()), sched.get_last_lr()[0], batch * seq * step / (time.time() - t0))
     progress.close()
     save_hf(model, path)
+    with open(stamp, "w") as f:
+        json.dump(recipe, f)
 
 
 def accuracy(model_path, adapter, records, prompt=D.eval_prompt):
-    model, tok = E.load_for_eval(model_path, adapter)
+    model, tok = E.load_for_eval(model_path, adapter, precision="fp32")
     correct, total = E.evaluate_task(model, tok, "ARC-Easy", records, batch_size=16, num_beams=4,
                                      max_new_tokens=8, progress=False, prompt=prompt)
     return correct / total
@@ -151,33 +175,108 @@ def accuracy(model_path, adapter, records, prompt=D.eval_prompt):
 
 def training_style_prompt(record):
     """The training prompt without the response: LLM-Adapters' evaluation prompt differs from it in
-    whitespace (one token fewer here), which moves every later token by one position."""
+    whitespace only; with this tokenizer (as with LLaMA-2's) the instruction keeps its positions and
+    the response starts one position earlier (scripts/prompt_offsets.py measures it)."""
     return D.train_prompt({**record, "output": ""})
 
 
-def draw_lmam(base, adapter, record, out=os.path.join(ROOT, "docs", "figures", "demo_attention.png")):
+def shown(path):
+    """A path as the user would type it from the repository's root."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def draw_lmam(base, adapter, record, out=None):
     """A picture of what LMAM learned (plots.py, Figure 1's three panels): for one test question in
-    the training layout, the softmax attention, Attn_s and their sum, in the layer whose map grew
-    most (train.py's max |Attn_s|), first head. Only where matplotlib is installed."""
+    the training layout, with its answer, the softmax attention, Attn_s and their sum, in the layer
+    whose map grew most (train.py's max |Attn_s|), first head. It goes to .cache/demo/ (out), never
+    into the repository; without matplotlib, prints the plots.py command that draws it later."""
     import plots
     from lmam import map_sizes
-    if not plots.have_matplotlib():
-        print(f"      (a picture of LMAM's map: pip install -r requirements-plots.txt, then rerun; it goes to "
-              f"{os.path.relpath(out, ROOT)})")
-        return
-    model, tok = plots.load_model(base, adapter)
+    out = out or os.path.join(CACHE, "demo_attention.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    text = os.path.join(os.path.dirname(os.path.abspath(out)), "test_question.txt")
+    with open(text, "w") as f:
+        f.write(D.train_prompt(record))
+    model, _ = plots.load_model(base, adapter)
     sizes = map_sizes(model)
     layer = sizes.index(max(sizes))
-    print(f"      picture: {os.path.relpath(out, ROOT)}, layer {layer} (max |Attn_s| per layer: "
-          f"{', '.join(f'{x:.2f}' for x in sizes)}), head 0, one test question with its answer")
-    plots.plot_attention(model, tok, D.train_prompt(record), layer=layer, head=0, out=out, dpi=80,
-                         title=f"lorada_la on the demo task, a test question in the training layout: layer {layer}, "
-                               f"head 0")
+    argv = ["attention", "--model", base, "--adapter", adapter, "--text_file", text,
+            "--layer", str(layer), "--head", "0", "--dpi", "100", "--out", out]
+    command = "python plots.py " + shlex.join(shown(a) if a in (base, adapter, text, out) else a for a in argv)
+    if not plots.have_matplotlib():
+        print(f"      a picture of LMAM's map needs matplotlib: pip install -r requirements-plots.txt, then draw it "
+              f"from the adapter just written (from {ROOT}):\n      {command}")
+        return
+    print(f"      picture of layer {layer} (max |Attn_s| per layer: {', '.join(f'{x:.2f}' for x in sizes)}), head 0, "
+          f"one test question with its answer:\n      {command}")
+    plots.main(argv)
 
 
-def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=400, n_train=800, n_test=60):
+@contextlib.contextmanager
+def deterministic(threads=None, seed=0):
+    """The same numbers on every run on this machine. With several threads, the backward pass of
+    LMAM's gather (a scatter-add) sums in an order that changes from run to run, and such
+    differences, after 400 steps, moved LoRaDA-LA's accuracy under the evaluation prompt between 0%
+    and 33%: torch's deterministic algorithms fix the order (train.py --deterministic). The threads
+    are fixed too (a matrix product may round differently with another count), and every random
+    draw is seeded (the data's, the model's, the order of the batches). Restores torch's settings."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+class StageLine:
+    """One progress line for a stage: rewritten in place on a terminal, printed once at the end
+    elsewhere (a log file, a pipe)."""
+
+    def __init__(self):
+        self.tty, self.text = sys.stderr.isatty(), ""
+
+    def show(self, text):
+        self.text = text
+        if self.tty:
+            print(f"\r      {text}\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        print(("" if self.tty else f"      {self.text}"), file=sys.stderr, flush=True)
+
+
+def finetune(base, name, flags, data_path, steps):
+    """One train.py run into .cache/demo/run_NAME: its progress line on the terminal, everything else
+    it prints (settings, presets, validation) in run_NAME/train.log."""
+    out = os.path.join(CACHE, f"run_{name}")
+    shutil.rmtree(out, ignore_errors=True)                       # each demo run starts fresh
+    os.makedirs(out)
+    log = os.path.join(out, "train.log")
+    print(f"[3/4] fine-tuning with {name}, {steps} steps (train.py's output: {shown(log)})", flush=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        T.main(["--model", base, "--method", name, "--data", data_path, "--out_dir", out, "--device", "cpu",
+                "--precision", "fp32", "--deterministic", "--max_steps", str(steps), "--batch_size", "16",
+                "--micro_batch_size", "16", "--learning_rate", "1e-2", "--warmup_steps", "10", "--num_epochs", "100",
+                "--val_set_size", "32", "--eval_step", "40", "--save_step", "1000", "--lora_dropout", "0.0",
+                "--mask_prompt", *flags])
+    return os.path.join(out, "adapter" + methods.ADAPTER_EXT)
+
+
+def main(base=None, pretrain_steps=500, finetune_steps=400, n_train=800, n_test=60, threads=None, draw=True):
+    with deterministic(threads) as n_threads:
+        return run(base or os.path.join(CACHE, "base"), pretrain_steps, finetune_steps, n_train, n_test, n_threads,
+                   draw)
+
+
+def run(base, pretrain_steps, finetune_steps, n_train, n_test, n_threads, draw):
     t0 = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    os.makedirs(CACHE, exist_ok=True)
+    print(f"demo: {n_threads} threads, deterministic algorithms; everything goes to {shown(CACHE)}/")
     pretrain(base, steps=pretrain_steps)
     rng = random.Random(123)
     data_path = os.path.join(CACHE, "mc_train.json")
@@ -186,7 +285,6 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
     test = task(random.Random(456), n_test)
     print(f"[2/4] generated a multiple-choice task in LLM-Adapters' format: {n_train} training, {n_test} test records")
     print("      e.g. " + json.dumps(test[0])[:160] + "...")
-    before = accuracy(base, None, test), accuracy(base, None, test, training_style_prompt)
     # LoRaDA-LA: LMAM over the whole prompt (n = 160 tokens, s = 1/(d·600) as Table 19's 1/(4096·600)
     # for d = 4096, the default init) + LoRA r=1 on o_proj, down_proj + Adapter-FFN r=4 (17,808
     # parameters); LoRA alone at about the same budget (r=3 on q,k,v,up,down: 20,736). The loss is on
@@ -195,25 +293,34 @@ def main(base=os.path.join(CACHE, "base"), pretrain_steps=500, finetune_steps=40
                           "--lmam_scale", str(1 / (CONFIG.dim * 600)), "--lora_r", "1", "--lora_alpha", "2",
                           "--adapter_r", "4"],
             "lora": ["--lora_r", "3", "--lora_alpha", "6"]}
-    after = {}
-    for i, (name, flags) in enumerate(runs.items()):
-        out = os.path.join(CACHE, f"run_{name}")
-        shutil.rmtree(out, ignore_errors=True)                   # each demo run starts fresh
-        print(f"[3/4] fine-tuning with {name}")
-        T.main(["--model", base, "--method", name, "--data", data_path, "--out_dir", out, "--device", "cpu", "--max_steps",
-                str(finetune_steps), "--batch_size", "16", "--micro_batch_size", "16", "--learning_rate", "1e-2",
-                "--warmup_steps", "10", "--num_epochs", "100", "--val_set_size", "32", "--eval_step", "40", "--save_step", "1000",
-                "--lora_dropout", "0.0", "--mask_prompt", "--quiet", *flags])
-        adapter = os.path.join(out, "adapter" + methods.ADAPTER_EXT)
-        after[name] = accuracy(base, adapter, test), accuracy(base, adapter, test, training_style_prompt)
-    print(f"[4/4] accuracy on {n_test} held-out questions (chance: 25%; the base model has never seen the format),")
+    adapters = {"base": None}
+    for name, flags in runs.items():
+        adapters[name] = finetune(base, name, flags, data_path, finetune_steps)
+    print(f"[4/4] evaluating the base model and both adapters on {n_test} held-out questions, in both prompts "
+          f"(4 beams, as eval.py)", flush=True)
+    line, acc = StageLine(), {}
+    prompts = {"eval": D.eval_prompt, "train": training_style_prompt}
+    for name, adapter in adapters.items():
+        for layout, prompt in prompts.items():
+            line.show(f"{len(acc) + 1}/{len(adapters) * len(prompts)}: {name}, the "
+                      f"{'evaluation' if layout == 'eval' else 'training'} prompt")
+            acc[name, layout] = accuracy(base, adapter, test, prompt)
+    line.show(f"{len(acc)} evaluations in {time.time() - t0:.0f} s since the start")
+    line.close()
+    before = acc["base", "eval"], acc["base", "train"]
+    after = {name: (acc[name, "eval"], acc[name, "train"]) for name in runs}
+    print("      accuracy (chance: 25%; the base model has never seen the format),")
     print("      with LLM-Adapters' evaluation prompt | with the training prompt's whitespace")
     print(f"      base model, before fine-tuning: {100 * before[0]:5.1f}% | {100 * before[1]:5.1f}%")
-    for name, (acc, acc_train) in after.items():
-        print(f"      {name:>9} after fine-tuning: {100 * acc:5.1f}% | {100 * acc_train:5.1f}%")
-    print("      (LMAM's map is indexed by token position; the evaluation prompt's whitespace differs from the\n"
-          "      training prompt's, so every later token sits one position earlier than in training.)")
-    draw_lmam(base, os.path.join(CACHE, "run_lorada_la", "adapter" + methods.ADAPTER_EXT), test[0])
+    for name, (a, a_train) in after.items():
+        print(f"      {name:>9} after fine-tuning: {100 * a:5.1f}% | {100 * a_train:5.1f}%")
+    from scripts.prompt_offsets import compare
+    moved = compare(load_tokenizer(base), test[0])
+    print(f"      (LMAM's map is indexed by token position. With this tokenizer the evaluation prompt moves the "
+          f"instruction by {moved['instruction']}\n      positions and the response by {moved['answer']} "
+          f"against the training prompt: scripts/prompt_offsets.py, README.)")
+    if draw:
+        draw_lmam(base, adapters["lorada_la"], test[0])
     print(f"done in {time.time() - t0:.0f} s")
     return before, after
 

@@ -11,8 +11,12 @@ dropout-free model): the evaluation prompt, batched 4-beam search with left padd
 max_new_tokens 32 (commonsense) or 256 (math), the response cut after "### Response:", and the
 answer taken by `extract_answer`. GLUE: the dev sets (MNLI: matched and mismatched) with
 `glue_metric`. XSum and en-ro: beam search with He et al.'s settings on the test split, then
-`rouge` or `bleu`. Predictions go to OUT_DIR/<task>.jsonl, one line per example; a rerun skips the
-examples already there. A markdown table in the layout of the paper's Table 4 (commonsense),
+`rouge` or `bleu`. Predictions go to OUT_DIR/<task>.jsonl, one line per example; a rerun of the
+same evaluation skips the examples already there. Predictions and results record what made them
+(the base model's fingerprint, the adapter's and the data's content hashes, the task, the
+settings: TASK.jsonl.meta.json, each results.json entry's "fingerprint"); those of another
+evaluation are never reused: they are refused, naming the difference, or replaced with
+--overwrite. A markdown table in the layout of the paper's Table 4 (commonsense),
 Table 8 (math), Table 5 (GLUE; Table 11 for DeBERTa) or Table 10 (XSum, MT) is printed and the numbers are written to
 OUT_DIR/results.json.
 
@@ -25,6 +29,7 @@ the numbers to OUT_DIR/results.quanta.json.
     python eval.py --model /ckpt/llama-2-7b-hf --adapter runs/q/adapter.safetensors --task math --protocol quanta
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -35,7 +40,7 @@ import torch
 
 import hub
 import model as M
-from checkpoint import CheckpointError, atomic_write, load
+from checkpoint import CheckpointError, atomic_write, check_device, content_hash, default_precision, load
 from data import glue as G
 from data import llm_adapters as D
 from data import quanta as Q
@@ -95,14 +100,29 @@ def predict_resumably(inputs: dict, predict, out_path, field: str, label: str, b
     """The loop every generative evaluation shares. `inputs` {index: token ids} are predicted in
     batches of similar length by `predict(indices) -> records` (dicts with "index" and `field`),
     which go to `out_path` as JSON lines; indices already in that file are not predicted again, so
-    a rerun resumes. Returns {index: record[field]} for every index."""
+    a rerun resumes (main's claim_predictions has checked that the same evaluation made them). A
+    last line that a kill cut short is dropped; a corrupt line elsewhere is an error naming the
+    file and the line. Returns {index: record[field]} for every index of `inputs`."""
     done = {}
     if out_path and os.path.exists(out_path):
-        with open(out_path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    done[r["index"]] = r[field]
+        with open(out_path, "rb") as f:
+            lines = f.read().split(b"\n")
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                index, value = r["index"], r[field]
+            except (ValueError, TypeError, KeyError):
+                if n >= len(lines) - 1:                        # the last line, cut short by a kill
+                    print(f"{out_path}: dropping its last line, cut short; that example is predicted again",
+                          file=sys.stderr)
+                    atomic_write(out_path, lambda f: f.write(b"\n".join(lines[:n - 1]) + b"\n" * (n > 1)))
+                    break
+                raise ValueError(f"{out_path}: line {n} is not a prediction record with \"index\" and "
+                                 f"{field!r} (corrupt?); fix or delete that line, or delete the file") from None
+            if index in inputs:                                # (a run with a larger --limit made the rest)
+                done[index] = value
     todo = sorted((i for i in inputs if i not in done), key=lambda i: len(inputs[i]))   # similar lengths together
     out = open(out_path, "a") if out_path else None
     try:
@@ -110,8 +130,11 @@ def predict_resumably(inputs: dict, predict, out_path, field: str, label: str, b
             for record in predict(todo[b:b + batch_size]):
                 done[record["index"]] = record[field]
                 if out:
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
+                    try:
+                        out.write(json.dumps(record) + "\n")
+                        out.flush()
+                    except OSError as e:                       # a full disk: name the file
+                        raise OSError(e.errno, f"cannot write {out_path}: {e.strerror or e}") from None
             if progress:
                 score = f" | accuracy {sum(done.values()) / len(done):.3f}" if field == "correct" else ""
                 print(f"\r{label}: {len(done)}/{len(inputs)}{score}", end="", file=sys.stderr, flush=True)
@@ -168,30 +191,37 @@ def candidate_sequences(tokenizer, prompt: str, candidates: list, response: str 
 
 @torch.no_grad()
 def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, prompt=D.eval_prompt,
-                  progress=True):
-    """Rank classification in LLM-Adapters' layout (eval.py --protocol rank): each candidate of the
-    record's answer format ("true/false", "answer1/.../answer4", ...) completes the prompt as the
-    training response does, "the correct answer is {candidate}", and the candidate whose own tokens
-    have the highest summed log-probability is the prediction (the first on a tie). The tokens the
-    candidates share score the same for all, so they are left out of the sum. One forward pass per
-    record when every candidate differs in its last token only (LLaMA's and SmolLM2's tokenizers
-    split "answer1" into "answer" + "1"); otherwise one per candidate. QuanTA's protocol (--protocol
-    quanta) does the same in its own prompt, with the mean over the response's tokens.
-    Returns (correct, total); the scores go to out_path, one line per record, resumed on a rerun."""
+                  progress=True, by="label"):
+    """Rank classification in LLM-Adapters' layout (eval.py --protocol rank): each candidate
+    completes the prompt as the training response does, "the correct answer is {candidate}", and the
+    best-scoring candidate is the prediction (the first on a tie). The tokens the candidates share
+    score the same for all, so only each candidate's own tokens are scored.
+
+    by="label" (--rank_by label): the candidates are the answer format's labels ("true/false",
+    "answer1/.../answer4", ...), scored by the summed log-probability of their own tokens. One
+    forward pass per record when every candidate differs in its last token only (LLaMA's and
+    SmolLM2's tokenizers split "answer1" into "answer" + "1"); otherwise one per candidate. QuanTA's
+    protocol (--protocol quanta) does the same in its own prompt, with the mean over the response.
+    by="text" (--rank_by text): the candidates are the options' texts ("Blow into tin can ...",
+    data.llm_adapters.option_texts), scored by their summed log-probability per character
+    (lm-evaluation-harness's acc_norm): what a pretrained model knows, without having to learn the
+    labels. Returns (correct, total); the scores go to out_path, one line per record, resumed."""
     samples = {}
     for i, r in enumerate(records):
-        cands = Q.answer_format(r["instruction"])
-        if r["answer"] not in cands:
-            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its answer format's "
-                             f"candidates {cands}")
-        shared, own = candidate_sequences(tokenizer, prompt(r), cands)
-        samples[i] = (cands, shared, own)
+        labels = Q.answer_format(r["instruction"]) if by == "label" else list(D.option_texts(r["instruction"]))
+        if r["answer"] not in labels:
+            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its "
+                             f"{'answer format' if by == 'label' else 'options'} {labels}")
+        texts = labels if by == "label" else [D.option_texts(r["instruction"])[c] for c in labels]
+        shared, own = candidate_sequences(tokenizer, prompt(r), texts)
+        norm = [1.0] * len(own) if by == "label" else [max(1, len(tokenizer.decode(o))) for o in own]
+        samples[i] = (labels, shared, own, norm)
     device = next(model.parameters()).device
 
     def score(idx):
         rows, spans = [], []              # one row per record (single-token tails) or per candidate
         for i in idx:
-            cands, shared, own = samples[i]
+            cands, shared, own, _ = samples[i]
             if all(len(o) == 1 for o in own):
                 spans.append((i, len(rows), None))
                 rows.append(shared)
@@ -204,7 +234,7 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
         # the positions whose next-token distribution scores a candidate's own tokens: (row, position)
         at = {}
         for i, row, n in spans:
-            cands, shared, own = samples[i]
+            cands, shared, own, _ = samples[i]
             for c, o in enumerate(own):
                 r = row if n is None else row + c
                 for j in range(1 if n is None else len(o)):
@@ -212,16 +242,17 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
         where = torch.tensor(list(at), device=device)
         logp = model.lm_head(hidden[where[:, 0], where[:, 1]]).float().log_softmax(-1).cpu()   # (positions, vocab)
         for i, row, n in spans:
-            cands, shared, own = samples[i]
+            cands, shared, own, norm = samples[i]
             if n is None:                                   # the next token after the shared part
                 s = [logp[at[(row, len(shared) - 1)], o[0]].item() for o in own]
             else:
                 s = [sum(logp[at[(row + c, len(shared) + j - 1)], t].item() for j, t in enumerate(o))
                      for c, o in enumerate(own)]
+            s = [v / k for v, k in zip(s, norm)]
             pred = max(range(len(cands)), key=s.__getitem__)
             yield {"index": i, "scores": s, "prediction": cands[pred], "label": records[i]["answer"],
                    "correct": cands[pred] == records[i]["answer"]}
-    lengths = {i: shared + max(own, key=len) for i, (_, shared, own) in samples.items()}
+    lengths = {i: shared + max(own, key=len) for i, (_, shared, own, _) in samples.items()}
     done = predict_resumably(lengths, score, out_path, "correct", task, batch_size, progress)
     return sum(done.values()), len(records)
 
@@ -704,11 +735,11 @@ def evaluate_ppl(model, tok, args) -> dict:
 def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None, precision=None):
     """Base model + adapter, in eval mode with the adapter merged where the method allows it (in
     fp32, rounded once to the weights' dtype). num_labels: a RoBERTa checkpoint's GLUE head (the
-    adapter file holds its trained weights). precision: "bf16" (the default on a GPU) loads the
-    weights in bf16, "fp32" (the default on CPU) in fp32. model_path: a local checkpoint, a Hub id
+    adapter file holds its trained weights). precision: "bf16" loads the weights in bf16,
+    "fp32" in fp32; None: checkpoint.default_precision (bf16 on a GPU or a CPU with native bf16). model_path: a local checkpoint, a Hub id
     or a paper name (hub.resolve_model). adapter: this project's adapter file, or a directory in
     peft's format (adapter_config.json: LoRA / DoRA from peft or NVlabs/DoRA, export.load_peft_adapter)."""
-    bf16 = (precision or ("bf16" if str(device).startswith("cuda") else "fp32")) == "bf16"
+    bf16 = (precision or default_precision(device)) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     paper, model_path = hub.paper_name(model_path), hub.resolve_model(model_path)
     model = load(model_path, dtype=dtype, device=device, num_labels=num_labels)
@@ -722,6 +753,136 @@ def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_la
             m.merge()
     tok = load_tokenizer(tokenizer or hub.tokenizer_source(model_path))
     return model, tok
+
+
+# ----------------------------------------------------------------------------- cached results, keyed
+# Every saved prediction file (TASK.jsonl, TASK.quanta.jsonl, TASK.rank.jsonl, SPLIT.jsonl) and
+# every results.json entry records what produced it: the base model (its fingerprint), the adapter
+# and the data (content hashes), the task and the settings that change a prediction. A rerun
+# resumes only what the same evaluation made; anything else is refused, naming what differs
+# (--overwrite replaces it). --limit and --batch_size are not in the key: a prediction is the
+# same whichever of the first N examples are asked for, and the batches a resumed run forms
+# already differ from an uninterrupted one's (the remaining examples, sorted by length), so the
+# batch size only changes padding, which the attention mask takes out up to rounding (the device
+# likewise); a resumed evaluation is exact up to that rounding.
+
+RUN_KEY_FLAGS = ("protocol", "prompt_layout", "lmam_off", "num_beams", "max_new_tokens", "max_source_len", "split",
+                 "stride", "ppl_protocol", "context_size")          # (ppl: each --seq_len is an entry of its own)
+
+
+def check_eval_args(args):
+    """Flags that would evaluate nothing, or something else than asked, refused before any work."""
+    check_device(args.device)
+    for flag in ("batch_size", "num_beams", "max_new_tokens", "stride", "context_size", "limit"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{flag} {v}: expected a positive number"
+                             + (" (the first N examples of each task)" if flag == "limit" else ""))
+
+
+def evaluation_key(args, model) -> dict:
+    """What every prediction and result of this eval.py run shares: the base model's fingerprint
+    (a digest of methods.base_fingerprint), the adapter's and the tokenizer's content hashes, the
+    weights' precision and the flags that change a prediction. "model" (the path given) is kept
+    for the messages only."""
+    import methods
+    base = json.dumps(methods.base_fingerprint(model), sort_keys=True).encode()
+    return {"model": args.model, "base": hashlib.sha256(base).hexdigest()[:16],
+            "adapter": content_hash(args.adapter)[:16] if args.adapter else None,
+            "tokenizer": content_hash(args.tokenizer)[:16] if args.tokenizer else None,
+            "precision": args.precision or default_precision(args.device),
+            **{k: getattr(args, k) for k in RUN_KEY_FLAGS}}
+
+
+def task_key(key: dict, task: str, data: str | None) -> dict:
+    """The key of one task's predictions and result: the run's, the task and its data's content hash."""
+    return {**key, "task": task, "data": data, "data_sha256": content_hash(data)[:16] if data else None}
+
+
+NAMES = {"base": "base model", "adapter": "adapter", "tokenizer": "tokenizer", "data_sha256": "data",
+         "precision": "--precision"}
+
+
+def key_difference(old, new: dict, only=None) -> str | None:
+    """How a recorded key differs from this run's, in words (None when they match); "model" and
+    "data" (paths) only name the inputs, their hashes decide. `only`: compare these fields."""
+    if not isinstance(old, dict):
+        return "there is no record of what produced it"
+    for k in only or new:
+        if k in ("model", "data") or old.get(k) == new.get(k):
+            continue
+        name = NAMES.get(k, f"--{k}")
+        where = {"base": "model", "data_sha256": "data"}.get(k)
+        there = f"{old.get(where)}, {old.get(k)}" if where and old.get(where) else old.get(k)
+        here = f"{new.get(where)}, {new.get(k)}" if where and new.get(where) else new.get(k)
+        return f"another {name}: {there} there, {here} here"
+    return None
+
+
+def refuse_or_replace(what: str, differs: str, overwrite: bool):
+    """A cached result of another evaluation: refused (a ValueError saying what differs and what to
+    do), or with --overwrite announced for replacement."""
+    if not overwrite:
+        raise ValueError(f"{what} comes from another evaluation ({differs}); evaluate into another --out_dir, or "
+                         f"give --overwrite to replace what this folder holds of it")
+    print(f"--overwrite: replacing {what} ({differs})", file=sys.stderr)
+
+
+def claim_predictions(out_path: str, key: dict, overwrite: bool = False):
+    """Before predict_resumably appends to out_path: its predictions are resumed only when
+    OUT_PATH.meta.json records this very key; predictions of another evaluation (or of unknown
+    origin) are refused, or with --overwrite deleted. Writes the record for this run."""
+    meta = out_path + ".meta.json"
+    if os.path.exists(out_path):
+        recorded = text.read_json(meta)
+        differs = key_difference(recorded, key)
+        if differs is None:
+            return
+        with open(out_path, "rb") as f:
+            n = f.read().count(b"\n")
+        refuse_or_replace(f"{out_path} ({n} predictions)", differs, overwrite)
+        os.remove(out_path)
+    atomic_write(meta, lambda f: f.write(json.dumps(key, indent=2).encode()))
+
+
+def read_results(path: str) -> dict:
+    """results.json ({} when absent); a file that is not a JSON object is an error naming it."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); move it away or delete it to evaluate again") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: a JSON {type(results).__name__}, not eval.py's results object; move it away")
+    return results
+
+
+def settle_results(results: dict, path: str, key: dict, keys: dict, overwrite: bool = False) -> dict:
+    """results.json holds one evaluation's results (one model, adapter and settings, over tasks):
+    an entry of another one (by its "fingerprint"), or of this run's tasks made from other data, is
+    refused, or with --overwrite dropped. `keys`: {entry name: its task_key} of this run."""
+    run_fields = [k for k in key if k != "model"]
+    kept = {}
+    for name, entry in results.items():
+        entries = entry.values() if name == "ppl" and isinstance(entry, dict) else [entry]
+        differs = None
+        for e in entries:
+            fp = e.get("fingerprint") if isinstance(e, dict) else None
+            differs = key_difference(fp, key, run_fields) or (
+                key_difference(fp, keys[name], ["data_sha256"]) if name in keys else None)
+            if differs:
+                break
+        if differs:
+            refuse_or_replace(f"{path}'s {name} result", differs, overwrite)
+            continue
+        kept[name] = entry
+    return kept
+
+
+def write_results(path: str, results: dict):
+    atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
 
 
 def main(argv=None):
@@ -749,7 +910,11 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="LLaMA: a folder holding TASK.json for each task evaluated "
                    "(e.g. a held-out split); default: LLM-Adapters' dataset/TASK/test.json")
     p.add_argument("--split", default="test", help="XSum / WMT: which split to evaluate (test, val)")
-    p.add_argument("--out_dir", default="eval_out", help="predictions (TASK.jsonl, resumed on a rerun) and results.json")
+    p.add_argument("--out_dir", default="eval_out",
+                   help="predictions (TASK.jsonl, resumed on a rerun of the same evaluation) and results.json: one "
+                        "evaluation's (model, adapter, data, settings); another's is refused, naming what differs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the predictions and results in --out_dir that another evaluation made")
     p.add_argument("--batch_size", type=int, default=8, help="examples per generation batch (left-padded)")
     p.add_argument("--num_beams", type=int, default=None,
                    help="default: 4 (LLaMA, LLM-Adapters), 6 (XSum), 5 (WMT) (He et al.)")
@@ -760,11 +925,16 @@ def main(argv=None):
                    help="XSum / WMT: source tokens kept (default: 512 XSum, 150 WMT, at most the model's positions)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="the weights' dtype (default: bf16 on a GPU, fp32 on CPU)")
+                   help="the weights' dtype (default: bf16 on a GPU and on a CPU with native bf16, AVX512-BF16 or "
+                        "AMX; fp32 elsewhere; LORADA_PRECISION sets the default)")
     p.add_argument("--prompt_layout", choices=("eval", "train"), default="eval",
                    help="LLaMA's commonsense and math tasks: the prompt of LLM-Adapters' evaluation scripts "
                         "(eval, the default) or of its training (train: finetune.py's layout, which differs in "
                         "whitespace; see data/llm_adapters.py)")
+    p.add_argument("--rank_by", choices=("label", "text"), default="label",
+                   help="--protocol rank: score the answer labels (answer1, true, ...: what fine-tuning in "
+                        "LLM-Adapters' format teaches) or the options' texts (per character, as "
+                        "lm-evaluation-harness's acc_norm: what the pretrained model knows)")
     p.add_argument("--lmam_off", action="store_true",
                    help="remove the adapter's LMAM map (Attn_s = 0) and keep everything else: what the map "
                         "itself contributes")
@@ -779,47 +949,65 @@ def main(argv=None):
                         "--prompt_layout's prompt (evaluate_rank: one forward pass per question, every question "
                         "affordable on a CPU); writes TASK.rank.jsonl and results.rank.json")
     args = p.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
     quanta, rank = args.protocol == "quanta", args.protocol == "rank"
-    suffix = {"default": "", "quanta": ".quanta", "rank": ".rank"}[args.protocol]
+    suffix = {"default": "", "quanta": ".quanta", "rank": ".rank" if args.rank_by == "label" else ".rank_text"}[args.protocol]
     results_path = os.path.join(args.out_dir, f"results{suffix}.json")
     layout = D.train_prompt_only if args.prompt_layout == "train" else D.eval_prompt
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     medium = args.task in G.TASKS or args.task in S.TASKS
     try:
+        check_eval_args(args)
         if (quanta or rank) and (medium or args.task == "ppl"):
             raise ValueError("--protocol quanta is QuanTA's for LLaMA's commonsense and math tasks, not for "
                              f"{args.task}")
         if quanta and (args.num_beams or 1) != 1:
             raise ValueError("--protocol quanta decodes greedily (--num_beams 1)")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ValueError(f"--out_dir {args.out_dir}: is a file, not a folder")
+        os.makedirs(args.out_dir, exist_ok=True)
+        results = read_results(results_path)
         if args.task == "ppl":                           # Table 7: perplexity of long texts (LongLoRA)
             model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
-            ppl = evaluate_ppl(model, tok, args)
+            key = task_key(evaluation_key(args, model), "ppl", args.data if args.data and os.path.exists(args.data)
+                           else None)
+            results = settle_results(results, results_path, key, {"ppl": key}, args.overwrite)
+            ppl = {L: {**r, "fingerprint": key} for L, r in evaluate_ppl(model, tok, args).items()}
             results.setdefault("ppl", {}).update(ppl)
             print(f"perplexity, {args.ppl_protocol} protocol"
                   + (" (LongLoRA's eval.py: every window's L − 1 tokens, windows averaged)"
                      if args.ppl_protocol == "longlora" else " (standard: every token scored once)"))
             print(ppl_table(ppl, model.peft_method["name"] if getattr(model, "peft_method", None) else "base"))
-            atomic_write(results_path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+            write_results(results_path, results)
             return results
         if medium:
             if not args.data:
                 raise ValueError(f"--data is required for {args.task}")
             num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
             model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels, args.precision)
+            key = task_key(evaluation_key(args, model), args.task, args.data)
             if args.task in G.TASKS:
                 if not isinstance(model, (M.Roberta, M.Deberta)):
                     raise ValueError(f"GLUE task {args.task} needs a RoBERTa or DeBERTa checkpoint")
-                results.update(evaluate_glue(model, tok, args.task, args.data, args.out_dir, args.batch_size,
-                                             args.limit))
+                splits = G.EVAL_SPLITS[args.task]
+                results = settle_results(results, results_path, key, dict.fromkeys(splits, key), args.overwrite)
+                for split in splits:
+                    claim_predictions(os.path.join(args.out_dir, f"{split}.jsonl"), key, args.overwrite)
+                for split, r in evaluate_glue(model, tok, args.task, args.data, args.out_dir, args.batch_size,
+                                              args.limit).items():
+                    results[split] = {**r, "fingerprint": key}
             else:
                 if not isinstance(model, M.Bart):
                     raise ValueError(f"{args.task} needs a BART / mBART checkpoint")
-                results[args.task] = evaluate_seq2seq(model, tok, args.task, args.data,
-                                                      os.path.join(args.out_dir, f"{args.task}.jsonl"), args.split,
-                                                      args.batch_size, args.limit, num_beams=args.num_beams,
-                                                      max_source_len=args.max_source_len)
+                results = settle_results(results, results_path, key, {args.task: key}, args.overwrite)
+                out_path = os.path.join(args.out_dir, f"{args.task}.jsonl")
+                claim_predictions(out_path, key, args.overwrite)
+                results[args.task] = {**evaluate_seq2seq(model, tok, args.task, args.data, out_path, args.split,
+                                                         args.batch_size, args.limit, num_beams=args.num_beams,
+                                                         max_source_len=args.max_source_len),
+                                      "fingerprint": key}
         else:
+            # The model first, as train.py does: a missing huggingface_hub or a gated repository is said
+            # before any test file is downloaded (load_for_eval below finds the model in the cache).
+            hub.resolve_model(args.model, quiet=True)
             tasks = [t for name in args.task.split(",") for t in (QUANTA_GROUPS if quanta else GROUPS).get(name, [name])]
             for t in tasks:
                 if rank and t not in D.COMMONSENSE:
@@ -838,27 +1026,35 @@ def main(argv=None):
                 raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
             data = {t: D.load_records(f, fields=("instruction", "answer"))[:args.limit]
                     for t, f in files.items() if os.path.exists(f)}
+            for t, records in data.items():
+                if not records:
+                    raise ValueError(f"{files[t]}: no test examples for task {t}")
             model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
             if args.lmam_off:
                 print(f"LMAM map removed from {remove_lmam(model)} layers (--lmam_off)")
             for f in missing:
                 print(f"skipping {f}: not found", file=sys.stderr)
+            key = evaluation_key(args, model)
+            keys = {t: task_key(key, t, files[t]) for t in data}
+            results = settle_results(results, results_path, key, keys, args.overwrite)
+            paths = {t: os.path.join(args.out_dir, f"{t}{suffix}.jsonl") for t in data}
+            for t in data:                                 # every task's, before any work
+                claim_predictions(paths[t], keys[t], args.overwrite)
             for t, records in data.items():
                 if quanta:
-                    results[t] = evaluate_quanta(model, tok, t, records, args.out_dir, args.batch_size,
-                                                 args.max_new_tokens)
+                    results[t] = {**evaluate_quanta(model, tok, t, records, args.out_dir, args.batch_size,
+                                                    args.max_new_tokens), "fingerprint": keys[t]}
                     continue
                 if rank:
-                    correct, total = evaluate_rank(model, tok, t, records, os.path.join(args.out_dir, f"{t}.rank.jsonl"),
-                                                   args.batch_size, prompt=layout)
+                    correct, total = evaluate_rank(model, tok, t, records, paths[t], args.batch_size, prompt=layout,
+                                                   by=args.rank_by)
                 else:
-                    correct, total = evaluate_task(model, tok, t, records, os.path.join(args.out_dir, f"{t}.jsonl"),
-                                                   args.batch_size, args.num_beams or 4, args.max_new_tokens,
-                                                   prompt=layout)
-                results[t] = {"accuracy": correct / total, "correct": correct, "total": total}
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
+                    correct, total = evaluate_task(model, tok, t, records, paths[t], args.batch_size,
+                                                   args.num_beams or 4, args.max_new_tokens, prompt=layout)
+                results[t] = {"accuracy": correct / total, "correct": correct, "total": total, "fingerprint": keys[t]}
+        write_results(results_path, results)
+    except (ValueError, OSError, ImportError, CheckpointError) as e:      # OSError: a full or read-only disk
         sys.exit(f"error: {e}")
-    atomic_write(results_path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     name = model.peft_method["name"] if getattr(model, "peft_method", None) else "base"
     if isinstance(model, M.Roberta):
         print(glue_table(results, name))

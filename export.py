@@ -7,6 +7,9 @@
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(CKPT), DIR)` loads with the same
     logits as this project's model (vLLM and lm-eval's `peft=` read the same two files; vLLM has
     no DoRA).
+  - Either is written whole into a new folder beside DIR (DIR.<pid>.tmp) and renamed to DIR when
+    complete, so a failure (a full disk, Ctrl-C) leaves nothing; an existing DIR that holds files
+    is refused unless --overwrite, and the base checkpoint's own folder always.
   - hf (LoRA, DoRA, QuanTA; full fine-tuning and BitFit, whose result is the weights themselves):
     the update merged into the weights, written as a Hugging Face checkpoint (config.json,
     model.safetensors or shards + model.safetensors.index.json, the tokenizer files) that
@@ -39,7 +42,7 @@ import hub
 import methods
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder
-from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, atomic_write, load, read_hf_tensors,
+from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, atomic_write, load, pid_alive, read_hf_tensors,
                         read_safetensors, read_torch, write_safetensors)
 from lmam import LMAM
 from lora import AdditiveUpdate, DoRALinear, LoRALinear
@@ -173,8 +176,9 @@ def target_suffixes(model, paths: list[str]) -> list[str]:
     return sorted(chosen)
 
 
-def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None) -> str:
-    """Write the model's LoRA / DoRA adapter as peft's adapter_config.json + adapter_model.safetensors."""
+def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None) -> list[str]:
+    """Write the model's LoRA / DoRA adapter as peft's adapter_config.json + adapter_model.safetensors
+    into out_dir; returns their paths."""
     name = (getattr(model, "peft_method", None) or {}).get("name")
     if name is None:
         raise ValueError("export to peft: no adapter on this model (give --adapter)")
@@ -212,7 +216,7 @@ def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None)
                       os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write(os.path.join(out_dir, "adapter_config.json"),
                  lambda f: f.write(json.dumps(config, indent=2).encode()))
-    return out_dir
+    return [os.path.join(out_dir, "adapter_config.json"), os.path.join(out_dir, "adapter_model.safetensors")]
 
 
 # -----------------------------------------------------------------------------
@@ -229,13 +233,27 @@ PEFT_KEY = [(re.compile(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight"), None),
 PEFT_HEAD = re.compile(r"classifier\.(?:modules_to_save\.default\.)?(dense|out_proj)\.(weight|bias)")
 
 
-def read_peft_dir(path: str) -> tuple[dict, dict]:
-    """(adapter_config.json, {key: tensor}) of a peft adapter directory."""
+def read_peft_config(path: str) -> dict | None:
+    """A peft directory's adapter_config.json (None without one); not a JSON object: an error
+    naming the file."""
     cfg_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_file):
+        return None
+    try:
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: a JSON {type(cfg).__name__}, expected an object")
+    return cfg
+
+
+def read_peft_dir(path: str) -> tuple[dict, dict]:
+    """(adapter_config.json, {key: tensor}) of a peft adapter directory."""
+    cfg = read_peft_config(path)
+    if cfg is None:
         raise ValueError(f"{path}: not a peft adapter directory (no adapter_config.json)")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
     for name, reader in (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch)):
         if os.path.isfile(os.path.join(path, name)):
             return cfg, reader(os.path.join(path, name))
@@ -269,7 +287,14 @@ def load_peft_adapter(model, path: str):
         raise ValueError(f"{path}: the model already has method {model.peft_method['name']!r} applied")
     base = cfg.get("base_model_name_or_path") or "an unnamed base model"
     dora = kind == "DORA" or bool(cfg.get("use_dora"))
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except KeyError as e:
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: has no {e.args[0]!r} (a LoRA adapter's "
+                         f"config has r and lora_alpha)") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: r={cfg['r']!r}, lora_alpha="
+                         f"{cfg['lora_alpha']!r}: expected numbers") from None
     if cfg.get("use_rslora"):
         alpha *= math.sqrt(r)
     layers, head, modules = {}, {}, dict(model.named_modules())
@@ -359,11 +384,7 @@ BOTTLENECK_KEY = re.compile(r"(.+)\.(adapter_down|adapter_up)\.weight|(.+)\.adap
 
 def peft_type(path: str) -> str | None:
     """adapter_config.json's peft_type of a directory (None without one)."""
-    cfg_file = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(cfg_file):
-        return None
-    with open(cfg_file) as f:
-        return json.load(f).get("peft_type")
+    return (read_peft_config(path) or {}).get("peft_type")
 
 
 def load_bottleneck_adapter(model, path: str):
@@ -570,6 +591,74 @@ def export_merged(model, src: str, out_dir: str, max_shard_size="5GB", dtype=Non
 
 
 # -----------------------------------------------------------------------------
+# The output folder: written whole or not at all, never over what export.py did not write
+
+def check_out(out: str, model_path: str, overwrite: bool = False):
+    """--out, before any work: a file is refused; so is the base checkpoint's own folder (or one
+    holding it), even with --overwrite; an existing folder that holds anything is refused unless
+    --overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    src = os.path.realpath(model_path if os.path.isdir(model_path) else os.path.dirname(model_path))
+    real = os.path.realpath(out)
+    if src == real or src.startswith(real + os.sep):
+        raise ValueError(f"--out {out}: already holds a checkpoint: the base checkpoint --model reads "
+                         f"({model_path}); give a new --out")
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not overwrite:
+        raise ValueError(f"--out {out} already exists and holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}: "
+                         f"export.py writes a new folder; give a new --out, or --overwrite to replace that folder")
+
+
+def write_folder(out: str, fill) -> list[str]:
+    """Write the folder `out` at once: fill(tmp) writes into OUT.<pid>.tmp beside it, which is
+    renamed to OUT when complete; an existing OUT (empty, or allowed by --overwrite) is replaced
+    only then. On any failure (a full disk, Ctrl-C) the temporary folder is removed and OUT is as it
+    was. What a killed export left beside OUT is cleaned up first (remove_stale_folders)."""
+    out = os.path.abspath(out)
+    remove_stale_folders(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp, old = f"{out}.{os.getpid()}.tmp", f"{out}.{os.getpid()}.old"
+    try:
+        os.makedirs(tmp)
+        written = fill(tmp)
+        if os.path.isdir(out):
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+        return written
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(out):
+            os.rename(old, out)                                     # put the previous folder back
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith((tmp, out))):
+            reason = e.strerror or str(e)                      # (atomic_write's names the file already)
+            reason = reason if reason.startswith("cannot write") else f"cannot write {out}: {reason}"
+            raise OSError(e.errno, f"{reason}; nothing was written to {out}") from None
+        raise
+
+
+def remove_stale_folders(out: str):
+    """OUT.<pid>.tmp and OUT.<pid>.old folders of an export that was killed (its pid no longer
+    runs): a .tmp one is removed; an .old one is the previous OUT, put back if OUT is missing."""
+    parent, name = os.path.split(out)
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.(tmp|old)")
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = pattern.fullmatch(entry)
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(2) == "old" and not os.path.exists(out):
+            os.rename(path, out)
+            print(f"put back {out}, which a killed export had moved to {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by a killed export")
+
+
+# -----------------------------------------------------------------------------
 # The command line
 
 def stored_dtype(path: str):
@@ -604,15 +693,19 @@ def main(argv=None):
     p.add_argument("--format", required=True, choices=("peft", "hf"),
                    help="peft: adapter_config.json + adapter_model.safetensors (LoRA, DoRA); hf: a merged "
                         "Hugging Face checkpoint (LoRA, DoRA, QuanTA, full, BitFit)")
-    p.add_argument("--out", required=True, help="the output directory")
+    p.add_argument("--out", required=True,
+                   help="the output folder, written whole (into OUT.<pid>.tmp beside it, then renamed) or not at all")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that holds files")
     p.add_argument("--max_shard_size", default="5GB", help="hf: the largest safetensors shard (5GB, 500MB, ...)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="hf: the weights' dtype (auto: the base checkpoint's)")
     p.add_argument("--base_model_name_or_path", default=None,
-                   help="peft: written into adapter_config.json (default: the hub id or path given to --model)")
+                   help="peft: written into adapter_config.json (default: the Hub id that --model names, "
+                        "else its absolute path)")
     args = p.parse_args(argv)
     try:
         paper, path = hub.paper_name(args.model), hub.resolve_model(args.model)
+        check_out(args.out, path, args.overwrite)                          # before any work
         dtype = {"auto": stored_dtype(path), "fp32": torch.float32, "bf16": torch.bfloat16,
                  "fp16": torch.float16}[args.dtype]
         num_labels = adapter_num_labels(args.adapter) if args.adapter and os.path.exists(args.adapter) else None
@@ -621,12 +714,13 @@ def main(argv=None):
         if args.adapter:
             load_any_adapter(model, args.adapter)
         if args.format == "peft":
-            base = args.base_model_name_or_path or hub.hub_id(args.model) or args.model
-            export_peft(model, args.out, base)
-            written = ["adapter_config.json", "adapter_model.safetensors"]
+            # The Hub id where --model names one, else the checkpoint's absolute path: a relative path
+            # would be read against whatever directory the adapter is later loaded from.
+            base = args.base_model_name_or_path or hub.hub_id(args.model) or os.path.abspath(args.model)
+            written = write_folder(args.out, lambda tmp: [os.path.basename(f) for f in export_peft(model, tmp, base)])
         else:
-            written = export_merged(model, path, args.out, args.max_shard_size, dtype)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+            written = write_folder(args.out, lambda tmp: export_merged(model, path, tmp, args.max_shard_size, dtype))
+    except (ValueError, OSError, CheckpointError) as e:          # OSError: a full or read-only disk
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}: {', '.join(written)}")
     return args.out

@@ -34,11 +34,20 @@ Initialisation and parametrisation (the paper gives no initialisation). Two mode
   its gradient's size. With the paper's s = 1/(4096·600) and factors in the literal
   parametrisation, a step of lr = 1e-4 on Wa changes Attn_s by about s·|Wb|·lr, so the map can
   never grow to the size of an attention probability; in the absorbed one a step changes it by
-  about |wb|·lr, whatever s is. (Same trajectory as an lr multiplier of 1/√s on the literal
-  factors; README, "Why LMAM absorbs s".)
+  about |wb|·lr, and s is left only in the offsets √s·PE. (Without weight decay this is the
+  trajectory of an lr multiplier of 1/√s on the literal factors, up to Adam's ε; with AdamW's
+  decoupled decay it is not: the multiplier also multiplies the decay, lr·wd, by 1/√s.)
+  A consequence at the paper's LLaMA s (≈ 4e-7, √s ≈ 6e-4): PE and s are inert. In wb the
+  offset −√s·PE is constant and Adam ignores it; in wa, √s·PE is 1.6e-4 of wa's norm. Any
+  parametrisation in which the map grows to ~0.1 needs factors with s·|Wa||Wb|·r ≈ 0.1, i.e. of a
+  few hundred in the paper's units, next to which PE (≤ 1) adds s·r·PE·PE ≤ 1e-6 and cross terms
+  s·r·|W|·PE ≤ 3e-4. So the ¬P ablation (variant "no_pos") and the choice of s among Table 19's
+  values give nearly the same map on LLaMA (README, "Why LMAM absorbs s", for the numbers); on
+  BART's s = 1, PE is as large as wa and they differ.
   init="paper": the literal reading, for faithfulness studies. Wa, Wb ~ N(0, 1) stored as they
   are, Attn_s = s·(Wa + PE)(Wb + PE). It is not the base model at step 0 (for s = 1, Attn_s[0, 0]
-  ≈ r from the PE term alone) and, for LLaMA's s, the map barely moves at lr 1e-4.
+  ≈ r from the PE term alone) and, for LLaMA's s, the map barely moves at lr 1e-4: there PE does
+  shape the map (its term is as large as the random one), but the map stays ~1e-6.
 FMAM (variant "full_rank", ¬L of §4.3): the full (h, n, n) map of every head, trained directly,
 no factors and no s, starting at 0.
 """

@@ -16,10 +16,12 @@ Every hyperparameter is also a command-line flag of train.py with the same name.
 import inspect
 import json
 import math
+import sys
 import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F  # noqa: F401  (for methods pasted in here: README, "Add your own method")
 
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder, PrefixSlice
@@ -109,7 +111,8 @@ def series(model, adapter_r=256, adapter_scale=1.0, adapter_dropout=0.0, target_
     """Series adapter. LLaMA: LLM-Adapters' bottleneck (256, tanh) before gate_proj/up_proj and
     after any other target (after down_proj: 0.99% of LLaMA-7B). RoBERTa/BART: He et al.'s Houlsby
     adapter after the sub-block that `out_proj` (every attention, with a LayerNorm on its input)
-    or `fc2` (the FFN) ends, applied after the block's dropout."""
+    or `fc2` (the FFN) ends: the attention's before the block's dropout, the FFN's after it, as in
+    He et al.'s code (model.EncoderLayer.residual)."""
     if not isinstance(model, M.Llama):
         targets = {t.strip() for t in target_modules.split(",")}
         if not targets <= {"out_proj", "fc2"}:
@@ -274,20 +277,55 @@ def adalora(model, adalora_init_r=12, adalora_target_r=8, lora_alpha=8.0, lora_d
 
 def sora(model, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
          target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", sora_lambda=10.0,
-         sora_lambda2=3e-4, sora_threshold="fixed", sora_schedule="none", sora_max_lambda=10.0, sora_lambda_num=10):
+         sora_lambda2=3e-4, sora_threshold="fixed", sora_schedule="none", sora_max_lambda=10.0, sora_lambda_num=10,
+         sora_prox="released"):
     """SoRA (adaptive.py): LoRA with a gate between A and B, the gate trained by its own proximal
     step (L1 weight sora_lambda in the loss, threshold sora_lambda2 after each Adam step). Defaults:
     SoRA's run_glue_sora_no_schedule.sh (r 8, λ 10, λ2 3e-4; α 16 of config/lora_config.json) on
-    every linear layer of a block (their default_modified_modules)."""
+    every linear layer of a block (their default_modified_modules). sora_prox: "released" (their
+    sparse_optimizer.py's three masks: every gate with |z| < 2·λ2 goes to 0) or "soft" (the paper's
+    soft threshold at λ2)."""
     for parent, name in linear_targets(model, target_modules):
         setattr(parent, name, SoRALinear(getattr(parent, name), lora_r, lora_alpha, lora_dropout))
     model.update_hooks = [SoRAGates(sora_lambda, sora_lambda2, sora_threshold, sora_schedule, sora_max_lambda,
-                                    sora_lambda_num)]
+                                    sora_lambda_num, prox=sora_prox)]
 
 
 def update_hooks(model) -> list:
     """The update hooks a method attached (adaptive.py's protocol); [] for most methods."""
     return list(getattr(model, "update_hooks", ()))
+
+
+def no_decay_names(model) -> set:
+    """The parameters AdamW's weight decay leaves alone, by the Hugging Face Trainer's rule, which
+    the Trainers of He et al., AdaLoRA and SoRA apply (transformers' get_parameter_names(model,
+    [nn.LayerNorm]) less every name containing "bias"): every bias, and every parameter of a
+    LayerNorm module (the Houlsby adapter's own included). LLaMA's RMSNorm counts as a LayerNorm,
+    as in later transformers (its name patterns "norm", "rmsnorm"); LLaMA's references train with
+    no weight decay, so this only matters there when --weight_decay is set."""
+    names = {n for n, _ in model.named_parameters() if "bias" in n}
+    for prefix, module in model.named_modules():
+        if isinstance(module, (nn.LayerNorm, M.RMSNorm)):
+            names |= {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()}
+    return names
+
+
+def param_groups(model, learning_rate: float, weight_decay: float, lmam_lr_scale: float = 1.0,
+                 exclude=()) -> list[dict]:
+    """AdamW's parameter groups for the trainable parameters of `model` (those in `exclude`, e.g.
+    SoRA's gates, stepped by their hook, aside): LMAM's factors at learning_rate·lmam_lr_scale,
+    the rest at learning_rate; within each, weight decay on all but no_decay_names (biases and
+    norms: weight decay 0). With weight_decay = 0 nothing is split. Empty groups are left out; the
+    order is fixed (rest before LMAM, decayed before not), so --resume finds the same groups."""
+    skip, no_decay = {id(p) for p in exclude}, no_decay_names(model)
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad or id(p) in skip:
+            continue
+        is_map, decays = ".attn_map." in n, weight_decay > 0 and n not in no_decay
+        groups.setdefault((is_map, not decays), []).append(p)
+    return [{"params": groups[key], "lr": learning_rate * (lmam_lr_scale if key[0] else 1.0),
+             "weight_decay": 0.0 if key[1] else weight_decay} for key in sorted(groups)]
 
 
 METHODS = {
@@ -400,9 +438,19 @@ def parameter_report(model) -> str:
 ADAPTER_EXT = ".safetensors"
 
 
+FINGERPRINT_SAMPLES = 4          # values read from each base tensor: 1,164 for LLaMA-7B, a few ms
+FINGERPRINT_RTOL = 1e-2          # bf16 rounds a weight by at most 2^-9 of it: the same model in fp32 or bf16 matches
+
+
 def base_fingerprint(model) -> dict:
-    """What identifies the base model: its shapes and a checksum of a few embedding rows (a sharded
-    model, fsdp.py, keeps the one computed before sharding)."""
+    """What identifies the base model: its shapes (the config's), and for every tensor of its
+    state dict (the GLUE head aside: a fresh one is random) its shape and FINGERPRINT_SAMPLES values
+    at evenly spread positions, rounded to 5 significant digits: {"tensors": {name: [shape,
+    values]}}. Deterministic and cheap (a 7B model: a few milliseconds, nothing else read from
+    disk); the values match across fp32 and bf16 loads of one checkpoint within FINGERPRINT_RTOL,
+    and two different models of one shape differ in nearly every tensor. "checksum" (16 embedding
+    rows) is what adapters written before "tensors" recorded. apply_method computes it before the
+    method changes anything (and a sharded model, fsdp.py, keeps that one)."""
     if getattr(model, "fingerprint", None) is not None:
         return model.fingerprint
     c = model.cfg
@@ -412,7 +460,54 @@ def base_fingerprint(model) -> dict:
         fp["model"] = type(model).__name__
     w = (model.shared if isinstance(model, M.Bart) else model.embed_tokens).weight
     fp["checksum"] = None if w.is_meta else float(w.detach()[:16].double().abs().sum())
+    tensors = {}
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith("head."):
+            continue
+        values = None
+        if not t.is_meta:
+            n, k = t.numel(), min(FINGERPRINT_SAMPLES, t.numel())
+            flat = torch.tensor([(2 * i + 1) * n // (2 * k) for i in range(k)], dtype=torch.long, device=t.device)
+            picked = t.detach()[torch.unravel_index(flat, t.shape)] if t.dim() else t.detach().reshape(1)[:k]
+            values = [float(f"{v:.5g}") for v in picked.double().cpu().tolist()]
+        tensors[name] = [list(t.shape), values]
+    fp["tensors"] = tensors
     return fp
+
+
+def fingerprint_difference(theirs: dict, ours: dict) -> str | None:
+    """The first way two base fingerprints differ, in words (None when they match): a config
+    shape, a tensor present in one only, a tensor's shape, or a tensor's sampled values beyond
+    FINGERPRINT_RTOL. A fingerprint without "tensors" (written before them) is compared by its
+    embedding checksum only; fingerprint_is_partial says so."""
+    for k, v in theirs.items():
+        if k not in ("checksum", "tensors") and v != ours.get(k):
+            return f"{k}={v} there, {k}={ours.get(k)} here"
+    close = lambda a, b: abs(a - b) <= FINGERPRINT_RTOL * max(abs(a), abs(b)) + 1e-6
+    if "tensors" not in theirs or theirs["tensors"] is None or "tensors" not in ours:
+        a, b = theirs.get("checksum"), ours.get("checksum")
+        if None not in (a, b) and not close(a, b):
+            return f"embedding checksum {a:.6g} there, {b:.6g} here"
+        return None
+    a, b = theirs["tensors"], ours["tensors"]
+    if not isinstance(a, dict):
+        return "its fingerprint's tensors are not a JSON object"
+    for name in sorted(set(a) | set(b)):
+        if name not in b:
+            return f"tensor {name!r} there, none of that name here"
+        if name not in a:
+            return f"no tensor {name!r} there, one here"
+        (shape_a, va), (shape_b, vb) = a[name], b[name]
+        if list(shape_a) != list(shape_b):
+            return f"tensor {name!r} of shape {tuple(shape_a)} there, {tuple(shape_b)} here"
+        if va is not None and vb is not None and (len(va) != len(vb) or not all(map(close, va, vb))):
+            return f"tensor {name!r} holds other values (sampled: {va} there, {vb} here)"
+    return None
+
+
+def fingerprint_is_partial(fp: dict) -> bool:
+    """Whether a recorded fingerprint predates the per-tensor one (shapes and 16 embedding rows only)."""
+    return not isinstance(fp.get("tensors"), dict)
 
 
 def adapter_state(model) -> dict:
@@ -435,25 +530,43 @@ def save_adapter(model, path: str, tensors: dict | None = None):
     write_safetensors({k: v.detach() for k, v in tensors.items()}, path, metadata=meta)
 
 
+def adapter_meta_json(path: str, meta: dict, key: str) -> dict:
+    """A JSON object of an adapter file's metadata ("hparams", "base"), or an error naming the file
+    and the key."""
+    if key not in meta:
+        raise ValueError(f"{path}: its metadata has no {key!r} (not an adapter file of this project's train.py?)")
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({e.msg}): {meta[key][:80]!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: metadata {key!r} is a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def load_adapter(model, path: str):
     """Load an adapter file onto `model`: applies the file's method (with its hyperparameters) if
     none is applied yet, then its tensors. A different base model or method is an error."""
     meta = read_safetensors_metadata(path)
     if "method" not in meta:
         raise ValueError(f"{path}: not an adapter file of this project (no method in its metadata)")
-    name, hp = meta["method"], json.loads(meta["hparams"])
-    base, ours = json.loads(meta["base"]), base_fingerprint(model)
+    name, hp, base = meta["method"], adapter_meta_json(path, meta, "hparams"), adapter_meta_json(path, meta, "base")
+    ours = base_fingerprint(model)
     # the models by name where known (presets.py's names, saved since base_name was added)
     theirs_name = f" ({meta['base_name']})" if meta.get("base_name") else ""
     ours_name = f" ({model.cfg.name})" if getattr(model.cfg, "name", None) else ""
     for k in base:
-        if k == "checksum":
-            if None not in (base[k], ours[k]) and not math.isclose(base[k], ours[k], rel_tol=1e-2):
-                raise ValueError(f"{path}: was trained on a different base model{theirs_name} (embedding checksum "
-                                 f"{base[k]:.6g}), not on this one{ours_name} (checksum {ours[k]:.6g})")
-        elif base[k] != ours.get(k):
+        if k not in ("checksum", "tensors") and base[k] != ours.get(k):
             raise ValueError(f"{path}: was trained on a base model{theirs_name} with {k}={base[k]}, this "
                              f"model{ours_name} has {ours.get(k)}")
+    differs = fingerprint_difference(base, ours)
+    if differs:
+        raise ValueError(f"{path}: was trained on a different base model{theirs_name}, not on this one{ours_name}: "
+                         f"{differs}")
+    if fingerprint_is_partial(base):
+        print(f"warning: {path} was written before adapters recorded every base tensor's fingerprint: only the "
+              f"base model's shapes and 16 embedding rows could be checked against this model{ours_name}",
+              file=sys.stderr)
     current = getattr(model, "peft_method", None)
     if current is None:
         apply_method(model, name, **hp)

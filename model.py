@@ -20,7 +20,8 @@ This file knows nothing of PEFT, training or benchmarks. The PEFT methods attach
   - `attend(...)`, the one attention function, with `extra_kv` (prefix keys/values) and `attn_map`
     (a post-/pre-softmax attention-map term, implemented by lmam.py);
   - `MLP.adapter` / `FFN.adapter` / `MultiHeadAttention.adapter`: where an adapter adds its term
-    after a sub-block (in RoBERTa/BART, after the block's dropout).
+    after a sub-block (in RoBERTa/BART, as He et al.: the FFN's after the block's dropout, the
+    attention's before it).
 Positions are token positions (0 at each sequence's first real token, independent of padding),
 computed once per forward and passed down.
 """
@@ -597,7 +598,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = Linear(dim, dim)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
-        self.adapter = None   # an adapter after this sub-block (Houlsby's), applied by the layer after dropout
+        self.adapter = None   # Houlsby's adapter on this block's output, applied by the layer before its dropout
 
     def heads(self, x):
         B, T, _ = x.shape
@@ -649,11 +650,17 @@ class EncoderLayer(nn.Module):
         self.ffn = FFN(dim, hidden_dim, activation, activation_dropout)
         self.final_layer_norm = nn.LayerNorm(dim, eps=norm_eps)
 
-    def residual(self, x, norm, f, adapter=None):
-        """One sub-block with its residual connection and dropout. An adapter acts on the block's
-        output after the dropout, as in He et al.'s code: adapter(x, y) with x the residual stream
-        (in a pre-LN layer, mBART, before the LayerNorm: He et al.'s placement)."""
-        y = F.dropout(f(norm(x) if self.pre_norm else x), self.dropout, self.training)
+    def residual(self, x, norm, f, adapter=None, inner=None):
+        """One sub-block with its residual connection and dropout, with adapters where He et al.'s
+        code puts them: `inner` (the attention's Houlsby adapter) on the block's output before the
+        dropout (RoBERTa: dense → adapter → dropout; BART/mBART: right after out_proj, inside the
+        attention module, the layer's dropout afterwards); `adapter` (the FFN's: Adapter-FFN,
+        Houlsby's) after it (dense → dropout → adapter). Both are called adapter(x, y), x the
+        residual stream (in a pre-LN layer, mBART, before the LayerNorm: He et al.'s placement)."""
+        y = f(norm(x) if self.pre_norm else x)
+        if inner is not None:
+            y = inner(x, y)
+        y = F.dropout(y, self.dropout, self.training)
         if adapter is not None:
             y = adapter(x, y)
         return x + y if self.pre_norm else norm(x + y)
@@ -664,7 +671,7 @@ class EncoderLayer(nn.Module):
             y, p = self.self_attn(h, mask, positions=positions, need_weights=need_weights)
             probs.append(p)
             return y
-        x = self.residual(x, self.self_attn_layer_norm, attention, self.self_attn.adapter)
+        x = self.residual(x, self.self_attn_layer_norm, attention, inner=self.self_attn.adapter)
         x = self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
         return (x, probs[0]) if need_weights else x
 
@@ -681,9 +688,9 @@ class DecoderLayer(EncoderLayer):
 
     def forward(self, x, self_mask, is_causal, enc_kv, enc_mask, positions, cache=None):
         x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(
-            h, self_mask, is_causal=is_causal, positions=positions, cache=cache)[0], self.self_attn.adapter)
+            h, self_mask, is_causal=is_causal, positions=positions, cache=cache)[0], inner=self.self_attn.adapter)
         x = self.residual(x, self.encoder_attn_layer_norm,
-                          lambda h: self.encoder_attn(h, enc_mask, kv=enc_kv)[0], self.encoder_attn.adapter)
+                          lambda h: self.encoder_attn(h, enc_mask, kv=enc_kv)[0], inner=self.encoder_attn.adapter)
         return self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
 
 
@@ -994,7 +1001,7 @@ class DebertaLayer(EncoderLayer):
             y, p = self.self_attn(h, mask, positions, rel, need_weights)
             probs.append(p)
             return y
-        x = self.residual(x, self.self_attn_layer_norm, attention, self.self_attn.adapter)
+        x = self.residual(x, self.self_attn_layer_norm, attention, inner=self.self_attn.adapter)
         x = self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
         return (x, probs[0]) if need_weights else x
 

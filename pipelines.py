@@ -282,7 +282,9 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
 def lm_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on plain text (LongLoRA's pipeline, Table 7): the documents tokenized between BOS and
     EOS, joined, and cut into rows of exactly cutoff_len tokens (data/text.py; a token file in the
-    run's folder, read through a memory map), in random order; the loss on every next token.
+    run's folder, train_tokens.bin, read through a memory map and made again when the data or the
+    tokenizer differ from what its train_tokens.bin.meta.json records), in random order; the loss
+    on every next token.
     The last val_set_size rows are held out when asked for (LongLoRA has none)."""
     os.makedirs(args.out_dir, exist_ok=True)
     tokens = text.token_file(args.data, tokenizer, os.path.join(args.out_dir, "train_tokens.bin"))

@@ -3,6 +3,7 @@
 "Neg Rat") and Figure 4 (accuracy over h_s × r).
 
     python plots.py attention --model M --adapter A --text "the grass is green." --layer -1 --head 0 --out attn.png
+    python plots.py attention --model M --adapter A --text_file prompt.txt --out attn.png   # a text with newlines
     python plots.py map --model M --adapter A --out map.svg              # every layer's learned Attn_s
     python plots.py curves runs/la runs/lora --out curves.png            # loss, validation, lr, tokens/s
     python plots.py sweep runs/fig4/results.json --out fig4.png          # study.py's grid (Figure 4)
@@ -118,6 +119,10 @@ def head_labels(adapter):
 def load_model(model_path, adapter=None, tokenizer=None):
     """The base checkpoint with the adapter's method and tensors (eval mode, not merged: the map is
     computed from its factors), and its tokenizer."""
+    if adapter and not os.path.isfile(adapter):
+        raise ValueError(f"--adapter {adapter}: " + ("a folder; plots.py reads an adapter file of train.py "
+                                                      "(ADAPTER.safetensors), not a peft folder" if os.path.isdir(adapter)
+                                                      else "no such file"))
     model = load(model_path, num_labels=head_labels(adapter) if adapter else None)
     if adapter:
         methods.load_adapter(model, adapter)
@@ -215,17 +220,33 @@ def draw_map(ax, a, keep, title, labels=None):
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
-    if labels is not None and len(labels) <= 40:                       # token text where it fits
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    if labels is not None and len(labels) <= MAX_LABELS:               # every token's text (the figure grows)
+        size = label_size(len(labels))
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(len(labels)), labels, fontsize=size)
     return im
+
+
+MAX_LABELS = 256          # texts up to this many tokens get each token's text on both axes
+
+
+def label_size(n):
+    """The font size of n token labels, and with it the size of a panel (panel_inches)."""
+    return 7 if n <= 40 else 5
+
+
+def panel_inches(n):
+    """A map panel's side: 5 inches, more for a long labelled text, so each row and column gets
+    about a label's height and stays visible (0.085 inch, 6 points, per token at font size 5)."""
+    return max(5.0, 1.5 + 0.085 * n) if n <= MAX_LABELS else 5.0
 
 
 def draw_attention(softmax, attn_s, total, keep, labels=None, title="", out="attention.png", dpi=150):
     """Figure 1's three panels for one head: (a) softmax, (b) Attn_s, (c) their sum; Neg Rat in the
     titles of (b) and (c), over the visible entries `keep`."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), layout="constrained")
+    side = panel_inches(len(labels) if labels is not None else 0)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * side, side), layout="constrained")
     neg_s, neg_sum = negative_ratio(attn_s, keep), negative_ratio(total, keep)
     draw_map(axes[0], softmax, keep, "(a) softmax(QKᵀ/√d)", labels)
     draw_map(axes[1], attn_s, keep, f"(b) LMAM's Attn_s (Neg Rat: {100 * neg_s:.2f}%)", labels)
@@ -329,6 +350,8 @@ def read_log(run_dir):
                     r = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
+                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                    raise ValueError(f"{path}: line {n} has no step number (not a train.py log.jsonl?)")
                 by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
 
@@ -374,9 +397,9 @@ def plot_curves(run_dirs, out="curves.png", title=None, dpi=150):
 def sweep_grid(results, metric=None):
     """(names of the swept hyperparameters, their values, the metric's values as an array over the
     grid, NaN where a point has no result, the metric's name) from study.py's results.json."""
-    grid = results.get("grid")
-    if not grid or "points" not in results:
-        raise ValueError("not a study.py results.json (expected 'grid' and 'points')")
+    grid = results.get("grid") if isinstance(results, dict) else None
+    if not isinstance(grid, dict) or not grid or not isinstance(results.get("points"), list):
+        raise ValueError("not a study.py results.json (expected an object with 'grid' and 'points')")
     names = list(grid)
     if len(names) > 2:
         raise ValueError(f"a heatmap shows one or two swept hyperparameters; this study sweeps {len(names)} "
@@ -384,6 +407,9 @@ def sweep_grid(results, metric=None):
     values = [grid[k] for k in names]
     z = np.full([len(v) for v in values] + [1] * (2 - len(names)), np.nan)
     for p in results["points"]:
+        if not isinstance(p, dict) or not isinstance(p.get("params"), dict) or \
+                any(p["params"].get(k) not in values[i] for i, k in enumerate(names)):
+            raise ValueError(f"a point that is not on the grid: {json.dumps(p)[:120]}")
         v = p.get("result") if metric is None else p.get("metrics", {}).get(metric)
         if metric is not None and v is None and p.get("metrics"):
             raise ValueError(f"--metric {metric}: point {p['name']} has {', '.join(p['metrics'])}")
@@ -393,12 +419,25 @@ def sweep_grid(results, metric=None):
     return names, values, z, metric or results.get("metric", "result")
 
 
-def plot_sweep(results_path, out="sweep.png", metric=None, title=None, fmt=".4g", dpi=150):
-    """Figure 4: the metric over the grid, one cell per point, annotated with its value."""
+def distinct_format(values, least=4, most=10):
+    """A format spec with the fewest significant digits (at least `least`) that writes different
+    values differently: a sweep's cells often agree in their first four digits (4.2881, 4.2883)."""
+    values = sorted({float(v) for v in values if np.isfinite(v)})
+    for digits in range(least, most + 1):
+        if len({format(v, f".{digits}g") for v in values}) == len(values):
+            return f".{digits}g"
+    return f".{most}g"
+
+
+def plot_sweep(results_path, out="sweep.png", metric=None, title=None, fmt=None, dpi=150):
+    """Figure 4: the metric over the grid, one cell per point, annotated with its value (fmt: a
+    format spec; default: as many significant digits as tell the cells apart)."""
     check_out(out)
-    with open(results_path) as f:
-        results = json.load(f)
+    if not os.path.isfile(results_path):
+        raise FileNotFoundError(f"{results_path}: no such file (expected study.py's results.json)")
     try:
+        with open(results_path) as f:
+            results = json.load(f)
         names, values, z, metric = sweep_grid(results, metric)
     except ValueError as e:
         raise ValueError(f"{results_path}: {e}") from None
@@ -407,7 +446,13 @@ def plot_sweep(results_path, out="sweep.png", metric=None, title=None, fmt=".4g"
     fig, ax = plt.subplots(figsize=(1.1 * cols + 3, 0.8 * rows + 2), layout="constrained")
     im = ax.imshow(np.ma.masked_invalid(z), cmap="viridis", aspect="auto")
     im.cmap = im.cmap.with_extremes(bad="0.85")
-    fig.colorbar(im, ax=ax, label=metric)
+    fmt = fmt or distinct_format(z.ravel())
+    bar = fig.colorbar(im, ax=ax, label=metric)
+    # Ticks written in full, without an offset label ("+4.288" over the bar, which ran into the title).
+    from matplotlib.ticker import ScalarFormatter
+    ticks = ScalarFormatter(useOffset=False)
+    ticks.set_scientific(False)
+    bar.ax.yaxis.set_major_formatter(ticks)
     lo, hi = np.nanmin(z) if np.isfinite(z).any() else 0, np.nanmax(z) if np.isfinite(z).any() else 1
     for i in range(rows):
         for j in range(cols):
@@ -446,7 +491,10 @@ def parse_args(argv=None):
 
     a = sub.add_parser("attention", help="softmax, Attn_s and their sum for one input, layer and head (Figure 1)")
     model_flags(a, "an adapter file from train.py (none: the base model, Attn_s = 0)")
-    a.add_argument("--text", required=True, help="the input text (tokenized as the model's tokenizer does)")
+    text = a.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the input text (tokenized as the model's tokenizer does)")
+    text.add_argument("--text_file", help="a file holding the input text, as it is (newlines and spaces included: "
+                                          "an LLM-Adapters prompt)")
     a.add_argument("--layer", type=int, default=-1,
                    help="which self-attention layer (default -1: the last, as Figure 1)")
     a.add_argument("--head", type=int, default=0, help="which attention head (default 0: the first, as Figure 1)")
@@ -465,7 +513,8 @@ def parse_args(argv=None):
     s = sub.add_parser("sweep", help="a heatmap of a metric over study.py's sweep (Figure 4)")
     s.add_argument("results", help="study.py's results.json")
     s.add_argument("--metric", default=None, help="one of the points' metrics (default: the study's result)")
-    s.add_argument("--fmt", default=".4g", help="format of the numbers in the cells (Python's format spec)")
+    s.add_argument("--fmt", default=None, help="format of the numbers in the cells (Python's format spec; default: "
+                                               "as many significant digits as tell the cells apart, at least 4)")
     common(s)
     return p.parse_args(argv)
 
@@ -476,8 +525,12 @@ def main(argv=None):
     try:
         check_out(args.out)
         if args.command == "attention":
+            text = args.text
+            if args.text_file is not None:
+                with open(args.text_file, encoding="utf-8") as f:
+                    text = f.read()
             model, tok = load_model(args.model, args.adapter, args.tokenizer)
-            return plot_attention(model, tok, args.text, args.layer, args.head, args.out, args.title, args.dpi,
+            return plot_attention(model, tok, text, args.layer, args.head, args.out, args.title, args.dpi,
                                   args.max_tokens)
         if args.command == "map":
             if not args.adapter:
@@ -490,7 +543,7 @@ def main(argv=None):
         if args.command == "curves":
             return plot_curves(args.run_dirs, args.out, args.title, args.dpi)
         return plot_sweep(args.results, args.out, args.metric, args.title, args.fmt, args.dpi)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError) as e:          # OSError: a read-only or full disk
         sys.exit(f"error: {e}")
 
 

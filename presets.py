@@ -78,7 +78,10 @@ METHOD_PRESETS = {
     ("lorada_la", "llama-tiny-gqa"): dict(LMAM_TINY, adapter_r=4),
 
     # --- LoRaDA-Q, Table 17 (the defaults: LMAM r=1, n=128, QuanTA 16-8-8-4 on q_proj, v_proj).
-    # Table 17 gives no s: Table 19's 1/(d·600) for the same model is taken.
+    # Table 17 gives no s: Table 19's 1/(d·600) for the same model is taken. Counts: 7B 3,014,656 =
+    # 0.0447% (Table 4: 0.044), 3-8B 0.0375% (0.037), 13B 4,126,720 = 0.0317% where Table 4 prints
+    # 0.029, QuanTA 16-8-8-5's own share (3,717,120 = 0.0286%) without LMAM's 409,600.
+    # Table 4's row is reproduced in QuanTA's pipeline: train.py --protocol quanta (5 epochs, below).
     ("lorada_q", "llama3-8b"): LMAM_LLAMA3_8B,
     ("lorada_q", "llama-13b"): dict(LMAM_LLAMA_13B, quanta_dims="16-8-8-5"),
     ("lorada_q", "llama2-13b"): dict(LMAM_LLAMA_13B, quanta_dims="16-8-8-5"),
@@ -290,8 +293,10 @@ for _method, _hp in TABLE5_SIZES.items():
     for _task in GLUE_LMAM_LEN:
         METHOD_PRESETS[(_method, f"roberta/{_task}")] = _hp
 # LLaMA prefix tuning on commonsense: LLM-Adapters' default num_virtual_tokens=30 (finetune.py; its
-# only prefix command, math, passes 10): 7,864,320 = 0.1166% of LLaMA-7B, Table 4's 0.11 (truncated;
-# its LLaMA-13B row's 0.03 is l=10: 0.0315%). Math keeps l=10 (the method's default).
+# only prefix command, math, passes 10): 7,864,320 = 0.1166% of LLaMA-7B, Table 4's 0.11 (truncated).
+# On LLaMA-13B the same l=30 counts 12,288,000 = 0.0943%, where Table 4 prints 0.03: that row is
+# l=10 (4,096,000 = 0.0315%). Table 4 copies both rows (LLM-Adapters/DoRA); no one l gives both.
+# Math keeps l=10 (the method's default).
 METHOD_PRESETS[("prefix", "commonsense")] = dict(prefix_len=30)
 
 # Named presets (train.py --preset NAME): a paper row's settings that are not the default for the

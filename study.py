@@ -26,8 +26,11 @@ A point's result:
     name lists them), else each task's main metric (GLUE: eval.MAIN_METRIC, matched for MNLI;
     accuracy for LLaMA's tasks) averaged over the tasks evaluated (Table 4's "Avg.").
 Resumable: D/<point>/result.json is written when a point is finished. A rerun skips the points that
-have one, resumes a point whose training stopped (train.py --resume from its checkpoint.pt), and
-runs failed points again. D/results.json holds every finished point; the markdown table printed:
+have one, resumes a point whose training stopped (train.py --resume from its checkpoint.pt, which
+train.py reads as plain data and checks against the point's settings; the lock of a killed run is
+taken over), starts over a point that died before its first checkpoint (train.py --overwrite),
+and runs failed points again. Ctrl-C stops the running points (train.py saves a checkpoint) and
+starts no new one; rerunning the same command resumes. D/results.json holds every finished point; the markdown table printed:
   seeds: each seed's result, and mean ± std, the sample standard deviation (numpy's ddof=1) over the
          seeds: what "± std over 3 seeds" usually means (the paper does not say which);
   sweep: the grid, rows the first --grid flag's values, columns the second's (Figure 4's layout),
@@ -39,8 +42,11 @@ import itertools
 import json
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -48,6 +54,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN, EVAL = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "eval.py")
 COUNTS = ("total", "correct")          # numbers in eval.py's results.json that are not scores
+RUN_FILES = ("checkpoint.pt", "best.safetensors", "adapter.safetensors", "log.jsonl", "args.json")   # train.py's
 
 
 # ----------------------------------------------------------------------------- the points
@@ -76,6 +83,10 @@ def parse_grid(specs):
             raise ValueError(f"--grid {name} is given twice")
         if len(set(vals)) != len(vals):
             raise ValueError(f"--grid {spec!r}: a value is repeated")
+        for v in vals:                                # a value names the point's folder, D/NAME=VALUE
+            if not all(c.isalnum() or c in "+-._" for c in v) or v.startswith("."):
+                raise ValueError(f"--grid {spec!r}: value {v!r} cannot be part of a folder name under --out_dir "
+                                 f"(letters, digits and + - . _ only, not starting with a dot)")
         grid[name] = vals
     return grid
 
@@ -96,11 +107,12 @@ def check_train_args(train_args, grid):
     """train.py must accept every point's arguments; the study owns --out_dir, --resume and the
     studied flags. Returns train.py's parsed arguments (for --model)."""
     import train
-    for owned in ["out_dir", "resume", *grid]:
+    for owned in ["out_dir", "resume", "overwrite", *grid]:
         given = [a for a in train_args if a == f"--{owned}" or a.startswith(f"--{owned}=")]
         if given:
             raise ValueError(f"the train.py arguments after -- set {given[0]}, which study.py sets for each point "
-                             f"(--out_dir D/<point>{', --resume' if owned == 'resume' else ''}); remove it")
+                             f"(--out_dir D/<point>{', --resume, --overwrite' if owned in ('resume', 'overwrite') else ''}"
+                             f"); remove it")
     for p in points(grid, "D"):
         try:
             parsed = train.parse_args([*train_args, "--out_dir", p["dir"], *p["flags"]])
@@ -118,10 +130,13 @@ def best_validation(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     by_step = {}
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                r = json.loads(line)
-                by_step[r["step"]] = r
+                try:
+                    r = json.loads(line)
+                    by_step[r["step"]] = r
+                except (ValueError, TypeError, KeyError):
+                    raise ValueError(f"{path}: line {n} is not a train.py log record (corrupt?)") from None
     scores = {}
     for r in by_step.values():
         for k, v in r.items():
@@ -135,11 +150,33 @@ def best_validation(run_dir):
     return name, (max if higher else min)(scores[name]), higher
 
 
+def read_json(path, what):
+    """A JSON object from a file this study reads back (a point's result.json, eval.py's
+    results.json); anything else is a ValueError naming the file."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e}); delete it to run that part again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {what} is a JSON {type(value).__name__}, not an object; delete it to run that "
+                         f"part again")
+    return value
+
+
+def write_json(path, value):
+    """Write a JSON file whole (checkpoint.atomic_write): a reader or a crash sees all of it or none."""
+    from checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+
+
 def flatten(results, prefix=""):
     """eval.py's results.json -> {"boolq/accuracy": 0.71, ...}: every number but the counts."""
     flat = {}
     for k, v in results.items():
         key = f"{prefix}{k}"
+        if k == "fingerprint":                        # what produced the entry (eval.py), not a score
+            continue
         if isinstance(v, dict):
             flat.update(flatten(v, key + "/"))
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNTS:
@@ -175,12 +212,24 @@ def main_eval_metric(results, metric=None):
 
 # ----------------------------------------------------------------------------- running a point
 
+_running = set()                   # the train.py / eval.py processes running now (Ctrl-C passes to them)
+_running_lock = threading.Lock()
+_stopping = threading.Event()      # set on Ctrl-C: no new point starts
+
+
 def run(cmd, log_path):
     """Run a command with its output appended to log_path; an error naming the log if it fails."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with _running_lock:
+            _running.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _running_lock:
+                _running.discard(proc)
     if code != 0:
         with open(log_path) as f:
             tail = f.read()[-1500:]
@@ -194,8 +243,7 @@ def run_point(point, study):
     d = point["dir"]
     done = os.path.join(d, "result.json")
     if os.path.exists(done):
-        with open(done) as f:
-            record = json.load(f)
+        record = read_json(done, "the point's result")
         if record.get("train_args") != study["train_args"] or record.get("eval_args") != study["eval_args"]:
             print(f"warning: {done} was made with other train.py / eval.py arguments; delete {d} to run it again",
                   file=sys.stderr)
@@ -205,11 +253,19 @@ def run_point(point, study):
     t0 = time.time()
     train_cmd = [sys.executable, TRAIN, *study["train_args"], "--out_dir", d, *point["flags"]]
     adapter = os.path.join(d, "adapter.safetensors")
-    if not os.path.exists(adapter):                  # train.py writes it last: the run is finished
+    trained = not os.path.exists(adapter)
+    if trained:                                      # train.py writes it last: the run is finished
+        import train
+        from checkpoint import pid_alive
+        lock = os.path.join(d, train.LOCK)
+        holder = train.read_lock(lock) if os.path.exists(lock) else None
+        killed = holder is not None and holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"])
         if os.path.exists(os.path.join(d, "checkpoint.pt")):
-            train_cmd.append("--resume")              # it stopped: continue where it was
-        elif os.path.exists(os.path.join(d, "log.jsonl")):
-            os.remove(os.path.join(d, "log.jsonl"))   # it died before its first checkpoint: start over
+            train_cmd.append("--resume")              # it stopped: continue where it was (train.py checks it is
+            if killed:                                # the same run), taking over the lock of a killed run
+                train_cmd.append("--overwrite")
+        elif killed or any(os.path.exists(os.path.join(d, f)) for f in RUN_FILES):
+            train_cmd.append("--overwrite")           # it died before its first checkpoint: start over
         run(train_cmd, log)
     record = {"name": point["name"], "params": point["params"], "dir": d, "train_args": study["train_args"],
               "eval_args": study["eval_args"], "train_command": train_cmd}
@@ -221,18 +277,16 @@ def run_point(point, study):
         named = any(a == "--model" or a.startswith("--model=") for a in study["eval_args"])
         model = [] if named else ["--model", study["model"]]
         eval_cmd = [sys.executable, EVAL, *model, *study["eval_args"], "--adapter", adapter, "--out_dir", eval_dir]
+        if trained and os.path.isdir(eval_dir):       # what it holds was made with the adapter trained before
+            eval_cmd.append("--overwrite")
         run(eval_cmd, log)
-        with open(os.path.join(eval_dir, "results.json")) as f:
-            results = json.load(f)
+        results = read_json(os.path.join(eval_dir, "results.json"), "eval.py's results")
         record["metric"], record["result"] = main_eval_metric(results, study["metric"])
         record["higher_is_better"] = True            # accuracy, correlations, ROUGE, BLEU
         record["metrics"] = flatten(results)
         record["eval_command"] = eval_cmd
     record["seconds"] = round(time.time() - t0, 1)
-    tmp = done + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, done)                             # a result.json is always whole
+    write_json(done, record)                          # a result.json is always whole
     return record, False
 
 
@@ -242,9 +296,15 @@ def run_all(todo, study, jobs):
 
     def one(i_point):
         i, p = i_point
+        if _stopping.is_set():                        # Ctrl-C: no new point
+            return
         try:
             record, skipped = run_point(p, study)
         except (RuntimeError, ValueError, OSError) as e:
+            if _stopping.is_set():
+                print(f"[{i}/{len(todo)}] {p['name']}: stopped by Ctrl-C; its output is in "
+                      f"{os.path.join(p['dir'], 'study.log')}", flush=True)
+                return
             failures.append(p["name"])
             print(f"[{i}/{len(todo)}] {p['name']}: failed: {e}", flush=True)
             return
@@ -252,9 +312,33 @@ def run_all(todo, study, jobs):
         what = "skipped (finished before)" if skipped else f"done in {record['seconds']:.0f} s"
         print(f"[{i}/{len(todo)}] {p['name']}: {what}, {record['metric']} {record['result']:.4f}", flush=True)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(one, enumerate(todo, 1)))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for future in [pool.submit(one, ip) for ip in enumerate(todo, 1)]:
+            future.result()
+    except KeyboardInterrupt:
+        stop_running_points()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return records, failures
+
+
+def stop_running_points():
+    """Ctrl-C: start no new point, pass SIGINT to the train.py / eval.py processes still running
+    (train.py saves a checkpoint and exits; a terminal's Ctrl-C has reached them already), and wait
+    for them to exit."""
+    _stopping.set()
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 # ----------------------------------------------------------------------------- tables
@@ -334,22 +418,34 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        if args.study == "seeds":
-            try:
-                grid = {"seed": [str(int(s)) for s in args.seeds.split(",") if s.strip()]}
-            except ValueError:
-                raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1,2,3") from None
-            if not grid["seed"] or len(set(grid["seed"])) != len(grid["seed"]):
-                raise ValueError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 1,2,3")
-        else:
-            grid = parse_grid(args.grid)
-        if args.jobs < 1:
-            raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
-        if args.metric and args.eval is None:
-            raise ValueError("--metric picks a number of eval.py's results: it needs --eval")
-        parsed = check_train_args(args.train_args, grid)
-    except ValueError as e:
+        return run_study(args)
+    except (ValueError, OSError) as e:                # OSError: a full or read-only disk
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"study.py: interrupted (Ctrl-C); finished points keep their result.json and a stopped train.py saved "
+              f"its checkpoint: rerun the same command to resume {args.out_dir}", file=sys.stderr)
+        sys.exit(130)
+
+
+def run_study(args):
+    """The study of parse_args' arguments: check them, run the points, write D/results.json, print
+    the table."""
+    if args.study == "seeds":
+        try:
+            grid = {"seed": [str(int(s)) for s in args.seeds.split(",") if s.strip()]}
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1,2,3") from None
+        if not grid["seed"] or len(set(grid["seed"])) != len(grid["seed"]):
+            raise ValueError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 1,2,3")
+    else:
+        grid = parse_grid(args.grid)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
+    if args.metric and args.eval is None:
+        raise ValueError("--metric picks a number of eval.py's results: it needs --eval")
+    parsed = check_train_args(args.train_args, grid)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out_dir {args.out_dir}: is a file, not a folder")
     todo = points(grid, args.out_dir)
     study = {"study": args.study, "train_args": args.train_args,
              "eval_args": None if args.eval is None else shlex.split(args.eval),
@@ -369,9 +465,7 @@ def main(argv=None):
     if args.study == "seeds" and finished:
         summary["summary"] = seeds_summary([r["result"] for r in finished])
     path = os.path.join(args.out_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, summary)
     metric = summary["metric"] or "result"
     print(seeds_table(grid, records, metric, summary.get("summary")) if args.study == "seeds"
           else sweep_table(grid, records, metric, summary["higher_is_better"]))

@@ -21,6 +21,12 @@ optimizer, scheduler, data position, RNG), best.safetensors (best validation sco
 adapter.safetensors (the result: best by validation if there is a validation split, else the
 last), log.jsonl and args.json. Ctrl-C or SIGTERM saves a checkpoint before exiting.
 
+A run owns its folder: train.lock (its pid) keeps a second run out while it runs; a new run into a
+folder that holds a run is refused (--resume continues it, --overwrite starts over); --resume
+loads checkpoint.pt as plain data (no code runs from it) and refuses another base model, other data
+or other settings than the checkpoint's, naming the difference. A finished run is not run again:
+a larger --max_steps / --num_epochs extends it, keeping the best adapter by validation.
+
 Several GPUs (or CPU processes, over gloo): start it with torchrun. Data parallel with the same
 global batch: each process runs its share of every step's micro-batches, then the gradients are
 summed across processes once per step, so the update is the single-process one (dropout masks
@@ -30,8 +36,10 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import signal
+import socket
 import sys
 import time
 
@@ -42,7 +50,8 @@ import fsdp
 import hub
 import methods
 import model as M
-from checkpoint import CheckpointError, atomic_write, build, load
+from checkpoint import (CheckpointError, atomic_write, build, check_device, content_hash, default_precision, load,
+                        pid_alive)
 from data import glue, llm_adapters
 from lmam import map_sizes
 from pipelines import PIPELINES, pipeline_name
@@ -141,7 +150,13 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out", help="where the run writes its files (see above)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
                    help="apply the method, print the trainable-parameter line (peft's format), exit")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/checkpoint.pt: the same base model, data and settings (checked); "
+                        "--max_steps / --num_epochs may grow to extend a finished run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out_dir that holds a run (its checkpoint, adapters, log and args are "
+                        "deleted first); also takes over a lock left by a run that no longer runs (with --resume: "
+                        "only that)")
     t = p.add_argument_group("training (default: presets.py's value for the method, model and task)")
     for name, value in TRAIN_DEFAULTS.items():
         t.add_argument(f"--{name}", type=type(value), default=None, help=TRAIN_HELP[name])
@@ -153,7 +168,8 @@ def parse_args(argv=None):
     t.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="bf16: frozen weights in bf16, the method's tensors, the GLUE head and AdamW in fp32 "
                         "(full fine-tuning and BitFit: fp32 weights under bf16 autocast); the same recipe on "
-                        "CPU and GPU. Default: bf16 on a GPU, fp32 on CPU")
+                        "CPU and GPU. Default: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, "
+                        "AMX), where it is faster; fp32 elsewhere (LORADA_PRECISION sets the default)")
     t.add_argument("--s2_wrap", action="store_true",
                    help="S²-Attn as the LongLoRA paper's Algorithm 1 (a roll: the first G/2 tokens see the last) "
                         "instead of LongLoRA's current code (no wrap-around)")
@@ -219,15 +235,17 @@ def linear_schedule(warmup: int, total: int, decay: bool = True):
 
 
 def rng_state():
+    """This process's RNG states as tensors and plain values (Python's is a tuple of ints), which
+    torch.load(weights_only=True) reads back: checkpoint.pt holds nothing that could run code."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())            # (map_location may have put it on the GPU)
     random.setstate(s["python"])
     if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 def setup_distributed(args):
@@ -299,8 +317,10 @@ class Progress:
 
 # ----------------------------------------------------------------------------- setting up a run
 
-def prepare(args):
-    """Model (method applied), pipeline (data, batches, loss), training hyperparameters."""
+def prepare(args, before_data=None):
+    """Model (method applied), pipeline (data, batches, loss), training hyperparameters.
+    before_data(model, hp, pipeline name), when given, runs before the data is read (train.py's
+    checks of the settings and of a resumed run)."""
     overrides = {k: getattr(args, k) for k in methods.flag_types() if getattr(args, k) is not None}
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     preset = args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS
@@ -320,7 +340,10 @@ def prepare(args):
     tokenizer = load_tokenizer(args.tokenizer or hub.tokenizer_source(args.model))
     # The bf16 recipe (the default on a GPU): frozen weights in bf16, the method's tensors in fp32.
     # Full fine-tuning and BitFit train the base weights themselves: fp32 weights, bf16 autocast.
-    bf16 = (args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
+    precision = args.precision or default_precision(args.device)
+    print(f"precision: {precision}" + ("" if args.precision else
+          f" (the default on this {'GPU' if args.device.startswith('cuda') else 'CPU'}; --precision to choose)"))
+    bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 and not methods.trains_base(args.method) else torch.float32
     num_labels = glue.num_labels(args.task) if args.task in glue.TASKS else None
     torch.manual_seed(args.seed if args.seed is not None else TRAIN_DEFAULTS["seed"])   # a fresh GLUE head
@@ -349,8 +372,264 @@ def prepare(args):
     print(f"presets: {args.method} on {model.cfg.name or 'a ' + type(model).__name__ + ' of no preset shape'}, "
           f"task {args.task}")
     autocast = bf16 and dtype == torch.float32                            # full / bitfit under bf16
+    if before_data is not None:
+        before_data(model, hp, kind)
     pipe = PIPELINES[kind][2](args, model, tokenizer, hp, args.device, autocast)
     return model, pipe, hp
+
+
+# ----------------------------------------------------------------------------- settings, the run's folder, resume
+
+# Flags whose value would train nothing or fail deep inside the loop: refused before any work.
+POSITIVE = ("batch_size", "micro_batch_size", "cutoff_len", "update_freq")
+NON_NEGATIVE = ("num_epochs", "max_steps", "val_set_size", "eval_step", "save_step", "warmup_steps", "warmup_ratio",
+                "weight_decay", "max_grad_norm", "label_smoothing", "max_target_len", "max_tokens", "s2_ratio")
+# What a resumed run may change: the schedule's length and how often it validates and saves.
+MAY_CHANGE_ON_RESUME = ("num_epochs", "max_steps", "eval_step", "save_step")
+# The files a run writes into --out_dir (a new run refuses a folder holding any of them), its lock.
+RUN_FILES = ("checkpoint.pt", "best" + methods.ADAPTER_EXT, "adapter" + methods.ADAPTER_EXT, "log.jsonl", "args.json")
+LOCK = "train.lock"
+_held_locks = []                       # lock files this process holds; main() removes them
+
+
+def check_settings(values: dict, complete: bool = False):
+    """Training settings (the command line's, or complete=True: after the presets) that would train
+    nothing or fail inside the loop: a ValueError naming the flag and the value."""
+    for k in POSITIVE:
+        v = values.get(k)
+        if v is not None and not v > 0:
+            raise ValueError(f"--{k} {v}: expected a positive number")
+    for k in NON_NEGATIVE:
+        v = values.get(k)
+        if v is not None and not v >= 0:                     # (NaN too)
+            raise ValueError(f"--{k} {v}: expected 0 or more")
+    if complete and values["num_epochs"] == 0 and not values["max_steps"]:
+        raise ValueError("--num_epochs 0 and no --max_steps: no step to train")
+
+
+def read_lock(path: str) -> dict | None:
+    """A lock file's {pid, host, started}, or None when it cannot be read (written half)."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def take_lock(out_dir: str, overwrite: bool):
+    """OUT_DIR/train.lock (created exclusively, holding this process's pid and host) keeps two live
+    runs out of one folder. A lock whose process still runs (or runs on another host, where its pid
+    cannot be checked) is never taken. One left by a process that no longer runs (killed) is
+    reported, and taken over only with --overwrite."""
+    path = os.path.join(out_dir, LOCK)
+    host = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(path)
+            who = (f"pid {holder['pid']} on {holder.get('host')}, started {holder.get('started')}" if holder
+                   else "unreadable: its run was killed while taking it?")
+            if holder and (holder.get("host") != host or pid_alive(holder["pid"])):
+                raise ValueError(f"--out_dir {out_dir} is in use by another train.py run ({who}; {path}): wait for "
+                                 f"it to finish or give another --out_dir. If no run uses the folder, delete {path}")
+            if not overwrite:
+                raise ValueError(f"{path}: left by a train.py run that no longer runs ({who}; killed?). If no other "
+                                 f"run uses {out_dir}, delete {path} and run again, or give --overwrite to take the "
+                                 f"lock over (with --resume that keeps the run and continues it)")
+            print(f"--overwrite: taking over {path}, left by a run that no longer runs ({who})")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        _held_locks.append(path)
+        return
+
+
+def release_locks():
+    """Remove the lock files this process took (only those still holding its pid)."""
+    while _held_locks:
+        path = _held_locks.pop()
+        if (read_lock(path) or {}).get("pid") == os.getpid():
+            os.remove(path)
+
+
+def claim_out_dir(args):
+    """Make --out_dir this run's (process 0, before any work): a folder, not a file; locked; and
+    without another run's files unless this run continues it (--resume) or replaces it
+    (--overwrite, which deletes those files first)."""
+    d = args.out_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"--out_dir {d}: is a file, not a folder")
+    os.makedirs(d, exist_ok=True)
+    take_lock(d, args.overwrite)
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    if args.resume:
+        if not os.path.exists(os.path.join(d, "checkpoint.pt")):
+            raise FileNotFoundError(f"--resume: {os.path.join(d, 'checkpoint.pt')} does not exist")
+    elif present and not args.overwrite:
+        raise ValueError(f"--out_dir {d} already holds a run ({', '.join(present)}): continue it with --resume, "
+                         f"start over with --overwrite (which deletes those files first), or give another --out_dir")
+    elif present:
+        for f in present:
+            os.remove(os.path.join(d, f))
+        print(f"--overwrite: removed the previous run's {', '.join(present)} from {d}")
+
+
+def read_checkpoint(path: str, device) -> dict:
+    """checkpoint.pt, loaded as plain data only (torch.load weights_only: tensors, numbers,
+    strings, lists, dicts), so that a planted file runs no code; anything else is a ValueError
+    naming the file."""
+    if os.path.isdir(path):
+        raise ValueError(f"--resume: {path} is a folder, not a checkpoint")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)   # map_location: not onto GPU 0 for every rank
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():                           # torch refused a global: code, or a class
+            raise ValueError(f"--resume: {path} holds Python objects other than tensors and plain values, which "
+                             f"no train.py writes; it was not loaded (loading it could run code)") from None
+        raise ValueError(f"--resume: {path} cannot be read as a checkpoint (not a file torch.save wrote)") from None
+    except Exception as e:                                             # empty, truncated, not a torch file
+        reason = (str(e).strip().splitlines() or ["empty or truncated"])[0]
+        raise ValueError(f"--resume: {path} cannot be read as a checkpoint ({type(e).__name__}: {reason}; empty, "
+                         f"truncated or not written by torch.save?)") from None
+    need = ("tensors", "optimizer", "scheduler", "state", "rng", "method")
+    if not isinstance(ck, dict) or not all(k in ck for k in need):
+        raise ValueError(f"--resume: {path} is not a train.py checkpoint (expected the entries {', '.join(need)})")
+    if "run" not in ck:
+        raise ValueError(f"--resume: {path} was written by an older train.py, which did not record the run's base "
+                         f"model, data and settings, so this run cannot be checked against it: finish it with that "
+                         f"version, or start over with --overwrite")
+    return ck
+
+
+def data_file(args) -> str:
+    """The file or folder --data names (a sample or training set name resolved as the pipelines do)."""
+    if os.path.exists(args.data):
+        return args.data
+    return llm_adapters.resolve(args.data, split="train")
+
+
+def run_record(args, model, hp: dict, kind: str, world: int) -> dict:
+    """What a resumed run must share with its checkpoint's (check_resume): the base model's
+    fingerprint, the data's content hash, the tokenizer and every setting but MAY_CHANGE_ON_RESUME."""
+    settings = {k: v for k, v in hp.items() if k not in MAY_CHANGE_ON_RESUME}
+    settings.update(pipeline=kind, task=args.task, protocol=args.protocol, mask_prompt=args.mask_prompt,
+                    group_by_length=args.group_by_length, token_weighted_loss=args.token_weighted_loss,
+                    s2_wrap=args.s2_wrap, precision=args.precision or default_precision(args.device),
+                    tokenizer=content_hash(args.tokenizer) if args.tokenizer else None)
+    return {"model": args.model, "base": methods.base_fingerprint(model), "data": args.data,
+            "data_sha256": content_hash(data_file(args)), "settings": settings, "processes": world}
+
+
+def check_resume(ck: dict, record: dict, path: str):
+    """--resume continues the checkpoint's run, nothing else: another base model (by fingerprint),
+    other data (by content), another tokenizer or batch, schedule or data setting is refused,
+    naming the difference."""
+    old = ck["run"]
+    differs = methods.fingerprint_difference(old["base"], record["base"])
+    if differs:
+        raise ValueError(f"--resume: {path} was trained on another base model ({old['model']}) than this run's "
+                         f"--model {record['model']}: {differs}")
+    if old["data_sha256"] != record["data_sha256"]:
+        raise ValueError(f"--resume: {path} was trained on --data {old['data']} (sha256 {old['data_sha256'][:12]}), "
+                         f"this run's --data {record['data']} holds other data (sha256 {record['data_sha256'][:12]})")
+    for k in sorted(set(old["settings"]) | set(record["settings"])):
+        a, b = old["settings"].get(k), record["settings"].get(k)
+        if a != b:
+            raise ValueError(f"--resume: {path} was written with {k}={a!r}, this run has {k}={b!r}: a resumed run "
+                             f"keeps its settings (only {', '.join('--' + x for x in MAY_CHANGE_ON_RESUME)} may "
+                             f"change); start a new run in another --out_dir for other settings")
+
+
+def trim_log(path: str, step: int):
+    """Before a resumed run appends to log.jsonl: keep the records up to the checkpoint's step (the
+    later ones are of steps the run redoes) and drop a last line a kill cut short. A corrupt line
+    elsewhere is an error naming the file and the line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            s = record["step"]
+        except (ValueError, TypeError, KeyError):
+            if n >= len(lines) - 1:                                   # the last line: a write a kill cut short
+                print(f"{path}: dropped its last line, cut short ({len(line)} bytes)")
+                continue
+            raise ValueError(f"{path}: line {n} is not a train.py log record (corrupt?); fix or delete that "
+                             f"line to resume") from None
+        if s <= step:
+            keep.append(line + b"\n")
+    if sum(map(len, keep)) != os.path.getsize(path):
+        atomic_write(path, lambda f: f.write(b"".join(keep)))
+
+
+def check_training_data(args, pipe, hp: dict):
+    """The data a run would train on: none (an empty list, or all held out) is an error naming
+    --data; examples with no labelled token left after --cutoff_len (the prompt fills it, and
+    --mask_prompt masks the prompt) are refused when they are all, reported when they are some."""
+    if len(pipe.train_set) == 0:
+        raise ValueError(f"--data {args.data}: no training example ({len(pipe.val_set)} held out for validation, "
+                         f"--val_set_size {hp['val_set_size']})")
+    examples = pipe.train_set if isinstance(pipe.train_set, list) else []
+    labelled = [e for e in examples if isinstance(e, dict) and isinstance(e.get("labels"), list)]
+    empty = sum(1 for e in labelled if all(x == -100 for x in e["labels"][1:]))
+    why = "the prompt fills it and --mask_prompt masks the prompt" if args.mask_prompt else "nothing follows BOS"
+    if labelled and empty == len(labelled):
+        raise ValueError(f"--cutoff_len {hp['cutoff_len']}: no training example keeps a token to learn from ({why}); "
+                         f"raise --cutoff_len")
+    if empty:
+        print(f"warning: --cutoff_len {hp['cutoff_len']}: {empty} of {len(labelled)} training examples keep no token "
+              f"to learn from ({why}); they add nothing to the loss", file=sys.stderr)
+
+
+def check_schedule(args, state: dict, total: int, pipe, rank: int = 0):
+    """A resumed run's schedule against its checkpoint's. A finished run (at its last step) is not
+    run again and its adapter stays as it is, unless a larger --max_steps / --num_epochs extends
+    it; then the best adapter so far is kept unless a later validation beats it. A schedule that
+    ends before the checkpoint's step is refused."""
+    d, step, before = args.out_dir, state["step"], state.get("total")
+    ckpt, final = os.path.join(d, "checkpoint.pt"), os.path.join(d, "adapter" + methods.ADAPTER_EXT)
+    if step > total:
+        raise ValueError(f"--resume: {ckpt} is at step {step}, past this schedule's last step {total} "
+                         f"(--max_steps / --num_epochs): give a schedule of at least {step} steps")
+    if step == total:
+        if os.path.exists(final):
+            raise ValueError(f"--resume: the run in {d} finished at step {step} (its adapter: {final}); nothing to "
+                             f"resume. To train longer, resume with a larger --max_steps or --num_epochs; to start "
+                             f"over, --overwrite")
+        if pipe.val_set and not os.path.exists(os.path.join(d, "best" + methods.ADAPTER_EXT)):
+            raise ValueError(f"--resume: the run in {d} finished at step {step} but its adapter {final} is missing, "
+                             f"and {ckpt} holds the last step's tensors, not the best by validation (step "
+                             f"{state.get('best_step', '?')}); nothing was written. To train again, --overwrite")
+        return                     # the adapter is written from the checkpoint (no validation) or best.safetensors
+    if before is not None and before != total and rank == 0:
+        kept = (f"; the run's best adapter so far ({final}, step {state.get('best_step', '?')}) is kept unless a "
+                f"later validation beats it" if before == step and pipe.val_set and os.path.exists(final) else "")
+        print(f"resume: the schedule changes from {before} to {total} steps (--max_steps / --num_epochs); the learning "
+              f"rate follows the {total}-step schedule from step {step} on{kept}")
+
+
+def write_args(path: str, run_info: dict, resumed_at: int | None):
+    """args.json: the run's arguments and settings. A resumed run keeps the first run's and adds its
+    own to "resumes" (the step it resumed at, its arguments)."""
+    if resumed_at is not None and os.path.exists(path):
+        try:
+            with open(path) as f:
+                first = json.load(f)
+        except (OSError, ValueError):
+            first = None
+        if isinstance(first, dict):
+            first.setdefault("resumes", []).append({"at_step": resumed_at, "args": run_info["args"],
+                                                    "train": run_info["train"]})
+            run_info = first
+    atomic_write(path, lambda f: f.write(json.dumps(run_info, indent=2).encode()))
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -384,17 +663,39 @@ def configure_torch(args):
 
 def train(args):
     check_fsdp(args)
+    if not args.dry_run:                        # the command line's settings, before any work
+        check_device(args.device)
+        check_settings({k: getattr(args, k) for k in TRAIN_DEFAULTS})
+        if args.resume and args.overwrite and not os.path.exists(os.path.join(args.out_dir, LOCK)):
+            raise ValueError("--resume continues the run in --out_dir and --overwrite starts it over: give one "
+                             "(with --resume, --overwrite only takes over a lock left by a killed run)")
     configure_torch(args)
     rank, world = (0, 1) if args.dry_run else setup_distributed(args)
-    model, pipe, hp = prepare(args)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    if not args.dry_run and rank == 0:
+        claim_out_dir(args)                     # this run's folder: locked, and no other run's files in it
+    ck = read_checkpoint(ckpt_path, args.device) if args.resume and not args.dry_run else None
+    this_run = {}                               # run_record: what a checkpoint records of the run
+
+    def before_data(model, hp, kind):           # the settings after the presets; a resumed run's match
+        check_settings(hp, complete=True)
+        this_run.update(run_record(args, model, hp, kind, world))
+        if ck is not None:
+            check_resume(ck, this_run, ckpt_path)
+    model, pipe, hp = prepare(args, before_data)
     if rank == 0:
         print(methods.parameter_report(model))
+        head = getattr(model, "head", None)
+        if head is not None:                # RoBERTa on GLUE: the share the paper's tables count is the method's
+            t, a = methods.count_parameters(model)
+            h = sum(p.numel() for p in head.parameters() if p.requires_grad)
+            print(f"  of which {args.method}: {t - h:,d} ({100 * (t - h) / a:.4f}%, the share the paper's tables "
+                  f"count) + the GLUE head, which trains whole: {h:,d} ({100 * h / a:.4f}%)")
     if args.dry_run:
         return None
     if world > 1:
         torch.manual_seed(hp["seed"] + rank)       # the same initialisation everywhere, then own dropout masks
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    check_training_data(args, pipe, hp)
     if args.gradient_checkpointing:
         model.gradient_checkpointing = True
     # Compile with automatic dynamic shapes: the first micro-batch compiles for its shapes, the next
@@ -410,13 +711,12 @@ def train(args):
     hooks = methods.update_hooks(model)       # work around each update (adaptive.py: AdaLoRA, SoRA; see step 3)
     if hooks and args.fsdp:
         raise ValueError(f"--fsdp with {args.method}: its update hook needs whole tensors, not shards")
-    own = {id(p) for h in hooks for p in h.own_parameters(model)}       # stepped by their hook (SoRA's gates)
+    own = [p for h in hooks for p in h.own_parameters(model)]           # stepped by their hook (SoRA's gates)
     # One learning rate for everything, as the paper; --lmam_lr_scale gives LMAM's factors their own.
-    stepped = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
-    groups = [{"params": [p for n, p in stepped if ".attn_map." not in n]},
-              {"params": [p for n, p in stepped if ".attn_map." in n], "lr": hp["learning_rate"] * hp["lmam_lr_scale"]}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["learning_rate"],
-                                  weight_decay=hp["weight_decay"], betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
+    # Weight decay spares biases and norms, as the references' Hugging Face Trainer (methods.param_groups).
+    groups = methods.param_groups(model, hp["learning_rate"], hp["weight_decay"], hp["lmam_lr_scale"], exclude=own)
+    optimizer = torch.optim.AdamW(groups, lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
+                                  betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
     per_epoch = len(pipe.epoch_batches(0))
     total = per_epoch * hp["num_epochs"]
     if hp["max_steps"]:
@@ -431,10 +731,8 @@ def train(args):
     # Resume: the trainable tensors, AdamW's moments, the schedule's position, the step (which also
     # says where in which epoch's shuffled order we are) and the RNG states, so that the resumed run
     # continues bit for bit as if it had never stopped.
+    # (read_checkpoint loaded it as plain data; before_data checked the base model, data and settings)
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
-        ck = torch.load(ckpt_path, map_location=args.device, weights_only=False)   # not onto GPU 0 for every rank
         if ck["method"] != model.peft_method:
             raise ValueError(f"--resume: {ckpt_path} was written for {ck['method']}, not {model.peft_method}")
         rngs = ck["rng"]                                          # one RNG state per process
@@ -448,21 +746,27 @@ def train(args):
             with torch.no_grad():
                 current = methods.adapter_state(model)
                 for k, t in ck["tensors"].items():
+                    if k not in current or current[k].shape != t.shape:
+                        raise ValueError(f"--resume: {ckpt_path} holds {k} of shape {tuple(t.shape)}, this run's "
+                                         f"model has {tuple(current[k].shape) if k in current else 'no such tensor'}")
                     current[k].copy_(t)
             optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         state = ck["state"]
         set_rng_state(rngs[rank])
+        check_schedule(args, state, total, pipe, rank)
         if rank == 0:
+            trim_log(os.path.join(args.out_dir, "log.jsonl"), state["step"])
             print(f"resumed from {ckpt_path} at step {state['step']}")
-    run_info = {"args": vars(args), "train": hp, "method": model.peft_method, "processes": world}
+    state["total"] = total
+    run_info = {"args": vars(args), "train": hp, "method": model.peft_method, "processes": world,
+                "run": {k: this_run[k] for k in ("model", "data", "data_sha256")}}
     if args.fsdp:                                   # what each process holds of the frozen weights
         held = [None] * world
         dist.all_gather_object(held, fsdp.frozen_bytes(model))
         run_info["fsdp_frozen_bytes"] = [{"held": a, "of": b} for a, b in held]
     if rank == 0:
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(run_info, f, indent=2)
+        write_args(os.path.join(args.out_dir, "args.json"), run_info, state["step"] if args.resume else None)
 
     def adapter_tensors():
         """The method's tensors, whole (a sharded model's are gathered: every process calls this)."""
@@ -484,7 +788,7 @@ def train(args):
         opt_state = fsdp.optimizer_state(model, optimizer) if args.fsdp else optimizer.state_dict()
         if rank == 0:
             snapshot = {"tensors": tensors, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                        "state": dict(state), "rng": rngs, "method": model.peft_method}
+                        "state": dict(state), "rng": rngs, "method": model.peft_method, "run": this_run}
             atomic_write(ckpt_path, lambda f: torch.save(snapshot, f))   # never a half-written file
 
     # Ctrl-C and SIGTERM (a cluster's preemption) only raise a flag; the loop finishes its step,
@@ -569,11 +873,14 @@ def train(args):
                 record["val_" + what] = score if what == "loss" else -score
                 state["val_what"] = what
                 if score < state["best_val"]:
-                    state["best_val"] = score
+                    state["best_val"], state["best_step"] = score, state["step"]
                     save_adapter(os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT))
             if rank == 0:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                try:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                except OSError as e:                       # a full disk: name the file
+                    raise OSError(e.errno, f"cannot write {log.name}: {e.strerror or e}") from None
             progress.update(state["step"], loss_sum, lr, tok_s)
 
             # 6. Checkpoint now and then, and on a stop signal (all processes stop after the same step).
@@ -599,10 +906,13 @@ def train(args):
         save_adapter(final)                         # every process gathers, process 0 writes
     if rank > 0:
         return model
+    what, best_val = state.get("val_what", "loss"), state["best_val"]
     if pipe.val_set and os.path.exists(best):
         os.replace(best, final)          # the checkpoint with the best validation score
-        what, best_val = state.get("val_what", "loss"), state["best_val"]
         print(f"best validation {what} {best_val if what == 'loss' else -best_val:.4f}; adapter written to {final}")
+    elif pipe.val_set and os.path.exists(final):    # an extended run that never beat its best: that adapter stays
+        print(f"best validation {what} {best_val if what == 'loss' else -best_val:.4f} is still step "
+              f"{state.get('best_step', '?')}'s; its adapter {final} is kept")
     else:
         if not args.fsdp:
             methods.save_adapter(model, final)
@@ -616,9 +926,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as e:
+    except (ValueError, OSError, FloatingPointError, CheckpointError) as e:    # OSError: a full or read-only disk
         sys.exit(f"error: {e}")
     finally:
+        release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -7,7 +7,9 @@ pinned commit, checked against the hashes that commit's tree pins, and cached.
 data/llm_adapters.resolve() calls them for a name whose file is not under $LLM_ADAPTERS_DATA (a
 local file always wins). The cache is $LORADA_CACHE/data, else
 ~/.cache/lorada/data. A download goes to a temporary file next to its destination, is checked, and
-only then renamed into place (os.replace), so the cache never holds a partial or unverified file.
+only then renamed into place (os.replace), so the cache never holds a partial or unverified file;
+a cached file is checked again on every use. A full or read-only disk is said as such, not as a
+network error.
 Standard library only (urllib). $LORADA_DATA_URL replaces the base URL (a mirror of the
 repository's files at the commit, laid out as in the repository).
 
@@ -124,7 +126,11 @@ def download(url: str, dest: str, git_sha1: str | None = None, sha256_hex: str |
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as r:
                     for chunk in iter(lambda: r.read(1 << 20), b""):
-                        out.write(chunk)
+                        try:
+                            out.write(chunk)
+                        except OSError as e:           # the disk, not the network
+                            raise DownloadError(f"cannot write {dest} ({e.strerror or e}: a full or read-only "
+                                                f"disk?); nothing was kept") from None
             except urllib.error.HTTPError as e:
                 raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
@@ -160,7 +166,10 @@ def test_set_path(task: str) -> str:
 
 def repository_file(name: str, rel: str, git_sha1: str, sha256_hex: str | None) -> str:
     dest = os.path.join(cache_dir(), f"LLM-Adapters-{LLM_ADAPTERS_COMMIT[:7]}", rel)
-    if os.path.exists(dest):
+    if os.path.exists(dest):                     # checked again on every use (a fraction of a second)
+        if (got := git_blob_sha1(dest)) != git_sha1:
+            raise DownloadError(f"{dest}: the cached {name} file's git blob SHA-1 is {got}, expected {git_sha1} "
+                                f"(changed or damaged since it was downloaded); delete it to download it again")
         return dest
     url = f"{base_url()}/{rel}"
     print(f"data: downloading {name} from {url}", flush=True)

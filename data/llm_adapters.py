@@ -8,6 +8,7 @@ in whitespace (two spaces after "request." and a blank line of 16 spaces in trai
 import json
 import os
 import random
+import re
 import sys
 
 import torch
@@ -53,6 +54,18 @@ def eval_prompt(record: dict) -> str:
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
+def option_texts(instruction: str) -> dict[str, str]:
+    """The answer options of a commonsense instruction by label: {"solution1": "Blow into tin can ...",
+    ...} from its "Solution1: ... Solution2: ..." (Answer, Option, Ending) list before "Answer format:".
+    BoolQ's true/false have no list: their text is the label. {} when the instruction has neither."""
+    body = instruction.split("Answer format:")[0]
+    parts = re.split(r"(?:^|\s)(Solution|Answer|Option|Ending)(\d+)\s*:\s*", body)
+    found = {f"{parts[i].lower()}{parts[i + 1]}": parts[i + 2].strip() for i in range(1, len(parts) - 2, 3)}
+    if not found and "true/false" in instruction.lower():
+        return {"true": "true", "false": "false"}
+    return found
+
+
 def load_records(path: str, fields=("instruction", "output")) -> list[dict]:
     """A JSON list of records, each checked for `fields` (strings). Errors name the file, the record
     number (0-based) and the field."""
@@ -63,6 +76,9 @@ def load_records(path: str, fields=("instruction", "output")) -> list[dict]:
             records = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); LLM-Adapters' data is UTF-8 "
+                             f"JSON") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, found {type(records).__name__}")
     for i, r in enumerate(records):

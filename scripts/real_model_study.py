@@ -20,14 +20,17 @@ same held-out questions. The steps, each one train.py or eval.py process:
    (every training question trains; the adapter of the last step is evaluated), batches grouped by
    length (less padding: the same examples, in another order).
 3. Evaluation (eval.py), every run on the same questions:
-   - rank classification (--protocol rank): every held-out question, in both prompt layouts
-     (LLM-Adapters' evaluation prompt, and its training prompt's layout);
+   - rank classification by the answer labels (--protocol rank): every held-out question, in both
+     prompt layouts (LLM-Adapters' evaluation prompt, and its training prompt's layout);
+   - rank classification by the options' texts (--rank_by text, lm-evaluation-harness's acc_norm):
+     every held-out question of the tasks whose options have texts, in the training layout: what
+     the pretrained model knows, far above chance where the labels are not;
    - generation as LLM-Adapters evaluates (4 beams, the answer by regex): the first --gen_per_task
      held-out questions of each task, in both layouts;
    - every run with LMAM a second time with its map removed (--lmam_off: Attn_s = 0, the rest
      unchanged), with each protocol and layout the run itself has.
 4. The sensitivity runs, after the core table: LoRA + LMAM with LMAM's learning rate scaled
-   (--lmam_lr_scale 0.1 and 10, next to the core run's 1), with the paper's literal initialisation
+   (--lmam_lr_scale 0.1, next to the core run's 1), with the paper's literal initialisation
    (--lmam_init paper: the map barely moves at s = 1/(576·600)), and with n covering only the
    prompt's fixed header (the tokens every training prompt shares) instead of 128.
 
@@ -63,12 +66,13 @@ MODEL = os.path.join(os.path.dirname(ROOT), "shared", "data", "smollm2-135m-inst
 # shortest prompts and the most room above chance for a small model; --tasks takes any of them.
 TASKS = ["boolq", "piqa", "social_i_qa", "ARC-Easy"]
 LAYOUTS = ("eval", "train")
+# Rank classification by the options' texts (eval.py --rank_by text) where the options have texts
+TEXT_TASKS = ["piqa", "ARC-Easy", "winogrande", "ARC-Challenge", "openbookqa"]      # (SIQA's long options: too slow here)
 
 # The runs: name -> (train.py method, extra train.py flags). "base" is not trained.
 CORE = {"base": (None, []), "lora": ("lora", []), "dora": ("dora", []), "lorada_la": ("lorada_la", []),
         "lmam": ("lmam", []), "lora+lmam": ("lora+lmam", [])}
 SENSITIVITY = {"lora+lmam_lr0.1": ("lora+lmam", ["--lmam_lr_scale", "0.1"]),
-               "lora+lmam_lr10": ("lora+lmam", ["--lmam_lr_scale", "10"]),
                "lora+lmam_paper_init": ("lora+lmam", ["--lmam_init", "paper"]),
                "lora+lmam_n_header": ("lora+lmam", ["--lmam_len", "{header}"])}
 
@@ -165,13 +169,16 @@ def build_jobs(out, model, tasks, gen_per_task, header, stage, seed):
         adapter = ["--adapter", os.path.join(run_dir, "adapter.safetensors")] if method else []
         has_map = method is not None and "lmam" in method or method == "lorada_la"
         sensitivity = name in SENSITIVITY
-        for lmam_off in ([False, True] if has_map else [False]):
+        # What fits on 2 CPU cores: the map removed is evaluated in the training layout (by label and
+        # by text); generation and the evaluation prompt only with the map; the sensitivity runs by
+        # rank classification in the training layout.
+        for lmam_off in ([False, True] if has_map and not sensitivity else [False]):
             for protocol in ("rank", "default"):
-                if sensitivity and protocol == "default":
-                    continue                        # the sensitivity runs: rank classification only,
+                if (sensitivity or lmam_off) and protocol == "default":
+                    continue
                 for layout in LAYOUTS:
-                    if sensitivity and layout == "eval":
-                        continue                    # in the training layout
+                    if (sensitivity or lmam_off) and layout == "eval":
+                        continue
 
                     tag = f"{protocol}_{layout}" + ("_nomap" if lmam_off else "")
                     folder = os.path.join(run_dir, "eval", tag)
@@ -183,7 +190,20 @@ def build_jobs(out, model, tasks, gen_per_task, header, stage, seed):
                     if lmam_off:
                         cmd.append("--lmam_off")
                     jobs.append(Job(f"{name}/{tag}", cmd, folder, after=train))
-    return jobs
+            text_tasks = [t for t in tasks if t in TEXT_TASKS]
+            if text_tasks:
+                tag = "text_train" + ("_nomap" if lmam_off else "")
+                folder = os.path.join(run_dir, "eval", tag)
+                cmd = ["eval.py", "--model", model, *adapter, "--task", ",".join(text_tasks), "--protocol", "rank",
+                       "--rank_by", "text", "--prompt_layout", "train", "--precision", "bf16", "--out_dir", folder,
+                       "--data_dir", os.path.join(data, "heldout"), "--batch_size", "8"]
+                jobs.append(Job(f"{name}/{tag}", cmd + (["--lmam_off"] if lmam_off else []), folder, after=train))
+    # the order the lanes take them in: the core runs' training and rank classification, then the
+    # sensitivity runs, then generation (the slowest per question, and the least precise here)
+    def priority(job):
+        run, what = job.name.split("/")
+        return (what.startswith("default"), run in SENSITIVITY, what != "train")
+    return sorted(jobs, key=priority)
 
 
 def run_job(job, threads):
@@ -339,57 +359,63 @@ def report(out, tasks, runs):
         f"label: {pct(majority)}%", ""]
     results = {"chance": {t: levels[t][0] for t in tasks}, "majority": {t: levels[t][1] for t in tasks}, "runs": {}}
     outcomes = {}
-    for protocol, suffix, title in (("rank", ".rank", "Rank classification (every held-out question)"),
+    for protocol, suffix, title in (("rank", ".rank", "Rank classification by the answer labels (every held-out question)"),
+                                    ("text", ".rank_text", "Rank classification by the options' texts (acc_norm)"),
                                     ("default", "", "Generation, LLM-Adapters' protocol (4 beams, the answer by regex)")):
         for layout in LAYOUTS:
-            head = ["run", *tasks, "avg [95% CI]", "share %", "train s"]
+            if protocol == "text" and layout == "eval":
+                continue
+            cols = [t for t in tasks if t in TEXT_TASKS] if protocol == "text" else tasks
+            head = ["run", *cols, "avg [95% CI]", "share %", "train s"]
             rows = []
             for name in runs:
                 for nomap in (False, True):
                     folder = os.path.join(out, "runs", name, "eval", f"{protocol}_{layout}" + ("_nomap" if nomap else ""))
-                    o = read_outcomes(folder, tasks, suffix)
+                    o = read_outcomes(folder, cols, suffix)
                     if o is None:
                         continue
                     key = (name + (" (map removed)" if nomap else ""), protocol, layout)
                     outcomes[key] = o
-                    accs = [np.mean(o[t]) for t in tasks]
+                    accs = [np.mean(o[t]) for t in cols]
                     # the average's interval: a bootstrap over questions within each task (10,000 draws)
                     rng = np.random.default_rng(0)
-                    boot = np.mean([[rng.choice(o[t], len(o[t])).mean() for t in tasks] for _ in range(2000)], axis=1)
+                    boot = np.mean([[rng.choice(o[t], len(o[t])).mean() for t in cols] for _ in range(2000)], axis=1)
                     lo, hi = np.percentile(boot, [2.5, 97.5])
                     share, seconds, _ = run_info(os.path.join(out, "runs", name))
                     cells = []
-                    for t in tasks:
+                    for t in cols:
                         a, b = wilson(sum(o[t]), len(o[t]))
                         cells.append(f"{pct(np.mean(o[t]))} [{pct(a)}, {pct(b)}]")
                     rows.append([key[0], *cells, f"**{pct(np.mean(accs))}** [{pct(lo)}, {pct(hi)}]",
                                  "–" if share is None else f"{share:.3f}", "–" if seconds is None else f"{seconds:.0f}"])
                     results["runs"].setdefault(key[0], {})[f"{protocol}/{layout}"] = {
-                        "per_task": dict(zip(tasks, map(float, accs))), "avg": float(np.mean(accs)),
-                        "avg_ci": [float(lo), float(hi)], "n": {t: len(o[t]) for t in tasks}}
+                        "per_task": dict(zip(cols, map(float, accs))), "avg": float(np.mean(accs)),
+                        "avg_ci": [float(lo), float(hi)], "n": {t: len(o[t]) for t in cols}}
             if rows:
                 lines += [f"### {title}, {'the evaluation prompt' if layout == 'eval' else 'the training layout'}", "",
                           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                 lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-                lines += ["", "chance: " + ", ".join(f"{t} {pct(levels[t][0])}" for t in tasks)
-                          + f"; avg {pct(chance)}. Majority label: avg {pct(majority)}.", ""]
+                lines += ["", "chance: " + ", ".join(f"{t} {pct(levels[t][0])}" for t in cols)
+                          + f"; avg {pct(np.mean([levels[t][0] for t in cols]))}. Majority label: avg "
+                          f"{pct(np.mean([levels[t][1] for t in cols]))}.", ""]
     # paired comparisons on the same questions
     pairs = [("lorada_la", "lora"), ("lora+lmam", "lora"), ("lorada_la", "lorada_la (map removed)"),
              ("lmam", "lmam (map removed)"), ("lora+lmam", "lora+lmam (map removed)")]
+    pairs += [(n, "base") for n in runs if n != "base" and n in CORE]
     pairs += [(n, "lora") for n in runs if n in SENSITIVITY]
     pairs += [(n, f"{n} (map removed)") for n in runs if n in SENSITIVITY]
     lines += ["### Paired comparisons (exact McNemar test on the same questions, all tasks pooled)", "",
-              "| A | B | protocol, layout | A right, B wrong | B right, A wrong | A − B (points) | p |",
+              "| A | B | protocol (rank: labels, text: options' texts, default: generation), layout | A right, B wrong | B right, A wrong | A − B (points) | p |",
               "|---|---|---|---|---|---|---|"]
     results["paired"] = []
     for a, b in pairs:
-        for protocol in ("rank", "default"):
+        for protocol in ("rank", "text", "default"):
             for layout in LAYOUTS:
                 oa, ob = outcomes.get((a, protocol, layout)), outcomes.get((b, protocol, layout))
                 if oa is None or ob is None:
                     continue
-                xa = [x for t in tasks for x in oa[t]]
-                xb = [x for t in tasks for x in ob[t]]
+                xa = [x for t in oa for x in oa[t]]
+                xb = [x for t in ob for x in ob[t]]
                 n10, n01, p = mcnemar(xa, xb)
                 diff = 100 * (np.mean(xa) - np.mean(xb))
                 lines.append(f"| {a} | {b} | {protocol}, {layout} | {n10} | {n01} | {diff:+.1f} | {p:.3g} |")
@@ -407,6 +433,42 @@ def report(out, tasks, runs):
         f.write(text)
     write_json(os.path.join(out, "results.json"), results)
     return text
+
+
+def plot(out, results, path):
+    """Each run's average accuracy with its 95% interval, per protocol and layout, against chance
+    and the majority label (matplotlib, optional: requirements-plots.txt)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("rank/eval", "rank by label, evaluation prompt"), ("rank/train", "rank by label, training layout"),
+              ("text/train", "rank by option text, training layout"),
+              ("default/eval", "generation, evaluation prompt"), ("default/train", "generation, training layout")]
+    runs = [r for r in results["runs"] if any(k in results["runs"][r] for k, _ in panels)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.32 * len(runs) + 1.6), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        cols = next((v[key]["per_task"] for v in results["runs"].values() if key in v), results["chance"])
+        chance = 100 * np.mean([results["chance"][t] for t in cols])
+        majority = 100 * np.mean([results["majority"][t] for t in cols])
+        for y, r in enumerate(runs):
+            v = results["runs"][r].get(key)
+            if v is None:
+                continue
+            lo, hi = 100 * np.array(v["avg_ci"])
+            colour = "tab:orange" if "map removed" in r else "tab:blue"
+            ax.errorbar(100 * v["avg"], y, xerr=[[100 * v["avg"] - lo], [hi - 100 * v["avg"]]], fmt="o",
+                        color=colour, capsize=3)
+        ax.axvline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.1f}%")
+        ax.axvline(majority, color="grey", ls=":", lw=1, label=f"majority label {majority:.1f}%")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("average accuracy, % (95% interval)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(runs)), runs, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -453,6 +515,12 @@ def main(argv=None):
         if failed:
             print(f"failed: {', '.join(sorted(failed))}", file=sys.stderr)
     print(report(args.out_dir, tasks, runs))
+    try:
+        with open(os.path.join(args.out_dir, "results.json")) as f:
+            plot(args.out_dir, json.load(f), os.path.join(args.out_dir, "results.png"))
+        print(f"plot: {os.path.join(args.out_dir, 'results.png')}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -r requirements-plots.txt)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import sys
 # only with LORADA_GPU_TESTS=1 (scripts/gpu_check.py sets it) and a GPU.
 if os.environ.get("LORADA_GPU_TESTS") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# fp32 is the tests' reference precision, also on a CPU where train.py and eval.py default to bf16
+# (checkpoint.default_precision); a test that wants bf16 asks for it with --precision bf16.
+os.environ["LORADA_PRECISION"] = "fp32"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,6 +25,51 @@ def shared(*parts):
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
     return path
+
+
+def git_status():
+    """The lines of `git status --porcelain` for this checkout (untracked files one by one), or None
+    where there is no git or no repository."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(out.stdout.splitlines()) if out.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_suite_leaves_the_checkout_clean():
+    """No test, and no run a test starts (the demo, train.py, plots.py), writes into the repository:
+    everything goes to a temporary folder. What `git status` lists at the end of the session and
+    did not list at its start is an error (so a developer's uncommitted files are no failure; edits
+    made while the suite runs are)."""
+    before = git_status()
+    yield
+    after = git_status()
+    if before is not None and after is not None and after - before:
+        pytest.fail("the tests changed the checkout (new in `git status --porcelain` since the session started):\n"
+                    + "\n".join(sorted(after - before)), pytrace=False)
+
+
+def tiny_llama_ckpt(path, seed=0):
+    """A tiny LLaMA checkpoint (GQA, dim 32, 2 layers) with a sentencepiece tokenizer of 200 pieces
+    trained on the sample data, as tests/test_pipeline.py's tiny_ckpt; `seed` draws the weights."""
+    import sentencepiece as spm
+    import demo
+    from data import llm_adapters as D
+    import model as M
+    os.makedirs(path, exist_ok=True)
+    text = os.path.join(path, "text.txt")
+    with open(text, "w") as f:
+        f.write("\n".join(D.train_prompt(r) for r in D.load_records(D.resolve("commonsense_sample")) * 20))
+    spm.SentencePieceTrainer.train(input=text, model_prefix=os.path.join(path, "tokenizer"), vocab_size=200,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    torch.manual_seed(seed)
+    demo.save_hf(M.Llama(M.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=200)),
+                 path)
+    return str(path)
 
 
 def assert_decode_equals_full(model, ids, mask, prefill):

@@ -66,9 +66,11 @@ def test_adalora_forward_and_gradients_match_peft(tmp_path):
 
 def test_adalora_rank_pattern_matches_peft(tmp_path):
     """Seven steps of AdamW on the same data: peft's loss (with its orthogonality regulariser) and
-    update_and_allocate(step) (its AdaLoraModel.forward adds the regulariser; PeftModel.forward, without
-    a task type, would skip it), ours through the update hook; the masks (zero Λ) agree after every
-    step, through the cubic budget (steps 2-4), the final allocation (step 5) and the fixed phase."""
+    update_and_allocate(global_step), global_step from 0 as in peft's examples and AdaLoRA's trainer
+    (its AdaLoraModel.forward adds the regulariser; PeftModel.forward, without a task type, would
+    skip it), ours through the update hook, which train.py calls with the 1-based step; the masks
+    (zero Λ) agree after every step, through the cubic budget (t = 2-4), the final allocation (t = 5)
+    and the fixed phase (t = 6)."""
     import torch.nn.functional as F
     total = 7
     pm, ours, theirs, mine = adalora_pair(tmp_path, tinit=1, tfinal=2, deltaT=1, total_step=total)
@@ -83,7 +85,7 @@ def test_adalora_rank_pattern_matches_peft(tmp_path):
         labels = torch.randint(0, 3, (3,), generator=g)
         pm.base_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt_t.step()
-        pm.base_model.update_and_allocate(step)
+        pm.base_model.update_and_allocate(step - 1)
         opt_t.zero_grad()
         F.cross_entropy(ours(ids, mask), labels).backward()
         hook.before_update(ours, step, total)
@@ -96,9 +98,10 @@ def test_adalora_rank_pattern_matches_peft(tmp_path):
         ranks.append(sum(int((mine[n] != 0).sum()) for n in names if n.endswith("lora_E")))
     for n in names:
         assert_close(mine[n], theirs[n], atol=1e-4, rtol=1e-4)
-    # 6 layers of initial rank 4: 24 until tinit, the cubic budget int(12·(1 − (t − 1)/4)³ + 12), then 12
-    assert ranks[0] == 24 and ranks[1:5] == [int(12 * (1 - (t - 1) / 4) ** 3 + 12) for t in (2, 3, 4, 5)]
-    assert ranks[4:] == [12, 12, 12]
+    # 6 layers of initial rank 4, t = step − 1: 24 until tinit (t = 0, 1), the cubic budget
+    # int(12·(1 − (t − 1)/4)³ + 12) at t = 2, 3, 4, the final 12 from t = 5 = total − tfinal
+    assert ranks[:2] == [24, 24] and ranks[2:5] == [int(12 * (1 - (t - 1) / 4) ** 3 + 12) for t in (2, 3, 4)]
+    assert ranks[5:] == [12, 12]
     assert "in all (target 2 per layer)" in hook.summary(ours)
 
 
@@ -115,10 +118,13 @@ def test_soft_threshold_is_the_l1_proximal_step():
     assert_close(soft_threshold(z, xi).double(), best, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("prox", ["released", "soft"])
 @pytest.mark.parametrize("threshold", ["fixed", "lr"])
-def test_sora_gate_step_is_adam_then_soft_threshold(threshold):
+def test_sora_gate_step_is_adam_then_soft_threshold(threshold, prox):
     """One step of the gates written out: the L1 gradient λ·sign(g)/N added, transformers' AdamW
-    (bias-corrected, ε 1e-6) at the step's lr, then g ← sign(z)·max(|z| − ξ, 0), ξ = λ2 or lr·λ2."""
+    (bias-corrected, ε 1e-6) at the step's lr, then, ξ = λ2 or lr·λ2, g ← sign(z)·max(|z| − ξ, 0)
+    (soft) or the released code's g ← 0 where |z| < 2ξ, else sign(z)·(|z| − ξ). ξ = 0.07 puts the
+    third gate (|z| = 0.02 ± 0.1) in (ξ, 2ξ), where the two differ."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5)
     layer = SoRALinear(base, r=4, alpha=8.0)
@@ -126,8 +132,8 @@ def test_sora_gate_step_is_adam_then_soft_threshold(threshold):
         layer.lora_gate.copy_(torch.tensor([0.5, -0.3, 0.02, 1.0]))
         layer.lora_B.normal_()
     model = torch.nn.Sequential(layer)
-    hook = SoRAGates(lam=2.0, lam2=0.01, threshold=threshold)
     lr = 0.1
+    hook = SoRAGates(lam=2.0, lam2=0.07 / (lr if threshold == "lr" else 1.0), threshold=threshold, prox=prox)
     layer(torch.randn(3, 6)).pow(2).sum().backward()
     g0, grad0 = layer.lora_gate.detach().clone(), layer.lora_gate.grad.clone()
     hook.before_update(model, 1, 10)
@@ -136,8 +142,11 @@ def test_sora_gate_step_is_adam_then_soft_threshold(threshold):
     hook.after_update(model, 1, 10, lr)
     m, v = 0.1 * grad, 0.001 * grad ** 2
     z = g0 - (lr * (1 - 0.999) ** 0.5 / (1 - 0.9)) * m / (v.sqrt() + 1e-6)     # bias-corrected Adam, t = 1
-    xi = 0.01 * (lr if threshold == "lr" else 1.0)
+    xi = 0.07
     expected = torch.sign(z) * (z.abs() - xi).clamp(min=0)
+    if prox == "released":
+        expected = torch.where(z.abs() < 2 * xi, 0.0, expected)
+    assert (expected[2] == 0) == (prox == "released") and 0 not in (expected[0], expected[1], expected[3])
     assert_close(layer.lora_gate.detach(), expected, atol=1e-7, rtol=1e-6)
     assert layer.lora_gate.grad is None and int(layer.gate_step) == 1          # AdamW's zero_grad does not reach it
 

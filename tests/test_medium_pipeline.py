@@ -224,7 +224,7 @@ def test_stsb_regression_end_to_end(tmp_path):
             "--num_epochs", "1", "--out_dir", str(tmp_path / "o"), "--quiet"])
     res = E.main(["--model", ckpt, "--adapter", str(tmp_path / "o" / "adapter.safetensors"), "--task", "stsb",
                   "--data", str(d), "--out_dir", str(tmp_path / "e")])
-    assert set(res["stsb"]) == {"pearson", "spearmanr", "total"}
+    assert set(res["stsb"]) == {"pearson", "spearmanr", "total", "fingerprint"}
 
 
 def test_xsum_end_to_end(tmp_path):
@@ -244,7 +244,7 @@ def test_xsum_end_to_end(tmp_path):
     assert json.load(open(tmp_path / "o" / "args.json"))["train"]["label_smoothing"] == 0.1
     res = E.main(["--model", ckpt, "--adapter", str(tmp_path / "o" / "adapter.safetensors"), "--task", "xsum",
                   "--data", str(data), "--limit", "3", "--num_beams", "2", "--out_dir", str(tmp_path / "e")])
-    assert set(res["xsum"]) == {"rouge1", "rouge2", "rougeL", "total"} and res["xsum"]["total"] == 3
+    assert set(res["xsum"]) == {"rouge1", "rouge2", "rougeL", "total", "fingerprint"} and res["xsum"]["total"] == 3
     lines = (tmp_path / "e" / "xsum.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("hypothesis" in json.loads(x) for x in lines)
     positions = load(ckpt).cfg.max_positions
@@ -276,7 +276,7 @@ def test_mt_end_to_end(tmp_path):
     assert model.decoder.layers[0].self_attn.attn_map is None          # LMAM in the encoder only (Table 15)
     res = E.main(["--model", ckpt, "--adapter", str(tmp_path / "o" / "adapter.safetensors"), "--task",
                   "wmt16-en-ro", "--data", data, "--limit", "3", "--num_beams", "2", "--out_dir", str(tmp_path / "e")])
-    assert set(res["wmt16-en-ro"]) == {"sacrebleu", "bleu_ro_tok", "total"}
+    assert set(res["wmt16-en-ro"]) == {"sacrebleu", "bleu_ro_tok", "total", "fingerprint"}
 
 
 def test_glue_layouts_absent_from_shared(tmp_path):

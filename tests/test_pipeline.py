@@ -188,7 +188,7 @@ def test_resume_is_bit_exact_and_sigterm_saves(tiny_ckpt, tmp_path):
     returncode, err = sigterm_after_two_steps(run_train(tiny_ckpt, b, "--lora_dropout", "0.1"), b)
     assert returncode == 128 + signal.SIGTERM, err
     assert "checkpoint saved" in err and (b / "checkpoint.pt").exists()
-    stopped_at = torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"]
+    stopped_at = torch.load(b / "checkpoint.pt", weights_only=True)["state"]["step"]
     assert 2 <= stopped_at < 12, stopped_at         # 3 train records / batch 2 = 2 steps x 4 epochs... or fewer
     out = subprocess.run(run_train(tiny_ckpt, b, "--lora_dropout", "0.1", "--resume"), cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
@@ -348,7 +348,7 @@ def test_two_processes_take_the_single_process_steps(tiny_ckpt, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
-    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (one, two))
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (one, two))
     assert len(ca["rng"]) == 1 and len(cb["rng"]) == 2
     assert not torch.equal(cb["rng"][0]["torch"], cb["rng"][1]["torch"])   # each process its own dropout stream
     moments = lambda ck: [s["exp_avg"] for s in ck["optimizer"]["state"].values()]
@@ -372,7 +372,7 @@ def torchrun_stopped_and_resumed(tiny_ckpt, tmp_path, *extra):
     b = tmp_path / "b"
     returncode, err = sigterm_after_two_steps(cmd(b), b)
     assert returncode != 0 and "checkpoint saved" in err, err[-3000:]
-    assert 2 <= torch.load(b / "checkpoint.pt", weights_only=False)["state"]["step"] < 8
+    assert 2 <= torch.load(b / "checkpoint.pt", weights_only=True)["state"]["step"] < 8
     out = subprocess.run(cmd(b, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
     ref = read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))

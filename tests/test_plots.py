@@ -14,29 +14,12 @@ import methods
 import model as M
 import plots
 from checkpoint import load
-from conftest import ROOT
+from conftest import ROOT, tiny_llama_ckpt
 from data import llm_adapters as D
 
 PNG = b"\x89PNG\r\n\x1a\n"
 needs_matplotlib = pytest.mark.skipif(not plots.have_matplotlib(), reason="matplotlib is not installed "
                                       "(pip install -r requirements-plots.txt)")
-
-
-def tiny_llama_ckpt(path):
-    """A tiny LLaMA checkpoint (GQA) with a sentencepiece tokenizer trained on the sample data, as
-    tests/test_pipeline.py's tiny_ckpt."""
-    import sentencepiece as spm
-    import demo
-    os.makedirs(path, exist_ok=True)
-    text = os.path.join(path, "text.txt")
-    with open(text, "w") as f:
-        f.write("\n".join(D.train_prompt(r) for r in D.load_records(D.resolve("commonsense_sample")) * 20))
-    spm.SentencePieceTrainer.train(input=text, model_prefix=os.path.join(path, "tokenizer"), vocab_size=200,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    torch.manual_seed(0)
-    demo.save_hf(M.Llama(M.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=200)),
-                 path)
-    return str(path)
 
 
 def tiny_encoder_ckpt(path, kind):

@@ -177,3 +177,36 @@ def test_study_split_is_seeded_disjoint_and_refuses_other_settings(tmp_path):
     assert again == rule
     with pytest.raises(SystemExit, match="seed"):
         make_split(str(tmp_path), ["piqa", "boolq"], 20, 30, seed=1)
+
+
+def test_default_precision_is_bf16_where_the_cpu_has_it_and_names_itself(monkeypatch, capsys):
+    import checkpoint
+    monkeypatch.delenv("LORADA_PRECISION", raising=False)
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(checkpoint, "native_bf16_cpu", lambda: native)
+        assert checkpoint.default_precision("cpu") == want
+    assert checkpoint.default_precision("cuda:0") == "bf16"
+    monkeypatch.setenv("LORADA_PRECISION", "fp32")
+    assert checkpoint.default_precision("cuda") == "fp32"
+    monkeypatch.setenv("LORADA_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="LORADA_PRECISION='fp16': expected fp32 or bf16"):
+        checkpoint.default_precision("cpu")
+
+
+def test_rank_by_text_scores_each_option_per_character(stories):
+    model, tok = stories
+    rec = {"instruction": "Please choose: Make tea.\n\nSolution1: Boil water and add leaves.\n\nSolution2: Freeze "
+                          "the cup.\n\nAnswer format: solution1/solution2", "answer": "solution1"}
+    assert D.option_texts(rec["instruction"]) == {"solution1": "Boil water and add leaves.",
+                                                  "solution2": "Freeze the cup."}
+    (correct, total) = E.evaluate_rank(model, tok, "piqa", [rec], progress=False, by="text",
+                                       prompt=D.train_prompt_only)
+    texts = list(D.option_texts(rec["instruction"]).values())
+    seqs = [tok.encode(D.train_prompt_only(rec) + f"the correct answer is {t}") for t in texts]
+    n = next(j for j in range(min(map(len, seqs))) if seqs[0][j] != seqs[1][j])
+    ref = []
+    for s in seqs:
+        with torch.no_grad():
+            logp = model(torch.tensor([s])).log_softmax(-1)[0]
+        ref.append(sum(logp[j - 1, s[j]].item() for j in range(n, len(s))) / len(tok.decode(s[n:])))
+    assert total == 1 and correct == int(ref[0] > ref[1])

@@ -11,8 +11,8 @@ import pytest
 
 import plots
 import study
-from conftest import ROOT
-from test_plots import tiny_llama_ckpt
+import train as T
+from conftest import ROOT, main_stopped_by_sigterm, tiny_llama_ckpt
 
 TRAIN = ["--method", "lorada_la", "--data", "commonsense_sample", "--max_steps", "2", "--batch_size", "2",
          "--micro_batch_size", "1", "--val_set_size", "2", "--eval_step", "1", "--quiet", "--lmam_len", "16",
@@ -40,7 +40,14 @@ def best_val_loss(run_dir):
 def test_sweep_runs_every_point_then_skips_and_resumes(ckpt, tmp_path, capsys):
     d = tmp_path / "sweep"
     args = ["sweep", "--grid", "lmam_heads=1,2", "--out_dir", str(d), "--", "--model", ckpt, *TRAIN]
+    # a point whose training stopped (SIGTERM after its first step: a checkpoint, no adapter) resumes
+    stopped = d / "lmam_heads=2"
+    main_stopped_by_sigterm(T.main, ["--model", ckpt, *TRAIN, "--out_dir", str(stopped), "--lmam_heads", "2"],
+                            T.PIPELINES, "llm", after=2)
+    assert (stopped / "checkpoint.pt").exists() and not (stopped / "adapter.safetensors").exists()
     printed = run_study(capsys, *args)
+    assert "[1/2] lmam_heads=1: done" in printed and "[2/2] lmam_heads=2: done" in printed
+    assert "resumed from" in (stopped / "study.log").read_text()
     results = json.loads((d / "results.json").read_text())
     assert results["grid"] == {"lmam_heads": [1, 2]} and results["metric"] == "val_loss"
     assert [p["name"] for p in results["points"]] == ["lmam_heads=1", "lmam_heads=2"]
@@ -55,13 +62,6 @@ def test_sweep_runs_every_point_then_skips_and_resumes(ckpt, tmp_path, capsys):
     printed = run_study(capsys, *args)
     assert printed.count("skipped (finished before)") == 2
     assert {f: os.stat(d / "lmam_heads=1" / f).st_mtime_ns for f in os.listdir(d / "lmam_heads=1")} == files
-
-    # a point whose training stopped (no adapter, a checkpoint) resumes from its checkpoint
-    for f in ("result.json", "adapter.safetensors"):
-        os.remove(d / "lmam_heads=2" / f)
-    printed = run_study(capsys, *args)
-    assert "[1/2] lmam_heads=1: skipped" in printed and "[2/2] lmam_heads=2: done" in printed
-    assert "resumed from" in (d / "lmam_heads=2" / "study.log").read_text()
     assert json.loads((d / "results.json").read_text())["points"] == results["points"]
     if plots.have_matplotlib():                              # Figure 4's picture from the real results
         plots.main(["sweep", str(d / "results.json"), "--out", str(tmp_path / "sweep.png"), "--dpi", "40"])

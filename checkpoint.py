@@ -202,17 +202,25 @@ def remove_stale_tmp(path: str) -> list[str]:
 def content_hash(path: str) -> str:
     """SHA-256 of a file's bytes, or of a folder's files (their relative paths and bytes, in sorted
     order): what identifies a data file, an adapter or a peft folder in the records that cached
-    results carry (train.py's checkpoint, eval.py's predictions, the token caches)."""
+    results carry (train.py's checkpoint, eval.py's predictions, the token caches). A file is read
+    once per process while its size and modification time stay the same."""
     h = hashlib.sha256()
     if os.path.isdir(path):
         files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
         for rel in files:
             h.update(rel.encode() + b"\0" + content_hash(os.path.join(path, rel)).encode())
         return h.hexdigest()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
+
+
+_hashes = {}          # content_hash's memo: (path, size, modification time) -> SHA-256
 
 
 def check_device(device: str, flag: str = "--device") -> str:

@@ -1,5 +1,5 @@
 """The CPU demo (`python train.py` with no arguments, or `python demo.py`): no network, a few minutes.
-Its four steps are the four lines it prints:
+Its four stages, each announced by a line that starts with its number:
 
 [1/4] Pretrain a small LLaMA-architecture model on generated facts ("the grass is green."), with a
       sentencepiece tokenizer trained on them, and save it as a Hugging Face checkpoint
@@ -250,6 +250,22 @@ class StageLine:
         print(("" if self.tty else f"      {self.text}"), file=sys.stderr, flush=True)
 
 
+def prompt_offsets():
+    """scripts/prompt_offsets.py (scripts/ is a folder of scripts, not a package), loaded from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prompt_offsets", os.path.join(ROOT, "scripts", "prompt_offsets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def moves(n, what):
+    """"keeps the instruction where training put it", "moves the response 1 position earlier"."""
+    if n == 0:
+        return f"keeps {what} where training put it"
+    return f"moves {what} {abs(n)} position{'s' * (abs(n) != 1)} {'earlier' if n < 0 else 'later'}"
+
+
 def finetune(base, name, flags, data_path, steps):
     """One train.py run into .cache/demo/run_NAME: its progress line on the terminal, everything else
     it prints (settings, presets, validation) in run_NAME/train.log."""
@@ -276,7 +292,8 @@ def main(base=None, pretrain_steps=500, finetune_steps=400, n_train=800, n_test=
 def run(base, pretrain_steps, finetune_steps, n_train, n_test, n_threads, draw):
     t0 = time.time()
     os.makedirs(CACHE, exist_ok=True)
-    print(f"demo: {n_threads} threads, deterministic algorithms; everything goes to {shown(CACHE)}/")
+    print(f"demo: {n_threads} thread{'s' * (n_threads != 1)}, deterministic algorithms; everything goes to "
+          f"{shown(CACHE)}/")
     pretrain(base, steps=pretrain_steps)
     rng = random.Random(123)
     data_path = os.path.join(CACHE, "mc_train.json")
@@ -305,7 +322,7 @@ def run(base, pretrain_steps, finetune_steps, n_train, n_test, n_threads, draw):
             line.show(f"{len(acc) + 1}/{len(adapters) * len(prompts)}: {name}, the "
                       f"{'evaluation' if layout == 'eval' else 'training'} prompt")
             acc[name, layout] = accuracy(base, adapter, test, prompt)
-    line.show(f"{len(acc)} evaluations in {time.time() - t0:.0f} s since the start")
+    line.show(f"{len(acc)} evaluations done ({time.time() - t0:.0f} s since the start)")
     line.close()
     before = acc["base", "eval"], acc["base", "train"]
     after = {name: (acc[name, "eval"], acc[name, "train"]) for name in runs}
@@ -314,11 +331,10 @@ def run(base, pretrain_steps, finetune_steps, n_train, n_test, n_threads, draw):
     print(f"      base model, before fine-tuning: {100 * before[0]:5.1f}% | {100 * before[1]:5.1f}%")
     for name, (a, a_train) in after.items():
         print(f"      {name:>9} after fine-tuning: {100 * a:5.1f}% | {100 * a_train:5.1f}%")
-    from scripts.prompt_offsets import compare
-    moved = compare(load_tokenizer(base), test[0])
-    print(f"      (LMAM's map is indexed by token position. With this tokenizer the evaluation prompt moves the "
-          f"instruction by {moved['instruction']}\n      positions and the response by {moved['answer']} "
-          f"against the training prompt: scripts/prompt_offsets.py, README.)")
+    moved = prompt_offsets().compare(load_tokenizer(base), test[0])
+    print(f"      (LMAM's map is indexed by token position. Against the training prompt, the evaluation prompt\n"
+          f"      {moves(moved['instruction'], 'the instruction')} and {moves(moved['answer'], 'the response')}: "
+          f"README, scripts/prompt_offsets.py.)")
     if draw:
         draw_lmam(base, adapters["lorada_la"], test[0])
     print(f"done in {time.time() - t0:.0f} s")

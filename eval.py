@@ -203,9 +203,10 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
     SmolLM2's tokenizers split "answer1" into "answer" + "1"); otherwise one per candidate. QuanTA's
     protocol (--protocol quanta) does the same in its own prompt, with the mean over the response.
     by="text" (--rank_by text): the candidates are the options' texts ("Blow into tin can ...",
-    data.llm_adapters.option_texts), scored by their summed log-probability per character
-    (lm-evaluation-harness's acc_norm): what a pretrained model knows, without having to learn the
-    labels. Returns (correct, total); the scores go to out_path, one line per record, resumed."""
+    data.llm_adapters.option_texts) after the question alone (the options list cut from the
+    instruction: shown, every option would be equally easy to copy), scored by their summed
+    log-probability per character (lm-evaluation-harness's multiple-choice setup and acc_norm):
+    what a pretrained model knows, without having to learn the labels. Returns (correct, total); the scores go to out_path, one line per record, resumed."""
     samples = {}
     for i, r in enumerate(records):
         labels = Q.answer_format(r["instruction"]) if by == "label" else list(D.option_texts(r["instruction"]))
@@ -213,7 +214,8 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
             raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its "
                              f"{'answer format' if by == 'label' else 'options'} {labels}")
         texts = labels if by == "label" else [D.option_texts(r["instruction"])[c] for c in labels]
-        shared, own = candidate_sequences(tokenizer, prompt(r), texts)
+        shown = r if by == "label" else {**r, "instruction": D.without_options(r["instruction"])}
+        shared, own = candidate_sequences(tokenizer, prompt(shown), texts)
         norm = [1.0] * len(own) if by == "label" else [max(1, len(tokenizer.decode(o))) for o in own]
         samples[i] = (labels, shared, own, norm)
     device = next(model.parameters()).device
@@ -766,8 +768,8 @@ def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_la
 # batch size only changes padding, which the attention mask takes out up to rounding (the device
 # likewise); a resumed evaluation is exact up to that rounding.
 
-RUN_KEY_FLAGS = ("protocol", "prompt_layout", "lmam_off", "num_beams", "max_new_tokens", "max_source_len", "split",
-                 "stride", "ppl_protocol", "context_size")          # (ppl: each --seq_len is an entry of its own)
+RUN_KEY_FLAGS = ("protocol", "rank_by", "prompt_layout", "lmam_off", "num_beams", "max_new_tokens", "max_source_len",
+                 "split", "stride", "ppl_protocol", "context_size")   # (ppl: each --seq_len is an entry of its own)
 
 
 def check_eval_args(args):
@@ -791,7 +793,7 @@ def evaluation_key(args, model) -> dict:
             "adapter": content_hash(args.adapter)[:16] if args.adapter else None,
             "tokenizer": content_hash(args.tokenizer)[:16] if args.tokenizer else None,
             "precision": args.precision or default_precision(args.device),
-            **{k: getattr(args, k) for k in RUN_KEY_FLAGS}}
+            **{k: getattr(args, k, None) for k in RUN_KEY_FLAGS}}
 
 
 def task_key(key: dict, task: str, data: str | None) -> dict:

@@ -606,8 +606,9 @@ def check_out(out: str, model_path: str, overwrite: bool = False):
                          f"({model_path}); give a new --out")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if held and not overwrite:
-        raise ValueError(f"--out {out} already exists and holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}: "
-                         f"export.py writes a new folder; give a new --out, or --overwrite to replace that folder")
+        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"--out {out} already exists and holds {listed}: export.py writes a new folder; give a new "
+                         f"--out, or --overwrite to replace that folder")
 
 
 def write_folder(out: str, fill) -> list[str]:

@@ -7,6 +7,7 @@
     python plots.py map --model M --adapter A --out map.svg              # every layer's learned Attn_s
     python plots.py curves runs/la runs/lora --out curves.png            # loss, validation, lr, tokens/s
     python plots.py sweep runs/fig4/results.json --out fig4.png          # study.py's grid (Figure 4)
+    python plots.py study runs/smollm2/results.json --out study.png      # scripts/real_model_study.py
 
 attention  For one input text, one layer and one head: softmax(QKᵀ/√d), Attn_s as applied to this
            input, and their sum (what the layer attends with), side by side (Figure 1). Prints Neg
@@ -17,6 +18,8 @@ map        The learned Attn_s (h_s, n, n) of every layer, as LMAM.attn_map() ret
 curves     From each run's log.jsonl (train.py): training loss, validation score, learning rate,
            tokens/s, and max |Attn_s| (the largest over layers) when the runs have LMAM.
 sweep      A heatmap of a metric over one or two swept hyperparameters (study.py sweep).
+study      The real-model study's average accuracies with their 95% intervals, per protocol and
+           prompt layout, against chance (scripts/real_model_study.py, docs/results.md).
 
 Maps use a diverging colormap centred at 0 (red: positive, blue: negative, as in the paper);
 entries a query cannot see (the causal upper triangle) are grey. The output's format follows
@@ -120,9 +123,9 @@ def load_model(model_path, adapter=None, tokenizer=None):
     """The base checkpoint with the adapter's method and tensors (eval mode, not merged: the map is
     computed from its factors), and its tokenizer."""
     if adapter and not os.path.isfile(adapter):
-        raise ValueError(f"--adapter {adapter}: " + ("a folder; plots.py reads an adapter file of train.py "
-                                                      "(ADAPTER.safetensors), not a peft folder" if os.path.isdir(adapter)
-                                                      else "no such file"))
+        what = ("a folder; plots.py reads an adapter file of train.py (ADAPTER.safetensors), not a peft folder"
+                if os.path.isdir(adapter) else "no such file")
+        raise ValueError(f"--adapter {adapter}: {what}")
     model = load(model_path, num_labels=head_labels(adapter) if adapter else None)
     if adapter:
         methods.load_adapter(model, adapter)
@@ -474,6 +477,49 @@ def plot_sweep(results_path, out="sweep.png", metric=None, title=None, fmt=None,
 
 # ----------------------------------------------------------------------------- the command line
 
+def plot_real_model_study(results_path, out, title=None, dpi=130):
+    """scripts/real_model_study.py's results.json: each run's average accuracy with its 95% interval,
+    per protocol and prompt layout, against chance and the majority label (docs/results.md)."""
+    plt = pyplot()
+    try:
+        with open(results_path) as f:
+            results = json.load(f)
+        results["runs"], results["chance"], results["majority"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{results_path}: not a results.json of scripts/real_model_study.py ({e})") from None
+    panels = [("rank/eval", "rank by label, evaluation prompt"), ("rank/train", "rank by label, training layout"),
+              ("text/train", "rank by option text, training layout"),
+              ("default/eval", "generation, evaluation prompt"), ("default/train", "generation, training layout")]
+    runs = [r for r in results["runs"] if any(k in results["runs"][r] for k, _ in panels)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.32 * len(runs) + 1.6), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        cols = next((v[key]["per_task"] for v in results["runs"].values() if key in v), results["chance"])
+        chance = 100 * np.mean([results["chance"][t] for t in cols])
+        majority = 100 * np.mean([results["majority"][t] for t in cols])
+        for y, r in enumerate(runs):
+            v = results["runs"][r].get(key)
+            if v is None:
+                continue
+            lo, hi = 100 * np.array(v["avg_ci"])
+            colour = "tab:orange" if "map removed" in r else "tab:blue"
+            ax.errorbar(100 * v["avg"], y, xerr=[[100 * v["avg"] - lo], [hi - 100 * v["avg"]]], fmt="o",
+                        color=colour, capsize=3)
+        ax.axvline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.1f}%")
+        ax.axvline(majority, color="grey", ls=":", lw=1, label=f"majority label {majority:.1f}%")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("average accuracy, % (95% interval)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(runs)), runs, fontsize=8)
+    axes[0].invert_yaxis()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -516,6 +562,9 @@ def parse_args(argv=None):
     s.add_argument("--fmt", default=None, help="format of the numbers in the cells (Python's format spec; default: "
                                                "as many significant digits as tell the cells apart, at least 4)")
     common(s)
+    r = sub.add_parser("study", help="the real-model study's accuracies with their intervals (docs/results.md)")
+    r.add_argument("results", help="scripts/real_model_study.py's results.json")
+    common(r)
     return p.parse_args(argv)
 
 
@@ -542,6 +591,8 @@ def main(argv=None):
             return plot_maps(model, args.out, layers, maps, args.title, args.dpi, args.clip)
         if args.command == "curves":
             return plot_curves(args.run_dirs, args.out, args.title, args.dpi)
+        if args.command == "study":
+            return plot_real_model_study(args.results, args.out, args.title, args.dpi)
         return plot_sweep(args.results, args.out, args.metric, args.title, args.fmt, args.dpi)
     except (ValueError, OSError, CheckpointError) as e:          # OSError: a read-only or full disk
         sys.exit(f"error: {e}")

@@ -30,7 +30,8 @@ have one, resumes a point whose training stopped (train.py --resume from its che
 train.py reads as plain data and checks against the point's settings; the lock of a killed run is
 taken over), starts over a point that died before its first checkpoint (train.py --overwrite),
 and runs failed points again. Ctrl-C stops the running points (train.py saves a checkpoint) and
-starts no new one; rerunning the same command resumes. D/results.json holds every finished point; the markdown table printed:
+starts no new one; rerunning the same command resumes. D/results.json holds every finished point;
+the markdown table printed:
   seeds: each seed's result, and mean ± std, the sample standard deviation (numpy's ddof=1) over the
          seeds: what "± std over 3 seeds" usually means (the paper does not say which);
   sweep: the grid, rows the first --grid flag's values, columns the second's (Figure 4's layout),
@@ -110,9 +111,9 @@ def check_train_args(train_args, grid):
     for owned in ["out_dir", "resume", "overwrite", *grid]:
         given = [a for a in train_args if a == f"--{owned}" or a.startswith(f"--{owned}=")]
         if given:
+            also = ", --resume, --overwrite" if owned in ("resume", "overwrite") else ""
             raise ValueError(f"the train.py arguments after -- set {given[0]}, which study.py sets for each point "
-                             f"(--out_dir D/<point>{', --resume, --overwrite' if owned in ('resume', 'overwrite') else ''}"
-                             f"); remove it")
+                             f"(--out_dir D/<point>{also}); remove it")
     for p in points(grid, "D"):
         try:
             parsed = train.parse_args([*train_args, "--out_dir", p["dir"], *p["flags"]])
@@ -293,6 +294,7 @@ def run_point(point, study):
 def run_all(todo, study, jobs):
     """Run the points, `jobs` at a time, printing a line as each finishes: {name: record}, [failures]."""
     records, failures = {}, []
+    _stopping.clear()
 
     def one(i_point):
         i, p = i_point

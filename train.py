@@ -390,6 +390,7 @@ MAY_CHANGE_ON_RESUME = ("num_epochs", "max_steps", "eval_step", "save_step")
 RUN_FILES = ("checkpoint.pt", "best" + methods.ADAPTER_EXT, "adapter" + methods.ADAPTER_EXT, "log.jsonl", "args.json")
 LOCK = "train.lock"
 _held_locks = []                       # lock files this process holds; main() removes them
+_made_dirs = []                        # --out_dir folders this process made; main() removes them if still empty
 
 
 def check_settings(values: dict, complete: bool = False):
@@ -441,18 +442,27 @@ def take_lock(out_dir: str, overwrite: bool):
             print(f"--overwrite: taking over {path}, left by a run that no longer runs ({who})")
             os.remove(path)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        except OSError as e:                                     # a full disk: no half-written lock left
+            os.remove(path)
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         _held_locks.append(path)
         return
 
 
 def release_locks():
-    """Remove the lock files this process took (only those still holding its pid)."""
+    """Remove the lock files this process took (only those still holding its pid), and a folder it
+    made for a run that failed before writing anything."""
     while _held_locks:
         path = _held_locks.pop()
         if (read_lock(path) or {}).get("pid") == os.getpid():
             os.remove(path)
+    while _made_dirs:
+        d = _made_dirs.pop()
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
 
 
 def claim_out_dir(args):
@@ -462,7 +472,9 @@ def claim_out_dir(args):
     d = args.out_dir
     if os.path.exists(d) and not os.path.isdir(d):
         raise ValueError(f"--out_dir {d}: is a file, not a folder")
-    os.makedirs(d, exist_ok=True)
+    if not os.path.isdir(d):
+        os.makedirs(d)
+        _made_dirs.append(d)
     take_lock(d, args.overwrite)
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
     if args.resume:

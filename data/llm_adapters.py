@@ -66,6 +66,13 @@ def option_texts(instruction: str) -> dict[str, str]:
     return found
 
 
+def without_options(instruction: str) -> str:
+    """The instruction with its options list and answer format cut off: the question alone, for
+    scoring the options' texts without showing them (lm-evaluation-harness's multiple-choice setup)."""
+    body = instruction.split("Answer format:")[0]
+    return re.split(r"(?:^|\s)(?:Solution|Answer|Option|Ending)\d+\s*:", body)[0].strip()
+
+
 def load_records(path: str, fields=("instruction", "output")) -> list[dict]:
     """A JSON list of records, each checked for `fields` (strings). Errors name the file, the record
     number (0-based) and the field."""

@@ -119,7 +119,7 @@ def item_sdpa(device, quick, **_):
 
 def train_cli(args):
     import train
-    return train.main(args)
+    return train.main([*args, "--overwrite"])        # a rerun of the check replaces its own earlier run
 
 
 def item_glue_head(device, quick, cache=CACHE, out=None):

@@ -104,7 +104,7 @@ def measure(tok, records):
     """Per-record comparisons and their summary (medians, extremes, counts)."""
     rows = [compare(tok, r) for _, r in records]
     med = lambda k: statistics.median(r[k] for r in rows)                       # noqa: E731
-    shifts = [r["instruction"] for r in rows]
+    shifts, answers = [r["instruction"] for r in rows], [r["answer"] for r in rows]
     return rows, {"records": len(rows),
                   "header": sorted({r["header"] for r in rows}),
                   "first": sorted({r["first"] for r in rows}),
@@ -113,7 +113,7 @@ def measure(tok, records):
                   "moved_median": med("moved"), "moved_max": max(r["moved"] for r in rows),
                   "instruction_shift": sorted(set(shifts), key=lambda s: (s is None, s)),
                   "answer_shift_median": med("answer"),
-                  "answer_shift_count": {s: sum(r["answer"] == s for r in rows) for s in sorted({r["answer"] for r in rows})}}
+                  "answer_shift_count": {s: answers.count(s) for s in sorted(set(answers))}}
 
 
 def fmt_set(values):

@@ -210,9 +210,13 @@ def run_job(job, threads):
     """One job, its output in FOLDER/job.log; done.json when it finished (with its wall time)."""
     os.makedirs(job.folder, exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, job.cmd[0]), *job.cmd[1:]]
-    if job.cmd[0] == "train.py" and os.path.exists(os.path.join(job.folder, "checkpoint.pt")) \
-            and not os.path.exists(os.path.join(job.folder, "adapter.safetensors")):
-        cmd.append("--resume")                      # stopped before it finished: continue
+    if job.cmd[0] == "train.py" and not os.path.exists(os.path.join(job.folder, "adapter.safetensors")):
+        if os.path.exists(os.path.join(job.folder, "checkpoint.pt")):
+            cmd.append("--resume")                  # stopped before it finished: continue
+            if os.path.exists(os.path.join(job.folder, "train.lock")):
+                cmd.append("--overwrite")           # (the lock of the process that was stopped: take it)
+        elif any(os.path.exists(os.path.join(job.folder, f)) for f in ("args.json", "log.jsonl", "train.lock")):
+            cmd.append("--overwrite")               # killed before its first checkpoint: start it again
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = os.path.join(job.folder, "job.log")
     t0 = time.time()
@@ -435,42 +439,6 @@ def report(out, tasks, runs):
     return text
 
 
-def plot(out, results, path):
-    """Each run's average accuracy with its 95% interval, per protocol and layout, against chance
-    and the majority label (matplotlib, optional: requirements-plots.txt)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("rank/eval", "rank by label, evaluation prompt"), ("rank/train", "rank by label, training layout"),
-              ("text/train", "rank by option text, training layout"),
-              ("default/eval", "generation, evaluation prompt"), ("default/train", "generation, training layout")]
-    runs = [r for r in results["runs"] if any(k in results["runs"][r] for k, _ in panels)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.32 * len(runs) + 1.6), sharey=True)
-    for ax, (key, title) in zip(axes, panels):
-        cols = next((v[key]["per_task"] for v in results["runs"].values() if key in v), results["chance"])
-        chance = 100 * np.mean([results["chance"][t] for t in cols])
-        majority = 100 * np.mean([results["majority"][t] for t in cols])
-        for y, r in enumerate(runs):
-            v = results["runs"][r].get(key)
-            if v is None:
-                continue
-            lo, hi = 100 * np.array(v["avg_ci"])
-            colour = "tab:orange" if "map removed" in r else "tab:blue"
-            ax.errorbar(100 * v["avg"], y, xerr=[[100 * v["avg"] - lo], [hi - 100 * v["avg"]]], fmt="o",
-                        color=colour, capsize=3)
-        ax.axvline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.1f}%")
-        ax.axvline(majority, color="grey", ls=":", lw=1, label=f"majority label {majority:.1f}%")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("average accuracy, % (95% interval)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(runs)), runs, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="the study's folder (data/, runs/, results.md); a rerun resumes")
@@ -515,12 +483,14 @@ def main(argv=None):
         if failed:
             print(f"failed: {', '.join(sorted(failed))}", file=sys.stderr)
     print(report(args.out_dir, tasks, runs))
-    try:
-        with open(os.path.join(args.out_dir, "results.json")) as f:
-            plot(args.out_dir, json.load(f), os.path.join(args.out_dir, "results.png"))
-        print(f"plot: {os.path.join(args.out_dir, 'results.png')}")
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install -r requirements-plots.txt)")
+    import plots
+    results, figure = os.path.join(args.out_dir, "results.json"), os.path.join(args.out_dir, "results.png")
+    if plots.have_matplotlib():
+        plots.plot_real_model_study(results, figure)
+        print(f"plot: {figure}")
+    else:
+        print(f"no plot: matplotlib is not installed (pip install -r requirements-plots.txt), then "
+              f"python plots.py study {results} --out {figure}")
 
 
 if __name__ == "__main__":

@@ -309,7 +309,8 @@ def test_train_lm_run_never_trains_on_another_texts_tokens(capsys, ckpt, tmp_pat
     _, err = succeeds(capsys, T.main, [*lm, "--data", b, "--overwrite"])
     assert "train_tokens.bin: made from other data" in err
     succeeds(capsys, T.main, [*lm[:-1], tmp_path / "fresh", "--data", b])
-    assert (tmp_path / "run" / "train_tokens.bin").read_bytes() == (tmp_path / "fresh" / "train_tokens.bin").read_bytes()
+    tokens = lambda d: (tmp_path / d / "train_tokens.bin").read_bytes()
+    assert tokens("run") == tokens("fresh")
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "folder", "not torch"])
@@ -374,7 +375,8 @@ def test_train_extending_a_finished_run_keeps_the_best_adapter(capsys, ckpt, tmp
     steady = ["--learning_rate", "0.05", "--warmup_steps", "0", "--lr_schedule", "constant"]
     succeeds(capsys, T.main, ["--model", ckpt, *TRAIN, *steady, "--out_dir", d])
     best = (d / "adapter.safetensors").read_bytes()
-    out, _ = succeeds(capsys, T.main, ["--model", ckpt, *TRAIN, *steady, "--out_dir", d, "--resume", "--max_steps", "6"])
+    out, _ = succeeds(capsys, T.main, ["--model", ckpt, *TRAIN, *steady, "--out_dir", d, "--resume",
+                                       "--max_steps", "6"])
     vals = [json.loads(x)["val_loss"] for x in (d / "log.jsonl").read_text().splitlines()]
     assert len(vals) == 6 and min(vals[3:]) > min(vals[:3])
     assert "the schedule changes from 3 to 6 steps" in out and f"is still step {vals.index(min(vals)) + 1}'s" in out
@@ -425,8 +427,8 @@ def test_eval_never_reuses_another_evaluations_predictions(capsys, ckpt, finishe
     succeeds(capsys, E.main, ["--model", ckpt, "--adapter", adapter, *EVAL, "--out_dir", out])
     refused(capsys, E.main, ["--model", ckpt, *EVAL, "--out_dir", out], "boolq result comes from another evaluation",
             "another adapter", "--overwrite", folders=[out])
-    refused(capsys, E.main, ["--model", ckpt, "--adapter", adapter, *EVAL, "--out_dir", out, "--prompt_layout", "train"],
-            "another --prompt_layout: eval there, train here", folders=[out])
+    refused(capsys, E.main, ["--model", ckpt, "--adapter", adapter, *EVAL, "--out_dir", out, "--prompt_layout",
+                             "train"], "another --prompt_layout: eval there, train here", folders=[out])
     os.remove(out / "results.json")                        # the predictions alone are refused as well
     refused(capsys, E.main, ["--model", ckpt, *EVAL, "--out_dir", out], f"{out / 'boolq.jsonl'} (2 predictions) comes "
             "from another evaluation", folders=[out])
@@ -671,7 +673,8 @@ def test_study_corrupt_files_name_their_path(capsys, ckpt, tmp_path):
     (point / "result.json").write_text("{")
     code, out, err = call(capsys, study.main, ["seeds", "--seeds", "1", "--out_dir", tmp_path / "s", "--", "--model",
                                                ckpt, *STUDY_TRAIN, "--max_steps", "1"])
-    assert code != 0 and "Traceback" not in err and f"{point / 'result.json'}: the point's result is not valid JSON" in out
+    assert code != 0 and "Traceback" not in err
+    assert f"{point / 'result.json'}: the point's result is not valid JSON" in out
     with pytest.raises(ValueError, match=r"log.jsonl: line 2 is not a train.py log record"):
         (point / "log.jsonl").write_text('{"step": 1, "val_loss": 1.0}\n{"step": \n')
         study.best_validation(str(point))

@@ -11,11 +11,9 @@ import torch
 from torch.testing import assert_close
 
 import methods
-import model as M
 import plots
 from checkpoint import load
 from conftest import ROOT, tiny_llama_ckpt
-from data import llm_adapters as D
 
 PNG = b"\x89PNG\r\n\x1a\n"
 needs_matplotlib = pytest.mark.skipif(not plots.have_matplotlib(), reason="matplotlib is not installed "

@@ -202,7 +202,9 @@ def test_rank_by_text_scores_each_option_per_character(stories):
     (correct, total) = E.evaluate_rank(model, tok, "piqa", [rec], progress=False, by="text",
                                        prompt=D.train_prompt_only)
     texts = list(D.option_texts(rec["instruction"]).values())
-    seqs = [tok.encode(D.train_prompt_only(rec) + f"the correct answer is {t}") for t in texts]
+    question = {**rec, "instruction": "Please choose: Make tea."}          # the options are not shown
+    assert D.without_options(rec["instruction"]) == question["instruction"]
+    seqs = [tok.encode(D.train_prompt_only(question) + f"the correct answer is {t}") for t in texts]
     n = next(j for j in range(min(map(len, seqs))) if seqs[0][j] != seqs[1][j])
     ref = []
     for s in seqs:

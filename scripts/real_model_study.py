@@ -287,7 +287,7 @@ def wilson(k, n, z=1.96):
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mcnemar(a, b):
@@ -301,7 +301,10 @@ def mcnemar(a, b):
 
 
 def read_outcomes(folder, tasks, suffix):
-    """{task: [0/1 per held-out question, by index]} from eval.py's per-question files."""
+    """{task: [0/1 per held-out question, by index]} from eval.py's per-question files; None until
+    the evaluation has finished (its done.json), so that every run pairs on the same questions."""
+    if not os.path.exists(os.path.join(folder, "done.json")):
+        return None
     out = {}
     for t in tasks:
         path = os.path.join(folder, f"{t}{suffix}.jsonl")
@@ -314,6 +317,20 @@ def read_outcomes(folder, tasks, suffix):
                     r = json.loads(line)
                     by_index[r["index"]] = bool(r["correct"])
         out[t] = [by_index[i] for i in sorted(by_index)]
+    return out
+
+
+def read_predictions(folder, tasks):
+    """{task: [predicted label per question, by index]} from rank classification's files (None until finished)."""
+    if not os.path.exists(os.path.join(folder, "done.json")):
+        return None
+    out = {}
+    for t in tasks:
+        path = os.path.join(folder, f"{t}.rank.jsonl")
+        if not os.path.exists(path):
+            return None
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        out[t] = [r["prediction"] for r in sorted(rows, key=lambda r: r["index"])]
     return out
 
 
@@ -338,14 +355,15 @@ def run_info(run_dir):
         for line in open(log):
             if "trainable%:" in line:
                 share = float(line.rsplit("trainable%:", 1)[1])
-    done = os.path.join(run_dir, "done.json")
-    if os.path.exists(done):
-        seconds = json.load(open(done))["seconds"]
     path = os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(path):
+    if os.path.exists(path):              # the steps' own time (a resumed run's segments added up)
+        steps = {}
         for line in open(path):
             r = json.loads(line) if line.strip() else {}
+            if "tokens_per_s" in r:
+                steps[r["step"]] = r["tokens"] / r["tokens_per_s"]
             lmam = r.get("lmam_max_abs", lmam)
+        seconds = sum(steps.values()) if steps else None
     return share, seconds, lmam
 
 
@@ -370,7 +388,7 @@ def report(out, tasks, runs):
             if protocol == "text" and layout == "eval":
                 continue
             cols = [t for t in tasks if t in TEXT_TASKS] if protocol == "text" else tasks
-            head = ["run", *cols, "avg [95% CI]", "share %", "train s"]
+            head = ["run", *cols, "avg [95% CI]", "share %", "train s (steps)"]
             rows = []
             for name in runs:
                 for nomap in (False, True):
@@ -425,6 +443,19 @@ def report(out, tasks, runs):
                 lines.append(f"| {a} | {b} | {protocol}, {layout} | {n10} | {n01} | {diff:+.1f} | {p:.3g} |")
                 results["paired"].append({"a": a, "b": b, "protocol": protocol, "layout": layout, "a_only": n10,
                                           "b_only": n01, "diff_points": diff, "p": p})
+    # how many predictions the prompt layout changes (rank classification by label, same questions)
+    lines += ["", "### Predictions that change between the two prompt layouts (rank classification by label)", "",
+              "| run | changed of | questions |", "|---|---|---|"]
+    for name in runs:
+        for nomap in ("", "_nomap"):
+            preds = [read_predictions(os.path.join(out, "runs", name, "eval", f"rank_{layout}{nomap}"), tasks)
+                     for layout in LAYOUTS]
+            if None in preds:
+                continue
+            changed = sum(a != b for t in tasks for a, b in zip(preds[0][t], preds[1][t]))
+            total = sum(len(preds[0][t]) for t in tasks)
+            lines.append(f"| {name}{' (map removed)' if nomap else ''} | {changed} | {total} |")
+            results["runs"].setdefault(name + (" (map removed)" if nomap else ""), {})["layout_flips"] = [changed, total]
     lines += ["", "### LMAM's largest |Attn_s| per layer at the end of training", "",
               "| run | layers 0-29: max \\|Attn_s\\| |", "|---|---|"]
     for name in runs:

@@ -212,3 +212,19 @@ def test_rank_by_text_scores_each_option_per_character(stories):
             logp = model(torch.tensor([s])).log_softmax(-1)[0]
         ref.append(sum(logp[j - 1, s[j]].item() for j in range(n, len(s))) / len(tok.decode(s[n:])))
     assert total == 1 and correct == int(ref[0] > ref[1])
+
+
+def test_plots_study_draws_the_results_and_refuses_other_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plots
+    results = {"chance": {"piqa": 0.5}, "majority": {"piqa": 0.52},
+               "runs": {"base": {"rank/train": {"per_task": {"piqa": 0.6}, "avg": 0.6, "avg_ci": [0.5, 0.7]}},
+                        "lmam (map removed)": {"rank/train": {"per_task": {"piqa": 0.55}, "avg": 0.55,
+                                                              "avg_ci": [0.45, 0.65]}}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "study.png"
+    plots.main(["study", str(tmp_path / "results.json"), "--out", str(out)])
+    assert out.stat().st_size > 10_000
+    (tmp_path / "other.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a results.json of scripts/real_model_study.py"):
+        plots.main(["study", str(tmp_path / "other.json"), "--out", str(tmp_path / "x.png")])

@@ -244,6 +244,20 @@ def check_device(device: str, flag: str = "--device") -> str:
     return device
 
 
+def read_json_object(path: str, what: str | None = None, fix: str = "") -> dict:
+    """A JSON object from `path`; invalid JSON or another JSON type is a ValueError naming the file,
+    `what` it should hold and, after a semicolon, `fix` (what to do about it)."""
+    hint, subject = (f"; {fix}" if fix else ""), (f"{what} is " if what else "")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {subject}not valid JSON ({e}){hint}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {subject or 'it is '}a JSON {type(value).__name__}, not an object{hint}")
+    return value
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None):
     """Write tensors in the safetensors layout (used for adapter files), atomically (atomic_write)."""
     names = {v: k for k, v in _ST_DTYPES.items()}

@@ -40,7 +40,8 @@ import torch
 
 import hub
 import model as M
-from checkpoint import CheckpointError, atomic_write, check_device, content_hash, default_precision, load
+from checkpoint import (CheckpointError, atomic_write, check_device, content_hash, default_precision, load,
+                        read_json_object)
 from data import glue as G
 from data import llm_adapters as D
 from data import quanta as Q
@@ -851,14 +852,7 @@ def read_results(path: str) -> dict:
     """results.json ({} when absent); a file that is not a JSON object is an error naming it."""
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); move it away or delete it to evaluate again") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path}: a JSON {type(results).__name__}, not eval.py's results object; move it away")
-    return results
+    return read_json_object(path, fix="move it away or delete it to evaluate again")
 
 
 def settle_results(results: dict, path: str, key: dict, keys: dict, overwrite: bool = False) -> dict:

@@ -43,7 +43,7 @@ import methods
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder
 from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, atomic_write, load, pid_alive, read_hf_tensors,
-                        read_safetensors, read_torch, write_safetensors)
+                        read_json_object, read_safetensors, read_torch, write_safetensors)
 from lmam import LMAM
 from lora import AdditiveUpdate, DoRALinear, LoRALinear
 
@@ -239,14 +239,7 @@ def read_peft_config(path: str) -> dict | None:
     cfg_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_file):
         return None
-    try:
-        with open(cfg_file) as f:
-            cfg = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_file}: a JSON {type(cfg).__name__}, expected an object")
-    return cfg
+    return read_json_object(cfg_file)
 
 
 def read_peft_dir(path: str) -> tuple[dict, dict]:

@@ -154,15 +154,8 @@ def best_validation(run_dir):
 def read_json(path, what):
     """A JSON object from a file this study reads back (a point's result.json, eval.py's
     results.json); anything else is a ValueError naming the file."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e}); delete it to run that part again") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: {what} is a JSON {type(value).__name__}, not an object; delete it to run that "
-                         f"part again")
-    return value
+    from checkpoint import read_json_object          # (torch is imported only where a point needs it)
+    return read_json_object(path, what, "delete it to run that part again")
 
 
 def write_json(path, value):

@@ -300,9 +300,10 @@ def mcnemar(a, b):
     return n10, n01, p
 
 
-def read_outcomes(folder, tasks, suffix):
-    """{task: [0/1 per held-out question, by index]} from eval.py's per-question files; None until
-    the evaluation has finished (its done.json), so that every run pairs on the same questions."""
+def read_field(folder, tasks, suffix, field):
+    """{task: [each held-out question's `field` ("correct", "prediction"), by index]} from eval.py's
+    per-question files; None until the evaluation has finished (its done.json), so that every run
+    pairs on the same questions."""
     if not os.path.exists(os.path.join(folder, "done.json")):
         return None
     out = {}
@@ -310,27 +311,9 @@ def read_outcomes(folder, tasks, suffix):
         path = os.path.join(folder, f"{t}{suffix}.jsonl")
         if not os.path.exists(path):
             return None
-        by_index = {}
         with open(path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    by_index[r["index"]] = bool(r["correct"])
-        out[t] = [by_index[i] for i in sorted(by_index)]
-    return out
-
-
-def read_predictions(folder, tasks):
-    """{task: [predicted label per question, by index]} from rank classification's files (None until finished)."""
-    if not os.path.exists(os.path.join(folder, "done.json")):
-        return None
-    out = {}
-    for t in tasks:
-        path = os.path.join(folder, f"{t}.rank.jsonl")
-        if not os.path.exists(path):
-            return None
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        out[t] = [r["prediction"] for r in sorted(rows, key=lambda r: r["index"])]
+            rows = {r["index"]: r[field] for r in map(json.loads, filter(str.strip, f))}
+        out[t] = [rows[i] for i in sorted(rows)]
     return out
 
 
@@ -393,7 +376,7 @@ def report(out, tasks, runs):
             for name in runs:
                 for nomap in (False, True):
                     folder = os.path.join(out, "runs", name, "eval", f"{protocol}_{layout}" + ("_nomap" if nomap else ""))
-                    o = read_outcomes(folder, cols, suffix)
+                    o = read_field(folder, cols, suffix, "correct")
                     if o is None:
                         continue
                     key = (name + (" (map removed)" if nomap else ""), protocol, layout)
@@ -448,8 +431,8 @@ def report(out, tasks, runs):
               "| run | changed of | questions |", "|---|---|---|"]
     for name in runs:
         for nomap in ("", "_nomap"):
-            preds = [read_predictions(os.path.join(out, "runs", name, "eval", f"rank_{layout}{nomap}"), tasks)
-                     for layout in LAYOUTS]
+            preds = [read_field(os.path.join(out, "runs", name, "eval", f"rank_{layout}{nomap}"), tasks, ".rank",
+                                "prediction") for layout in LAYOUTS]
             if None in preds:
                 continue
             changed = sum(a != b for t in tasks for a, b in zip(preds[0][t], preds[1][t]))

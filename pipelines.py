@@ -281,19 +281,24 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
 
 def lm_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on plain text (LongLoRA's pipeline, Table 7): the documents tokenized between BOS and
-    EOS, joined, and cut into rows of exactly cutoff_len tokens (data/text.py; a token file in the
+    EOS (--text_layout longlora: LongLoRA's own stream), joined, and cut into rows of exactly cutoff_len tokens (data/text.py; a token file in the
     run's folder, train_tokens.bin, read through a memory map and made again when the data or the
     tokenizer differ from what its train_tokens.bin.meta.json records), in random order; the loss
     on every next token.
     The last val_set_size rows are held out when asked for (LongLoRA has none)."""
     os.makedirs(args.out_dir, exist_ok=True)
-    tokens = text.token_file(args.data, tokenizer, os.path.join(args.out_dir, "train_tokens.bin"))
-    L = hp["cutoff_len"]
+    L, longlora = hp["cutoff_len"], args.text_layout == "longlora"
+    pad = tokenizer.vocab_size if longlora else None              # LongLoRA's [PAD]: the id after the vocabulary
+    if longlora and model.cfg.vocab_size <= pad:
+        raise ValueError(f"--text_layout longlora pads with a [PAD] token (id {pad}) that this model's embedding "
+                         f"does not have: use it with --method longlora or longlora+lmam, which add it")
+    tokens = text.token_file(args.data, tokenizer, os.path.join(args.out_dir, "train_tokens.bin"),
+                             args.text_layout, L if longlora else None)
     n = len(tokens) // L
     if n == 0:
         raise ValueError(f"{args.data}: {len(tokens)} tokens, fewer than one row of --cutoff_len {L}")
     n_val = min(hp["val_set_size"], n // 2)
-    train_set, val_set = text.Rows(tokens, L, 0, n - n_val), text.Rows(tokens, L, n - n_val, n)
+    train_set, val_set = text.Rows(tokens, L, 0, n - n_val, pad), text.Rows(tokens, L, n - n_val, n, pad)
 
     def collate(ex):
         return llm_adapters.collate(ex, tokenizer.pad_id)
@@ -301,13 +306,14 @@ def lm_pipeline(args, model, tokenizer, hp, device, autocast):
     def loss_sum(model, batch):
         ids = batch["input_ids"].to(device)                   # rows of exactly L tokens: no mask
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            return lm_loss(model(ids, return_hidden=True)[:, :-1], model.lm_head, ids[:, 1:])
+            labels = batch["labels"].to(device)[:, 1:]        # the next tokens ([PAD]: -100, no loss)
+            return lm_loss(model(ids, return_hidden=True)[:, :-1], model.lm_head, labels)
 
     def epoch_batches(epoch):
         steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
         return micro_batches(steps, hp["micro_batch_size"])
 
-    units = lambda ex: len(ex) * (L - 1)
+    units = lambda ex: sum(sum(t != -100 for t in e["labels"][1:]) for e in ex)     # [PAD] is no unit
     return Pipeline(train_set, list(val_set), collate, loss_sum, units, lambda ex: len(ex) * L, epoch_batches,
                     validation_loss(list(val_set), collate, loss_sum, units, hp["micro_batch_size"]))
 

@@ -173,6 +173,11 @@ def parse_args(argv=None):
     t.add_argument("--s2_wrap", action="store_true",
                    help="S²-Attn as the LongLoRA paper's Algorithm 1 (a roll: the first G/2 tokens see the last) "
                         "instead of LongLoRA's current code (no wrap-around)")
+    t.add_argument("--text_layout", choices=("document", "longlora"), default="document",
+                   help="--task lm: how documents become the token stream (data/text.py): document (each "
+                        "between BOS and EOS, the default) or longlora (LongLoRA's fine-tune.py: each batch of "
+                        "1,000 documents joined by EOS after one BOS, padded with the [PAD] token that "
+                        "--method longlora adds, which gets no loss)")
     t.add_argument("--fsdp", action="store_true",
                    help="shard the model, the frozen base included, over the torchrun processes (FSDP2, fsdp.py): "
                         "for models no single device holds, e.g. LLaMA2-70B (docs/performance.md, memory plan)")
@@ -529,7 +534,7 @@ def run_record(args, model, hp: dict, kind: str, world: int) -> dict:
     settings = {k: v for k, v in hp.items() if k not in MAY_CHANGE_ON_RESUME}
     settings.update(pipeline=kind, task=args.task, protocol=args.protocol, mask_prompt=args.mask_prompt,
                     group_by_length=args.group_by_length, token_weighted_loss=args.token_weighted_loss,
-                    s2_wrap=args.s2_wrap, precision=args.precision or default_precision(args.device),
+                    s2_wrap=args.s2_wrap, text_layout=args.text_layout, precision=args.precision or default_precision(args.device),
                     tokenizer=content_hash(args.tokenizer) if args.tokenizer else None)
     return {"model": args.model, "base": methods.base_fingerprint(model), "data": args.data,
             "data_sha256": content_hash(data_file(args)), "settings": settings, "processes": world}

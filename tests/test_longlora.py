@@ -180,3 +180,20 @@ def test_longlora_bad_input(tmp_path):
     bad = write_tokens(tmp_path / "bad.bin", [5, 6, 700, 8] * 40)                             # ids past the vocabulary
     with pytest.raises(SystemExit, match="token id 700 is outside the model's vocabulary of 200"):
         E.main(["--model", ckpt, "--task", "ppl", "--data", bad, "--seq_len", "16", "--out_dir", str(tmp_path / "e")])
+
+
+def test_longlora_text_layout_trains_without_loss_on_pad(tmp_path):
+    """--text_layout longlora: LongLoRA's own stream (one BOS, documents joined by EOS, [PAD] up to a
+    multiple of the row length); the [PAD] that --method longlora adds gets no loss, and a method
+    without that token is refused."""
+    ckpt, data = small_ckpt(tmp_path), math_text(tmp_path, rows=12)
+    common = ["--model", ckpt, "--task", "lm", "--data", data, "--cutoff_len", "64", "--batch_size", "2",
+              "--micro_batch_size", "1", "--max_steps", "2", "--quiet", "--device", "cpu", "--lora_r", "2",
+              "--text_layout", "longlora"]
+    T.main([*common, "--method", "longlora", "--out_dir", str(tmp_path / "run")])
+    tokens = np.fromfile(tmp_path / "run" / "train_tokens.bin", dtype=np.uint16)
+    assert len(tokens) % 64 == 0 and tokens[0] == 1 and (tokens == 200).any()        # BOS first, [PAD] = 200
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    with pytest.raises(SystemExit, match="--text_layout longlora pads with a \\[PAD\\] token \\(id 200\\)"):
+        T.main([*common, "--method", "lora", "--out_dir", str(tmp_path / "lora")])

@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: F401  (for methods pasted in here: READ
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder, PrefixSlice
 from adaptive import AdaLoRAAllocator, AdaLoRALinear, SoRAGates, SoRALinear
-from checkpoint import read_safetensors, read_safetensors_metadata, write_safetensors
+from checkpoint import read_safetensors, read_safetensors_header, read_safetensors_metadata, write_safetensors
 from lmam import LMAM
 from lora import DoRALinear, LoRALinear
 from presets import METHOD_PRESETS, TRAIN_DEFAULTS, TRAIN_PRESETS
@@ -544,6 +544,24 @@ def adapter_meta_json(path: str, meta: dict, key: str) -> dict:
     return value
 
 
+def check_shapes_before_applying(model, name: str, hp: dict, path: str):
+    """The shapes the file's method and hyperparameters give, worked out on a weightless twin of
+    the model (the meta device), against the file's own tensors: hyperparameters that do not fit
+    the tensors (a lora_r of 100,000 beside rank-2 tensors) are refused before anything is
+    allocated. A model that cannot be built as a twin is checked after applying, as before."""
+    try:
+        with torch.device("meta"):
+            twin = type(model)(model.cfg)
+        apply_method(twin, name, **hp)
+    except Exception:                        # (an unusual model: the checks after applying still run)
+        return
+    shapes = {k: tuple(v["shape"]) for k, v in read_safetensors_header(path)[0].items() if k != "__metadata__"}
+    for k, t in adapter_state(twin).items():
+        if k in shapes and shapes[k] != tuple(t.shape):
+            raise ValueError(f"{path}: tensor {k!r} has shape {shapes[k]}, but its metadata's {name} {hp} "
+                             f"gives {tuple(t.shape)}")
+
+
 def load_adapter(model, path: str):
     """Load an adapter file onto `model`: applies the file's method (with its hyperparameters) if
     none is applied yet, then its tensors. A different base model or method is an error."""
@@ -569,6 +587,7 @@ def load_adapter(model, path: str):
               file=sys.stderr)
     current = getattr(model, "peft_method", None)
     if current is None:
+        check_shapes_before_applying(model, name, hp, path)
         apply_method(model, name, **hp)
     elif current["name"] != name or current["hparams"] != hp:
         raise ValueError(f"{path}: holds method {name!r} {hp}, but the model has {current['name']!r} "

@@ -531,6 +531,9 @@ def lying_adapters(adapter, tmp_path):
         "bad hparams JSON": (meta(hparams="{lora_r: 2"), "metadata 'hparams' is not valid JSON"),
         "no hparams": (meta(hparams=None), "has no 'hparams'"),
         "list base": (meta(base="[1, 2]"), "metadata 'base' is a JSON list"),
+        # hyperparameters that do not fit the tensors: refused before the method is applied (no memory)
+        "huge hparams": (lambda h: h["__metadata__"].update(
+            hparams=json.dumps(dict(json.loads(h["__metadata__"]["hparams"]), lora_r=100_000))), "but its metadata's"),
     }
     return {name: (with_header(adapter, tmp_path / f"{name.replace(' ', '_')}.safetensors", edit), msg)
             for name, (edit, msg) in cases.items()}

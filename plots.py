@@ -492,7 +492,7 @@ def plot_real_model_study(results_path, out, title=None, dpi=130):
               ("default/eval", "generation, evaluation prompt"), ("default/train", "generation, training layout")]
     runs = [r for r in results["runs"] if any(k in results["runs"][r] for k, _ in panels)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.32 * len(runs) + 1.6), sharey=True)
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, name) in zip(axes, panels):
         cols = next((v[key]["per_task"] for v in results["runs"].values() if key in v), results["chance"])
         chance = 100 * np.mean([results["chance"][t] for t in cols])
         majority = 100 * np.mean([results["majority"][t] for t in cols])
@@ -507,7 +507,7 @@ def plot_real_model_study(results_path, out, title=None, dpi=130):
         ax.axvline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.1f}%")
         ax.axvline(majority, color="grey", ls=":", lw=1, label=f"majority label {majority:.1f}%")
         ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("average accuracy, % (95% interval)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(runs)), runs, fontsize=8)

@@ -40,8 +40,8 @@ import torch
 
 import hub
 import model as M
-from checkpoint import (CheckpointError, atomic_write, check_device, content_hash, default_precision, load,
-                        read_json_object)
+from checkpoint import CheckpointError, load
+from runs import atomic_write, check_device, content_hash, default_precision, read_json_object
 from data import glue as G
 from data import llm_adapters as D
 from data import quanta as Q
@@ -739,7 +739,7 @@ def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_la
     """Base model + adapter, in eval mode with the adapter merged where the method allows it (in
     fp32, rounded once to the weights' dtype). num_labels: a RoBERTa checkpoint's GLUE head (the
     adapter file holds its trained weights). precision: "bf16" loads the weights in bf16,
-    "fp32" in fp32; None: checkpoint.default_precision (bf16 on a GPU or a CPU with native bf16). model_path: a local checkpoint, a Hub id
+    "fp32" in fp32; None: runs.default_precision (bf16 on a GPU or a CPU with native bf16). model_path: a local checkpoint, a Hub id
     or a paper name (hub.resolve_model). adapter: this project's adapter file, or a directory in
     peft's format (adapter_config.json: LoRA / DoRA from peft or NVlabs/DoRA, export.load_peft_adapter)."""
     bf16 = (precision or default_precision(device)) == "bf16"

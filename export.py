@@ -42,10 +42,11 @@ import hub
 import methods
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder
-from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, atomic_write, load, pid_alive, read_hf_tensors,
-                        read_json_object, read_safetensors, read_torch, write_safetensors)
+from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, load, read_hf_tensors, read_safetensors, read_torch,
+                        write_safetensors)
 from lmam import LMAM
 from lora import AdditiveUpdate, DoRALinear, LoRALinear
+from runs import atomic_write, pid_alive, read_json_object
 
 # -----------------------------------------------------------------------------
 # Key names: ours <-> Hugging Face's

@@ -52,6 +52,8 @@ import time
 
 import numpy as np
 
+from runs import atomic_write, pid_alive, read_json_object
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN, EVAL = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "eval.py")
 COUNTS = ("total", "correct")          # numbers in eval.py's results.json that are not scores
@@ -154,13 +156,11 @@ def best_validation(run_dir):
 def read_json(path, what):
     """A JSON object from a file this study reads back (a point's result.json, eval.py's
     results.json); anything else is a ValueError naming the file."""
-    from checkpoint import read_json_object          # (torch is imported only where a point needs it)
     return read_json_object(path, what, "delete it to run that part again")
 
 
 def write_json(path, value):
-    """Write a JSON file whole (checkpoint.atomic_write): a reader or a crash sees all of it or none."""
-    from checkpoint import atomic_write
+    """Write a JSON file whole (runs.atomic_write): a reader or a crash sees all of it or none."""
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
 
 
@@ -250,7 +250,6 @@ def run_point(point, study):
     trained = not os.path.exists(adapter)
     if trained:                                      # train.py writes it last: the run is finished
         import train
-        from checkpoint import pid_alive
         lock = os.path.join(d, train.LOCK)
         holder = train.read_lock(lock) if os.path.exists(lock) else None
         killed = holder is not None and holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"])

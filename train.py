@@ -50,12 +50,12 @@ import fsdp
 import hub
 import methods
 import model as M
-from checkpoint import (CheckpointError, atomic_write, build, check_device, content_hash, default_precision, load,
-                        pid_alive)
+from checkpoint import CheckpointError, build, load
 from data import glue, llm_adapters
 from lmam import map_sizes
 from pipelines import PIPELINES, pipeline_name
 from presets import NAMED_PRESETS, TRAIN_DEFAULTS
+from runs import atomic_write, check_device, content_hash, default_precision, pid_alive
 from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- the command line

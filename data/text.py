@@ -112,7 +112,7 @@ def token_file(data: str, tokenizer, out_path: str, layout: str = "document",
     temporary file and renamed when complete, the record last: an interrupted run never leaves a
     half-written token file behind to be reused. `layout`, `row_len`: the stream's layout (`stream`;
     "longlora" pads to multiples of row_len with the id after the vocabulary)."""
-    from checkpoint import atomic_write, content_hash, remove_stale_tmp
+    from runs import atomic_write, content_hash, remove_stale_tmp
     ids = tokenizer.vocab_size + (layout == "longlora")                 # [PAD]: one id past the vocabulary
     dtype = np.uint16 if ids <= 2 ** 16 else np.uint32
     if not os.path.exists(data):

@@ -7,7 +7,7 @@ import sys
 if os.environ.get("LORADA_GPU_TESTS") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # fp32 is the tests' reference precision, also on a CPU where train.py and eval.py default to bf16
-# (checkpoint.default_precision); a test that wants bf16 asks for it with --precision bf16.
+# (runs.default_precision); a test that wants bf16 asks for it with --precision bf16.
 os.environ["LORADA_PRECISION"] = "fp32"
 
 import pytest  # noqa: E402

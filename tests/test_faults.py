@@ -24,7 +24,8 @@ import methods
 import plots
 import study
 import train as T
-from checkpoint import atomic_write, read_safetensors, write_safetensors
+from checkpoint import read_safetensors, write_safetensors
+from runs import atomic_write
 from conftest import ROOT, tiny_llama_ckpt
 from data import fetch
 from data import llm_adapters as D

@@ -8,8 +8,8 @@ import torch
 from torch.testing import assert_close
 
 import model
-from checkpoint import (CheckpointError, atomic_write, load, read_safetensors, read_safetensors_metadata,
-                        write_safetensors)
+from checkpoint import CheckpointError, load, read_safetensors, read_safetensors_metadata, write_safetensors
+from runs import atomic_write
 from conftest import assert_decode_equals_full, shared
 from generate import generate
 from hf_llama import VARIANTS, hf_positions, save_bin, save_llama2c, save_meta, tiny_hf_llama

@@ -180,17 +180,17 @@ def test_study_split_is_seeded_disjoint_and_refuses_other_settings(tmp_path):
 
 
 def test_default_precision_is_bf16_where_the_cpu_has_it_and_names_itself(monkeypatch, capsys):
-    import checkpoint
+    import runs
     monkeypatch.delenv("LORADA_PRECISION", raising=False)
     for native, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(checkpoint, "native_bf16_cpu", lambda: native)
-        assert checkpoint.default_precision("cpu") == want
-    assert checkpoint.default_precision("cuda:0") == "bf16"
+        monkeypatch.setattr(runs, "native_bf16_cpu", lambda: native)
+        assert runs.default_precision("cpu") == want
+    assert runs.default_precision("cuda:0") == "bf16"
     monkeypatch.setenv("LORADA_PRECISION", "fp32")
-    assert checkpoint.default_precision("cuda") == "fp32"
+    assert runs.default_precision("cuda") == "fp32"
     monkeypatch.setenv("LORADA_PRECISION", "fp16")
     with pytest.raises(ValueError, match="LORADA_PRECISION='fp16': expected fp32 or bf16"):
-        checkpoint.default_precision("cpu")
+        runs.default_precision("cpu")
 
 
 def test_rank_by_text_scores_each_option_per_character(stories):

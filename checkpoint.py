@@ -486,7 +486,7 @@ def load_bart(path, hf, dtype=torch.float32, device="cpu"):
                      n_heads=hf["encoder_attention_heads"], hidden_dim=hf["encoder_ffn_dim"],
                      vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"],
                      pad_id=hf.get("pad_token_id", 1), eos_id=hf.get("eos_token_id", 2),
-                     pre_norm=hf["model_type"] == "mbart", scale_embedding=hf.get("scale_embedding", False),
+                     pre_norm=hf["model_type"] == "mbart", model_type=hf["model_type"], scale_embedding=hf.get("scale_embedding", False),
                      activation=act, dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.0),
                      activation_dropout=hf.get("activation_dropout", 0.0), generation=generation)
     raw, raw_origin = read_hf_tensors(path)

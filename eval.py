@@ -632,7 +632,7 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
     mBART's decoder starts with ro_RO. Resumes from out_path's lines."""
     pairs = S.load_pairs(task, data, split)[:limit]
     settings = dict(GENERATION[task], **{k: v for k, v in generation.items() if v is not None})
-    mbart = model.cfg.pre_norm
+    mbart = model.cfg.model_type == "mbart"
     src_lang = "en_XX" if mbart else None
     if mbart:
         settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))

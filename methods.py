@@ -360,7 +360,7 @@ def model_keys(cfg) -> tuple:
     """The preset keys of a model, most general first: its family, then its name (cfg.name, which
     the loader sets from the checkpoint's config)."""
     if isinstance(cfg, M.BartConfig):
-        family = "mbart" if cfg.pre_norm else "bart"
+        family = cfg.model_type
     elif isinstance(cfg, M.DebertaConfig):
         family = "deberta"
     else:

@@ -575,6 +575,7 @@ class BartConfig:
     activation_dropout: float = 0.0
     generation: dict | None = None  # the checkpoint's generation settings (generation_config.json)
     name: str | None = None         # the checkpoint's name, for presets.py (set by checkpoint.build / load)
+    model_type: str = "bart"        # "bart" or "mbart" (the checkpoint's model_type): mBART adds language codes
 
     @property
     def head_dim(self) -> int:
@@ -1081,11 +1082,11 @@ class Deberta(nn.Module):
 ENCDEC_PRESETS = {
     "roberta-base": RobertaConfig(num_labels=2),
     "bart-large": BartConfig(),
-    "mbart-large-cc25": BartConfig(vocab_size=250027, pre_norm=True, scale_embedding=True),
+    "mbart-large-cc25": BartConfig(vocab_size=250027, pre_norm=True, scale_embedding=True, model_type="mbart"),
     "deberta-v3-base": DebertaConfig(num_labels=2),           # microsoft/deberta-v3-base's config.json
 }
 SHAPE_FIELDS = ("dim", "n_layers", "encoder_layers", "decoder_layers", "n_heads", "hidden_dim", "vocab_size",
-                "max_positions", "pre_norm", "scale_embedding")
+                "max_positions", "pre_norm", "scale_embedding", "model_type")
 
 
 def shift_tokens_right(labels, pad_id: int, decoder_start_id: int | None):

@@ -237,7 +237,7 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
     """BART on XSum, mBART on WMT16 en-ro: label-smoothed cross-entropy over the target tokens
     (transformers' LabelSmoother), validation by loss; MT batches by a token budget (fairseq)."""
     mt = args.task != "xsum"
-    langs = ("en_XX", "ro_RO") if mt and model.cfg.pre_norm else (None, None)
+    langs = ("en_XX", "ro_RO") if mt and model.cfg.model_type == "mbart" else (None, None)
     tgt_len = hp["max_target_len"] or hp["cutoff_len"]
 
     def read(split):
@@ -250,7 +250,7 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
         val_set = []
     # BART's decoder starts from decoder_start_token_id; mBART's (None) from the target's
     # language code, wrapped around to the front (shift_tokens_right)
-    start = None if model.cfg.pre_norm else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
+    start = None if model.cfg.model_type == "mbart" else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
 
     def collate(ex):
         return seq2seq.collate(ex, tokenizer.pad_id)

@@ -30,9 +30,9 @@ import struct
 import torch
 import torch.nn as nn
 
-from runs import atomic_write
-from model import (ACTIVATIONS, ENCDEC_PRESETS, LLAMA_PRESETS, Bart, BartConfig, ClassificationHead, Llama,
-                   LlamaConfig, Roberta, RobertaConfig, preset_name)
+from model import (ACTIVATIONS, ENCDEC_PRESETS, LLAMA_PRESETS, Bart, BartConfig, ClassificationHead, Deberta,
+                   DebertaConfig, DebertaHead, Llama, LlamaConfig, Roberta, RobertaConfig, preset_name)
+from runs import atomic_write, read_json_object
 
 
 # -----------------------------------------------------------------------------
@@ -164,35 +164,51 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
 
 
 def read_torch(path: str) -> dict[str, torch.Tensor]:
+    """A PyTorch .bin / .pth file of tensors, memory-mapped. weights_only=True: tensors and plain
+    containers only; a file that would unpickle any other Python object is refused."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a Hugging Face checkpoint directory -> ({key: tensor}, {key: file it came from})."""
-    for index_name, reader in (("model.safetensors.index.json", read_safetensors),
-                               ("pytorch_model.bin.index.json", read_torch)):
+def read_json(path: str) -> dict:
+    """A JSON object (config.json, params.json, an index); anything else is a CheckpointError naming the file."""
+    try:
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def hf_weight_files(path: str) -> list[str]:
+    """The weight files of a Hugging Face checkpoint directory: the shards its *.index.json lists,
+    else its one model.safetensors or pytorch_model.bin (safetensors first)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(path, index_name)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            tensors, origin = {}, {}
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map object ({{tensor name: shard file}})")
+            files = []
             for shard in sorted(set(weight_map.values())):
-                file = os.path.join(path, shard)
-                if not os.path.exists(file):
+                if not os.path.isfile(file := os.path.join(path, str(shard))):
                     raise CheckpointError(f"{index}: lists shard {shard!r}, which is not in {path}")
-                for k, t in reader(file).items():
-                    tensors[k], origin[k] = t, file
-            return tensors, origin
-    for name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_torch)):
-        file = os.path.join(path, name)
-        if os.path.exists(file):
-            tensors = reader(file)
-            return tensors, {k: file for k in tensors}
+                files.append(file)
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(file := os.path.join(path, name)):
+            return [file]
     raise CheckpointError(f"{path}: has config.json but no model.safetensors, pytorch_model.bin "
                           f"or a *.index.json for sharded weights")
+
+
+def read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a Hugging Face checkpoint directory -> ({key: tensor}, {key: file it came from})."""
+    tensors, origin = {}, {}
+    for file in hf_weight_files(path):
+        for k, t in (read_safetensors(file) if file.endswith(".safetensors") else read_torch(file)).items():
+            tensors[k], origin[k] = t, file
+    return tensors, origin
 
 
 def assign_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, str],
@@ -230,12 +246,103 @@ def assign_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: d
     return model
 
 
-def meta_to_hf_rows(w, n_heads: int):
-    """Meta's RoPE rotates interleaved pairs (2i, 2i+1) of each head, Hugging Face's rotates
-    (i, i + hd/2). Permute the output rows of wq / wk so both give the same attention scores
-    (the permutation of transformers' convert_llama_weights_to_hf.py)."""
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+# -----------------------------------------------------------------------------
+# Key names: Hugging Face's <-> ours
+#
+# A map per model family: Hugging Face's module names -> ours, "{}" standing for a layer index. A
+# checkpoint key is a name followed by .weight or .bias (or a name alone: final_logits_bias). Loading
+# reads a map left to right (KeyMap.ours), export.py right to left (KeyMap.hf); any key the map does
+# not name and the family does not list as unused is an error.
+
+def translate(key: str, names: dict[str, str]) -> str | None:
+    """`key` renamed through `names`, or None where no name fits it."""
+    for name, new in names.items():
+        pattern = re.escape(name).replace(r"\{\}", r"(\d+)") + r"(\.weight|\.bias)?"
+        if m := re.fullmatch(pattern, key):
+            *layers, param = m.groups()
+            return new.format(*layers) + (param or "")
+    return None
+
+
+class KeyMap:
+    """One family's names (one-to-one). `prefix` is the base model's (roberta., model.): bare
+    checkpoints of the base model (RobertaModel, BartModel) have keys without it. `unused`: regexes
+    of keys, prefix removed, that the checkpoint may hold and this model does not use."""
+
+    def __init__(self, prefix: str, names: dict[str, str], unused: list[str] = ()):
+        self.prefix, self.to_ours, self.unused = prefix, names, unused
+        self.to_hf = {ours: hf for hf, ours in names.items()}
+        assert len(self.to_hf) == len(names), "two names map to one"
+
+    def ours(self, key: str) -> str | None:
+        return translate(key, self.to_ours) or translate(self.prefix + key, self.to_ours)
+
+    def hf(self, key: str) -> str | None:
+        return translate(key, self.to_hf)
+
+    def is_unused(self, key: str) -> bool:
+        return any(re.fullmatch(p, key.removeprefix(self.prefix)) for p in self.unused)
+
+
+def bert_names(prefix: str, query: str, key: str, value: str) -> dict[str, str]:
+    """The embeddings and encoder layers RoBERTa and DeBERTa keep from BERT, Hugging Face's names ->
+    ours; the self-attention's projections are named `query`, `key`, `value`."""
+    layer = {f"attention.self.{query}": "self_attn.q_proj", f"attention.self.{key}": "self_attn.k_proj",
+             f"attention.self.{value}": "self_attn.v_proj", "attention.output.dense": "self_attn.out_proj",
+             "attention.output.LayerNorm": "self_attn_layer_norm", "intermediate.dense": "ffn.fc1",
+             "output.dense": "ffn.fc2", "output.LayerNorm": "final_layer_norm"}
+    return {prefix + "embeddings.word_embeddings": "embed_tokens",
+            prefix + "embeddings.token_type_embeddings": "embed_token_types",
+            prefix + "embeddings.LayerNorm": "layernorm_embedding",
+            **{f"{prefix}encoder.layer.{{}}.{hf}": f"layers.{{}}.{ours}" for hf, ours in layer.items()}}
+
+
+ROBERTA_KEYS = KeyMap("roberta.", {
+    **bert_names("roberta.", "query", "key", "value"),
+    "roberta.embeddings.position_embeddings": "embed_positions",
+    "classifier.dense": "head.dense", "classifier.out_proj": "head.out_proj",          # the GLUE head
+}, unused=[r"pooler\..*", r"lm_head\..*", r"embeddings\.position_ids"])           # pooler, MLM head
+
+DEBERTA_KEYS = KeyMap("deberta.", {
+    **bert_names("deberta.", "query_proj", "key_proj", "value_proj"),
+    "deberta.encoder.rel_embeddings": "rel_embeddings",
+    "deberta.encoder.LayerNorm": "rel_layer_norm",
+    "pooler.dense": "head.dense", "classifier": "head.out_proj",                       # the GLUE head
+}, unused=[  # the pretraining heads (MLM of v2, replaced-token detection of v3), the unused absolute
+    # position table of v3 checkpoints (position_biased_input false) and cached position ids
+    r"lm_predictions\..*", r"mask_predictions\..*", r"cls\..*",
+    r"embeddings\.position_embeddings\.weight", r"embeddings\.position_ids"])
+
+
+def bart_names() -> dict[str, str]:
+    """BART's and mBART's names: "model." + ours, but fc1 / fc2 directly in the layer (ours: in ffn.)."""
+    attention = ("q_proj", "k_proj", "v_proj", "out_proj")
+    layer = {"encoder": [f"self_attn.{p}" for p in attention] + ["self_attn_layer_norm", "final_layer_norm"]}
+    layer["decoder"] = layer["encoder"] + [f"encoder_attn.{p}" for p in attention] + ["encoder_attn_layer_norm"]
+    names = {"model.shared": "shared",                   # (loading reads it with its copies: BART_EMBEDDINGS)
+             "final_logits_bias": "final_logits_bias"}
+    for stack, modules in layer.items():
+        for m in ("embed_positions", "layernorm_embedding", "layer_norm"):
+            names[f"model.{stack}.{m}"] = f"{stack}.{m}"
+        for m in modules:
+            names[f"model.{stack}.layers.{{}}.{m}"] = f"{stack}.layers.{{}}.{m}"
+        for m in ("fc1", "fc2"):
+            names[f"model.{stack}.layers.{{}}.{m}"] = f"{stack}.layers.{{}}.ffn.{m}"
+    return names
+
+
+BART_KEYS = KeyMap("model.", bart_names())
+
+
+def rename(tensors, origin, keys: KeyMap, file_of_model):
+    """Checkpoint keys -> ours through `keys`; unused keys are dropped, any other is an error naming its file."""
+    out, out_origin = {}, {}
+    for key, t in tensors.items():
+        if (new := keys.ours(key)) is not None:
+            out[new], out_origin[new] = t, origin[key]
+        elif not keys.is_unused(key):
+            raise CheckpointError(f"{origin[key]}: unexpected tensor {key!r} {tuple(t.shape)} for {file_of_model}")
+    return out, out_origin
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +367,8 @@ def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = 
     """
     if num_labels is not None and not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: num_labels is for RoBERTa checkpoints (config.json with model_type roberta)")
-    from checkpoint_gguf import load_gguf               # (imports this module)
+    from checkpoint_gguf import load_gguf               # (they import this module)
+    from checkpoint_meta import load_llama2c, load_meta
     if os.path.isfile(path) and path.endswith(".bin") and not path.endswith("pytorch_model.bin"):
         model = load_llama2c(path, dtype, device)
     elif os.path.isfile(path) and path.endswith(".gguf"):
@@ -351,11 +459,7 @@ def rope_scaling_from_hf(hf: dict, file: str) -> dict | None:
 
 def load_hf(path, dtype=torch.float32, device="cpu", num_labels=None):
     file = os.path.join(path, "config.json")
-    with open(file) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    hf = read_json(file)
     kind = hf.get("model_type", "llama")
     if kind == "roberta":
         return load_roberta(path, hf, dtype, device, num_labels)
@@ -381,41 +485,25 @@ def require(hf: dict, keys, file: str):
             raise CheckpointError(f"{file}: missing key {key!r}")
 
 
-def rename(tensors, origin, key_map, unused, file_of_model):
-    """Checkpoint keys -> ours through `key_map` [(regex, replacement)]; keys matching `unused`
-    (parts of the checkpoint this model has no use for, e.g. a pretraining head) are dropped,
-    any other key is an error naming its file."""
-    out, out_origin = {}, {}
-    for key, t in tensors.items():
-        for pattern, repl in key_map:
-            if re.fullmatch(pattern, key):
-                new = re.sub(pattern, repl, key)
-                out[new], out_origin[new] = t, origin[key]
-                break
-        else:
-            if not any(re.fullmatch(p, key) for p in unused):
-                raise CheckpointError(f"{origin[key]}: unexpected tensor {key!r} {tuple(t.shape)} for {file_of_model}")
-    return out, out_origin
+def head_labels(tensors, origin, num_labels: int | None) -> int:
+    """The outputs of the checkpoint's classification head (0: it has none); a head of another size
+    than `num_labels`, where given, is an error."""
+    head = tensors.get("head.out_proj.weight")
+    if head is None:
+        return 0
+    if num_labels is not None and head.shape[0] != num_labels:
+        raise CheckpointError(f"{origin['head.out_proj.weight']}: the classification head has {head.shape[0]} "
+                              f"labels, num_labels={num_labels} was asked for")
+    return head.shape[0]
 
 
-# Hugging Face RoBERTa keys -> ours (the "roberta." prefix is absent in bare RobertaModel checkpoints).
-_R = r"(?:roberta\.)?"
-ROBERTA_KEYS = [
-    (_R + r"embeddings\.word_embeddings\.weight", "embed_tokens.weight"),
-    (_R + r"embeddings\.position_embeddings\.weight", "embed_positions.weight"),
-    (_R + r"embeddings\.token_type_embeddings\.weight", "embed_token_types.weight"),
-    (_R + r"embeddings\.LayerNorm\.(weight|bias)", r"layernorm_embedding.\1"),
-    (_R + r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"layers.\1.self_attn.q_proj.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"layers.\1.self_attn.k_proj.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"layers.\1.self_attn.v_proj.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.self_attn.out_proj.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.self_attn_layer_norm.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn.fc1.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.ffn.fc2.\2"),
-    (_R + r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"layers.\1.final_layer_norm.\2"),
-    (r"classifier\.(dense|out_proj)\.(weight|bias)", r"head.\1.\2"),
-]
-ROBERTA_UNUSED = [_R + r"pooler\..*", r"lm_head\..*", _R + r"embeddings\.position_ids"]   # MLM head, pooler
+def add_fresh_head(model, head: nn.Module, hf: dict, dtype, device):
+    """A new classification head on `model`, whose checkpoint has none, initialised as transformers'
+    _init_weights does: weights N(0, initializer_range), biases zero."""
+    model.head = head.to(device or "cpu", dtype or torch.float32)
+    for lin in (model.head.dense, model.head.out_proj):
+        nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
+        nn.init.zeros_(lin.bias)
 
 
 def load_roberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
@@ -425,38 +513,25 @@ def load_roberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
     act = hf.get("hidden_act", "gelu")
     if act not in ACTIVATIONS:
         raise CheckpointError(f"{file}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
-    tensors, origin = rename(*read_hf_tensors(path), ROBERTA_KEYS, ROBERTA_UNUSED, file)
-    head = tensors.get("head.out_proj.weight")
-    if head is not None and num_labels is not None and head.shape[0] != num_labels:
-        raise CheckpointError(f"{origin['head.out_proj.weight']}: the classification head has {head.shape[0]} "
-                              f"labels, num_labels={num_labels} was asked for")
+    tensors, origin = rename(*read_hf_tensors(path), ROBERTA_KEYS, file)
+    labels = head_labels(tensors, origin, num_labels)
     dropout = hf.get("hidden_dropout_prob", 0.1)
     cfg = RobertaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                         hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                         max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 1),
                         pad_id=hf.get("pad_token_id", 1), norm_eps=hf.get("layer_norm_eps", 1e-5), activation=act,
                         dropout=dropout, attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                        num_labels=head.shape[0] if head is not None else 0)
+                        num_labels=labels)
     with torch.device("meta"):
         model = Roberta(cfg)
     assign_weights(model, tensors, origin, dtype, device)
-    if head is None and num_labels:                       # a fresh head: N(0, 0.02) weights, zero biases
+    if not labels and num_labels:
         cfg.num_labels = num_labels
-        model.head = ClassificationHead(cfg.dim, num_labels, hf.get("classifier_dropout") or dropout).to(
-            device or "cpu", dtype or torch.float32)
-        for lin in (model.head.dense, model.head.out_proj):
-            nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
-            nn.init.zeros_(lin.bias)
+        add_fresh_head(model, ClassificationHead(cfg.dim, num_labels, hf.get("classifier_dropout") or dropout),
+                       hf, dtype, device)
     return model
 
 
-BART_KEYS = [
-    (r"(?:model\.)?(encoder|decoder)\.layers\.(\d+)\.(fc1|fc2)\.(weight|bias)", r"\1.layers.\2.ffn.\3.\4"),
-    (r"(?:model\.)?((?:encoder|decoder)\.(?:embed_positions|layernorm_embedding|layer_norm|layers\.\d+\.(?:"
-     r"(?:self_attn|encoder_attn)\.(?:q|k|v|out)_proj|self_attn_layer_norm|encoder_attn_layer_norm|final_layer_norm))"
-     r"\.(?:weight|bias))", r"\1"),
-    (r"final_logits_bias", "final_logits_bias"),
-]
 # The token embedding is stored up to four times under these names (tied: one matrix).
 BART_EMBEDDINGS = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                    "lm_head.weight", "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -477,10 +552,7 @@ def load_bart(path, hf, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{file}: activation_function {act!r} is not supported ({', '.join(ACTIVATIONS)})")
     # generation settings: generation_config.json, else the model config (as transformers does)
     gen_file = os.path.join(path, "generation_config.json")
-    gen_src = hf
-    if os.path.exists(gen_file):
-        with open(gen_file) as f:
-            gen_src = json.load(f)
+    gen_src = read_json(gen_file) if os.path.exists(gen_file) else hf
     generation = {k: gen_src[k] for k in GENERATION_KEYS if gen_src.get(k) is not None}
     cfg = BartConfig(dim=hf["d_model"], encoder_layers=hf["encoder_layers"], decoder_layers=hf["decoder_layers"],
                      n_heads=hf["encoder_attention_heads"], hidden_dim=hf["encoder_ffn_dim"],
@@ -497,7 +569,7 @@ def load_bart(path, hf, dtype=torch.float32, device="cpu"):
     for k in emb[1:]:
         if raw[k].shape != raw[emb[0]].shape or not torch.equal(raw[k], raw[emb[0]]):
             raise CheckpointError(f"{raw_origin[k]}: {k!r} differs from {emb[0]!r}; untied embeddings are not supported")
-    tensors, origin = rename({k: t for k, t in raw.items() if k not in emb}, raw_origin, BART_KEYS, [], file)
+    tensors, origin = rename({k: t for k, t in raw.items() if k not in emb}, raw_origin, BART_KEYS, file)
     tensors["shared.weight"], origin["shared.weight"] = raw[emb[0]], raw_origin[emb[0]]
     with torch.device("meta"):
         model = Bart(cfg)
@@ -506,32 +578,8 @@ def load_bart(path, hf, dtype=torch.float32, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # DeBERTa-v2/v3 (model_type "deberta-v2": microsoft/deberta-v3-base's config.json, pytorch_model.bin
-# or model.safetensors). Its keys -> ours; the "deberta." prefix is absent in bare DebertaV2Model files.
+# or model.safetensors).
 
-from model import Deberta, DebertaConfig, DebertaHead  # noqa: E402  (this section's models)
-
-_D = r"(?:deberta\.)?"
-DEBERTA_KEYS = [
-    (_D + r"embeddings\.word_embeddings\.weight", "embed_tokens.weight"),
-    (_D + r"embeddings\.token_type_embeddings\.weight", "embed_token_types.weight"),
-    (_D + r"embeddings\.LayerNorm\.(weight|bias)", r"layernorm_embedding.\1"),
-    (_D + r"encoder\.layer\.(\d+)\.attention\.self\.query_proj\.(weight|bias)", r"layers.\1.self_attn.q_proj.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.attention\.self\.key_proj\.(weight|bias)", r"layers.\1.self_attn.k_proj.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.attention\.self\.value_proj\.(weight|bias)", r"layers.\1.self_attn.v_proj.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"layers.\1.self_attn.out_proj.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"layers.\1.self_attn_layer_norm.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"layers.\1.ffn.fc1.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"layers.\1.ffn.fc2.\2"),
-    (_D + r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"layers.\1.final_layer_norm.\2"),
-    (_D + r"encoder\.rel_embeddings\.weight", "rel_embeddings.weight"),
-    (_D + r"encoder\.LayerNorm\.(weight|bias)", r"rel_layer_norm.\1"),
-    (r"pooler\.dense\.(weight|bias)", r"head.dense.\1"),
-    (r"classifier\.(weight|bias)", r"head.out_proj.\1"),
-]
-# The pretraining heads (MLM of v2, replaced-token detection of v3), the unused absolute position
-# table of v3 checkpoints (position_biased_input false) and cached position ids.
-DEBERTA_UNUSED = [r"lm_predictions\..*", r"mask_predictions\..*", r"cls\..*",
-                  _D + r"embeddings\.position_embeddings\.weight", _D + r"embeddings\.position_ids"]
 # config.json values this implementation requires: the v3 checkpoints' (key, value, what it means)
 DEBERTA_REQUIRED = [("relative_attention", True, "relative position attention"),
                     ("share_att_key", True, "position projections shared with q_proj / k_proj"),
@@ -564,11 +612,8 @@ def load_deberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
     for key in ("hidden_act", "pooler_hidden_act"):
         if hf.get(key, "gelu") not in ACTIVATIONS:
             raise CheckpointError(f"{file}: {key} {hf[key]!r} is not supported ({', '.join(ACTIVATIONS)})")
-    tensors, origin = rename(*read_hf_tensors(path), DEBERTA_KEYS, DEBERTA_UNUSED, file)
-    head = tensors.get("head.out_proj.weight")
-    if head is not None and num_labels is not None and head.shape[0] != num_labels:
-        raise CheckpointError(f"{origin['head.out_proj.weight']}: the classification head has {head.shape[0]} "
-                              f"labels, num_labels={num_labels} was asked for")
+    tensors, origin = rename(*read_hf_tensors(path), DEBERTA_KEYS, file)
+    labels = head_labels(tensors, origin, num_labels)
     cfg = DebertaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                         hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                         max_positions=hf.get("max_position_embeddings", 512),
@@ -580,175 +625,11 @@ def load_deberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
                         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
                         pooler_activation=hf.get("pooler_hidden_act", "gelu"),
                         pooler_dropout=hf.get("pooler_dropout", 0.0), cls_dropout=hf.get("cls_dropout"),
-                        num_labels=head.shape[0] if head is not None else 0)
+                        num_labels=labels)
     with torch.device("meta"):
         model = Deberta(cfg)
     assign_weights(model, tensors, origin, dtype, device)
-    if head is None and num_labels:                       # a fresh head: N(0, 0.02) weights, zero biases
+    if not labels and num_labels:
         cfg.num_labels = num_labels
-        model.head = DebertaHead(cfg).to(device or "cpu", dtype or torch.float32)
-        for lin in (model.head.dense, model.head.out_proj):
-            nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
-            nn.init.zeros_(lin.bias)
+        add_fresh_head(model, DebertaHead(cfg), hf, dtype, device)
     return model
-
-
-# Meta key -> (our key, the dimension model-parallel shards are split along; None = replicated).
-META_KEYS = {
-    "tok_embeddings.weight": ("embed_tokens.weight", 1),
-    "norm.weight": ("norm.weight", None),
-    "output.weight": ("lm_head.weight", 0),
-    "layers.{}.attention.wq.weight": ("layers.{}.self_attn.q_proj.weight", 0),
-    "layers.{}.attention.wk.weight": ("layers.{}.self_attn.k_proj.weight", 0),
-    "layers.{}.attention.wv.weight": ("layers.{}.self_attn.v_proj.weight", 0),
-    "layers.{}.attention.wo.weight": ("layers.{}.self_attn.o_proj.weight", 1),
-    "layers.{}.feed_forward.w1.weight": ("layers.{}.mlp.gate_proj.weight", 0),
-    "layers.{}.feed_forward.w2.weight": ("layers.{}.mlp.down_proj.weight", 1),
-    "layers.{}.feed_forward.w3.weight": ("layers.{}.mlp.up_proj.weight", 0),
-    "layers.{}.attention_norm.weight": ("layers.{}.input_layernorm.weight", None),
-    "layers.{}.ffn_norm.weight": ("layers.{}.post_attention_layernorm.weight", None),
-}
-
-
-def map_meta_key(key: str, file: str) -> tuple[str, int | None]:
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
-    pattern = f"layers.{{}}.{m.group(2)}" if m else key
-    if pattern not in META_KEYS:
-        raise CheckpointError(f"{file}: unexpected tensor {key!r} in a Meta checkpoint")
-    ours, split = META_KEYS[pattern]
-    return (ours.format(m.group(1)) if m else ours), split
-
-
-def llama_config_from_meta(params: dict, vocab_size: int) -> LlamaConfig:
-    """params.json -> config. The FFN width follows Meta's model.py: 2/3 of 4·dim, times
-    ffn_dim_multiplier, rounded up to a multiple of multiple_of."""
-    dim = params["dim"]
-    hidden = int(2 * (4 * dim) / 3)
-    if params.get("ffn_dim_multiplier") is not None:
-        hidden = int(params["ffn_dim_multiplier"] * hidden)
-    m = params.get("multiple_of", 256)
-    hidden = m * ((hidden + m - 1) // m)
-    if params.get("use_scaled_rope"):
-        # Llama 3.1+'s params.json names the scaling but not its factor (8 for 3.1, 32 for 3.2 in
-        # Meta's code): refuse rather than guess; the Hugging Face config carries the numbers.
-        raise CheckpointError("params.json: use_scaled_rope=true (Llama 3.1+) is not supported for Meta's layout; "
-                              "use the Hugging Face checkpoint of the same model (config.json has its rope_scaling)")
-    return LlamaConfig(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
-                       n_kv_heads=params.get("n_kv_heads") or params["n_heads"], hidden_dim=hidden,
-                       vocab_size=vocab_size, norm_eps=params.get("norm_eps", 1e-6),
-                       rope_theta=float(params.get("rope_theta", 10000.0)))
-
-
-def load_meta(path, dtype=torch.float32, device="cpu"):
-    params_file = os.path.join(path, "params.json")
-    with open(params_file) as f:
-        params = json.load(f)
-    for key in ("dim", "n_layers", "n_heads"):
-        if key not in params:
-            raise CheckpointError(f"{params_file}: missing key {key!r}")
-    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not shards:
-        raise CheckpointError(f"{path}: has params.json but no consolidated.*.pth")
-    parts = [read_torch(s) for s in shards]
-    # Gather each tensor from every shard and concatenate along its model-parallel split dimension.
-    tensors, origin = {}, {}
-    for key in parts[0]:
-        if key == "rope.freqs":          # cached RoPE table in LLaMA-1 checkpoints; recomputed here
-            continue
-        ours, split = map_meta_key(key, shards[0])
-        for s, p in zip(shards, parts):
-            if key not in p:
-                raise CheckpointError(f"{s}: missing tensor {key!r} (present in {shards[0]})")
-        pieces = [p[key] for p in parts]
-        tensors[ours] = pieces[0] if split is None or len(pieces) == 1 else torch.cat(pieces, dim=split)
-        origin[ours] = shards[0] if len(shards) == 1 else f"{path}/consolidated.*.pth"
-    if "embed_tokens.weight" not in tensors:
-        raise CheckpointError(f"{shards[0]}: missing tensor 'tok_embeddings.weight'")
-    vocab = params.get("vocab_size", -1)
-    vocab = vocab if vocab > 0 else tensors["embed_tokens.weight"].shape[0]   # LLaMA-1 says -1
-    cfg = llama_config_from_meta(params, vocab)
-    for i in range(cfg.n_layers):
-        for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
-            key = f"layers.{i}.self_attn.{proj}.weight"
-            if key in tensors and tensors[key].shape[0] % heads == 0:
-                tensors[key] = meta_to_hf_rows(tensors[key], heads)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    return assign_weights(model, tensors, origin, dtype, device)
-
-
-def load_llama2c(file, dtype=torch.float32, device="cpu"):
-    """llama2.c's export format (karpathy/llama2.c export.py): version 0 (7 int32 header, weights
-    stacked per kind, RoPE tables after the final norm) or version 1 (256-byte header with magic
-    "ak42", norms first, no RoPE tables). Matrices are nn.Linear (out, in), float32."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        head = f.read(256)
-    if len(head) < 28:
-        raise CheckpointError(f"{file}: truncated llama2.c header ({size} bytes)")
-    magic = struct.unpack("<I", head[:4])[0]
-    if magic == 0x616B3432:                                           # "ak42": version >= 1
-        version = struct.unpack("<i", head[4:8])[0]
-        if version != 1:
-            raise CheckpointError(f"{file}: llama2.c version {version} is not supported (0 and 1 are)")
-        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", head[8:36])
-        shared = bool(head[36])
-        offset = 256
-    else:
-        version = 0
-        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", head[:28])
-        shared, vocab = vocab > 0, abs(vocab)
-        offset = 28
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
-        raise CheckpointError(f"{file}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len})")
-    cfg = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden,
-                      vocab_size=vocab, norm_eps=1e-5, max_seq_len=seq_len, tie_embeddings=shared)
-    L, hd, kv_dim = n_layers, dim // n_heads, n_kv * (dim // n_heads)
-    data = torch.from_file(file, shared=False, size=size // 4, dtype=torch.float32) if size % 4 == 0 else None
-    if data is None:
-        raise CheckpointError(f"{file}: size {size} is not a whole number of float32 values")
-    data = data[offset // 4:]
-
-    def take(name, *shape):
-        nonlocal data
-        n = math.prod(shape)
-        if data.numel() < n:
-            raise CheckpointError(f"{file}: truncated: tensor {name!r} {shape} needs {n} floats, "
-                                  f"{data.numel()} left")
-        t, data = data[:n].view(shape), data[n:]
-        return t
-
-    w = {}
-    if version == 0:
-        order = ["emb", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "norm", "rope"]
-    else:
-        order = ["attn_norm", "ffn_norm", "norm", "emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-    shapes = {"emb": (vocab, dim), "attn_norm": (L, dim), "ffn_norm": (L, dim), "norm": (dim,),
-              "wq": (L, dim, dim), "wk": (L, kv_dim, dim), "wv": (L, kv_dim, dim), "wo": (L, dim, dim),
-              "w1": (L, hidden, dim), "w2": (L, dim, hidden), "w3": (L, hidden, dim),
-              "rope": (2, seq_len, hd // 2)}
-    for name in order:
-        w[name] = take(name, *shapes[name])
-    if not shared:
-        w["output"] = take("output", vocab, dim)
-    if data.numel():
-        raise CheckpointError(f"{file}: {data.numel()} float32 values left after the last tensor "
-                              f"(header does not match the file)")
-
-    tensors = {"embed_tokens.weight": w["emb"], "norm.weight": w["norm"]}
-    if not shared:
-        tensors["lm_head.weight"] = w["output"]
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
-    for i in range(L):
-        for src, dst in names.items():
-            t = w[src][i]
-            if src == "wq":
-                t = meta_to_hf_rows(t, n_heads)
-            elif src == "wk":
-                t = meta_to_hf_rows(t, n_kv)
-            tensors[f"layers.{i}.{dst}.weight"] = t
-    with torch.device("meta"):
-        model = Llama(cfg)
-    return assign_weights(model, tensors, {k: file for k in tensors}, dtype, device)

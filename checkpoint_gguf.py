@@ -18,7 +18,7 @@ which ggml's RoPE rotates:
 
     w.reshape(n_head, 2, out // n_head // 2, in).swapaxes(1, 2).reshape(out, in)
 
-Reading undoes it with checkpoint.meta_to_hf_rows, the permutation used for Meta's checkpoints.
+Reading undoes it with checkpoint_meta.meta_to_hf_rows, the permutation used for Meta's checkpoints.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import re
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, assign_weights, meta_to_hf_rows
+from checkpoint import CheckpointError, assign_weights
+from checkpoint_meta import meta_to_hf_rows
 from model import Llama, LlamaConfig
 
 GGUF_MISSING = "reading GGUF files needs the gguf package: pip install -r requirements-gguf.txt"

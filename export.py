@@ -51,57 +51,27 @@ from runs import atomic_write, pid_alive, read_json_object
 # -----------------------------------------------------------------------------
 # Key names: ours <-> Hugging Face's
 
-ROBERTA_TO_HF = [           # the inverse of checkpoint.ROBERTA_KEYS
-    (r"embed_tokens\.weight", "roberta.embeddings.word_embeddings.weight"),
-    (r"embed_positions\.weight", "roberta.embeddings.position_embeddings.weight"),
-    (r"embed_token_types\.weight", "roberta.embeddings.token_type_embeddings.weight"),
-    (r"layernorm_embedding\.(weight|bias)", r"roberta.embeddings.LayerNorm.\1"),
-    (r"layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"roberta.encoder.layer.\1.attention.self.query.\2"),
-    (r"layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"roberta.encoder.layer.\1.attention.self.key.\2"),
-    (r"layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"roberta.encoder.layer.\1.attention.self.value.\2"),
-    (r"layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"roberta.encoder.layer.\1.attention.output.dense.\2"),
-    (r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"roberta.encoder.layer.\1.attention.output.LayerNorm.\2"),
-    (r"layers\.(\d+)\.ffn\.fc1\.(weight|bias)", r"roberta.encoder.layer.\1.intermediate.dense.\2"),
-    (r"layers\.(\d+)\.ffn\.fc2\.(weight|bias)", r"roberta.encoder.layer.\1.output.dense.\2"),
-    (r"layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"roberta.encoder.layer.\1.output.LayerNorm.\2"),
-    (r"head\.(dense|out_proj)\.(weight|bias)", r"classifier.\1.\2"),
-]
-BART_TO_HF = [              # the inverse of checkpoint.BART_KEYS and its embedding names
-    (r"(encoder|decoder)\.layers\.(\d+)\.ffn\.(fc1|fc2)\.(weight|bias)", r"model.\1.layers.\2.\3.\4"),
-    (r"shared\.weight", "model.shared.weight"),
-    (r"final_logits_bias", "final_logits_bias"),
-    (r"(?:encoder|decoder)\..+", r"model.\g<0>"),
-]
-
-
-def _apply(table, key):
-    for pattern, repl in table:
-        if m := re.fullmatch(pattern, key):
-            return m.expand(repl)
-    return None
+# checkpoint.py's maps, read in both directions; LLaMA's keys are ours with "model." in front (lm_head as it is).
+HF_NAMES = {M.Roberta: ROBERTA_KEYS, M.Bart: BART_KEYS}
 
 
 def hf_key(model, key: str) -> str:
     """Our state-dict key -> the key in a Hugging Face checkpoint of the same model."""
     if isinstance(model, M.Llama):
         return key if key == "lm_head.weight" else "model." + key
-    if not isinstance(model, (M.Roberta, M.Bart)):
+    if type(model) not in HF_NAMES:
         raise ValueError(f"export knows Hugging Face names for LLaMA, RoBERTa and BART / mBART, not {type(model).__name__}")
-    out = _apply(ROBERTA_TO_HF if isinstance(model, M.Roberta) else BART_TO_HF, key)
+    out = HF_NAMES[type(model)].hf(key)
     if out is None:
         raise ValueError(f"{key!r} has no Hugging Face name")
     return out
 
 
 def our_key(model, key: str) -> str | None:
-    """A Hugging Face checkpoint key -> ours (checkpoint.py's maps); None if this model has none."""
+    """A Hugging Face checkpoint key -> ours; None if this model has none."""
     if isinstance(model, M.Llama):
         return key.removeprefix("model.")
-    if isinstance(model, M.Bart) and key in ("model.shared.weight", "shared.weight"):
-        return "shared.weight"
-    if not isinstance(model, (M.Roberta, M.Bart)):
-        return None
-    return _apply(ROBERTA_KEYS if isinstance(model, M.Roberta) else BART_KEYS, key)
+    return HF_NAMES[type(model)].ours(key) if type(model) in HF_NAMES else None
 
 
 def hf_module(model, name: str) -> str:

@@ -3,14 +3,18 @@
   - `load(path)`: a checkpoint directory (or llama2.c .bin or GGUF file) -> a model with its weights,
     in eval mode. The layout is detected from the files present:
       - Hugging Face: config.json + model.safetensors / pytorch_model.bin, single or sharded
-        (model_type llama, roberta, bart, mbart or deberta-v2; RoBERTa's and DeBERTa's keys are
-        renamed onto BART's module names);
-      - Meta: params.json + consolidated.NN.pth (model-parallel shards are concatenated);
+        (model_type llama, roberta, bart, mbart or deberta-v2);
+      - Meta: params.json + consolidated.NN.pth (model-parallel shards are concatenated;
+        checkpoint_meta.py);
       - GGUF (llama.cpp): one .gguf file of the llama architecture, dequantised (checkpoint_gguf.py);
-      - llama2.c: one .bin file (legacy v0 or v1 header).
+      - llama2.c: one .bin file (legacy v0 or v1 header; checkpoint_meta.py).
     The model is built on the meta device and the tensors are assigned into it, so a checkpoint
     is never held twice in memory; anything missing, unexpected or mis-shaped is a CheckpointError
-    naming the file and the key.
+    naming the file and the key. PyTorch files (.bin, .pth) are read with weights_only=True:
+    tensors, never arbitrary pickled objects.
+  - Key names: one map per family (RoBERTa, DeBERTa, BART / mBART) of Hugging Face's module names
+    and ours (RoBERTa's and DeBERTa's renamed onto BART's), read one way here and the other way
+    by export.py; RoBERTa and DeBERTa share the names they keep from BERT.
   - `build(name_or_path)`: a preset name -> a weightless model of that shape (parameter counts),
     a path -> load(path).
   - A small safetensors reader (memory-mapped) and writer, used for the checkpoints and for the
@@ -269,7 +273,7 @@ class KeyMap:
     checkpoints of the base model (RobertaModel, BartModel) have keys without it. `unused`: regexes
     of keys, prefix removed, that the checkpoint may hold and this model does not use."""
 
-    def __init__(self, prefix: str, names: dict[str, str], unused: list[str] = ()):
+    def __init__(self, prefix: str, names: dict[str, str], unused: tuple[str, ...] = ()):
         self.prefix, self.to_ours, self.unused = prefix, names, unused
         self.to_hf = {ours: hf for hf, ours in names.items()}
         assert len(self.to_hf) == len(names), "two names map to one"
@@ -297,21 +301,22 @@ def bert_names(prefix: str, query: str, key: str, value: str) -> dict[str, str]:
             **{f"{prefix}encoder.layer.{{}}.{hf}": f"layers.{{}}.{ours}" for hf, ours in layer.items()}}
 
 
+# RoBERTa has no use for the pooler, the MLM head (lm_head) or the cached position ids.
 ROBERTA_KEYS = KeyMap("roberta.", {
     **bert_names("roberta.", "query", "key", "value"),
     "roberta.embeddings.position_embeddings": "embed_positions",
     "classifier.dense": "head.dense", "classifier.out_proj": "head.out_proj",          # the GLUE head
-}, unused=[r"pooler\..*", r"lm_head\..*", r"embeddings\.position_ids"])           # pooler, MLM head
+}, unused=(r"pooler\..*", r"lm_head\..*", r"embeddings\.position_ids"))
 
+# DeBERTa-v2/v3 has no use for the pretraining heads (MLM of v2, replaced-token detection of v3), the
+# absolute position table of v3 checkpoints (position_biased_input false) or the cached position ids.
 DEBERTA_KEYS = KeyMap("deberta.", {
     **bert_names("deberta.", "query_proj", "key_proj", "value_proj"),
     "deberta.encoder.rel_embeddings": "rel_embeddings",
     "deberta.encoder.LayerNorm": "rel_layer_norm",
     "pooler.dense": "head.dense", "classifier": "head.out_proj",                       # the GLUE head
-}, unused=[  # the pretraining heads (MLM of v2, replaced-token detection of v3), the unused absolute
-    # position table of v3 checkpoints (position_biased_input false) and cached position ids
-    r"lm_predictions\..*", r"mask_predictions\..*", r"cls\..*",
-    r"embeddings\.position_embeddings\.weight", r"embeddings\.position_ids"])
+}, unused=(r"lm_predictions\..*", r"mask_predictions\..*", r"cls\..*",
+           r"embeddings\.position_embeddings\.weight", r"embeddings\.position_ids"))
 
 
 def bart_names() -> dict[str, str]:
@@ -346,7 +351,7 @@ def rename(tensors, origin, keys: KeyMap, file_of_model):
 
 
 # -----------------------------------------------------------------------------
-# Loading a checkpoint: LLaMA's three layouts, RoBERTa, BART / mBART
+# Loading a checkpoint: which layout, then LLaMA's Hugging Face layout, RoBERTa, BART / mBART, DeBERTa
 
 def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = None):
     """Read the checkpoint directory (or llama2.c .bin or GGUF file) at `path` and return the model.

@@ -371,7 +371,8 @@ def load(path: str, dtype=torch.float32, device="cpu", num_labels: int | None = 
     (device=None); it needs the optional gguf package (requirements-gguf.txt).
     """
     if num_labels is not None and not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: num_labels is for RoBERTa checkpoints (config.json with model_type roberta)")
+        raise CheckpointError(f"{path}: num_labels is for RoBERTa and DeBERTa checkpoints (config.json with model_type "
+                              f"roberta or deberta-v2)")
     from checkpoint_gguf import load_gguf               # (they import this module)
     from checkpoint_meta import load_llama2c, load_meta
     if os.path.isfile(path) and path.endswith(".bin") and not path.endswith("pytorch_model.bin"):
@@ -419,7 +420,7 @@ def build(name_or_path: str, dtype=torch.float32, device="cpu"):
 def llama_config_from_hf(hf: dict, file: str) -> LlamaConfig:
     if hf.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{file}: model_type {hf.get('model_type')!r} is not supported "
-                              f"(expected llama, roberta, bart or mbart)")
+                              f"(expected llama, roberta, bart, mbart or deberta-v2)")
     rope_scaling = rope_scaling_from_hf(hf, file)
     for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if hf.get(key, ok) != ok:
@@ -473,7 +474,7 @@ def load_hf(path, dtype=torch.float32, device="cpu", num_labels=None):
     if kind in ("deberta-v2", "deberta"):                 # v1 ("deberta") is rejected there, by name
         return load_deberta(path, hf, dtype, device, num_labels)
     if num_labels is not None:
-        raise CheckpointError(f"{file}: num_labels is for RoBERTa; this is a {kind!r} checkpoint")
+        raise CheckpointError(f"{file}: num_labels is for RoBERTa and DeBERTa; this is a {kind!r} checkpoint")
     cfg = llama_config_from_hf(hf, file)
     tensors, origin = read_hf_tensors(path)
     # Hugging Face keys are ours with a "model." prefix (lm_head.weight has none).
@@ -502,13 +503,17 @@ def head_labels(tensors, origin, num_labels: int | None) -> int:
     return head.shape[0]
 
 
-def add_fresh_head(model, head: nn.Module, hf: dict, dtype, device):
-    """A new classification head on `model`, whose checkpoint has none, initialised as transformers'
-    _init_weights does: weights N(0, initializer_range), biases zero."""
-    model.head = head.to(device or "cpu", dtype or torch.float32)
-    for lin in (model.head.dense, model.head.out_proj):
-        nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
-        nn.init.zeros_(lin.bias)
+def add_head(model, num_labels: int | None, new_head, hf: dict, dtype, device):
+    """`model`, with a new classification head `new_head(cfg)` where its checkpoint has none and
+    `num_labels` asks for one, initialised as transformers' _init_weights does: weights
+    N(0, initializer_range), biases zero."""
+    if model.head is None and num_labels:
+        model.cfg.num_labels = num_labels
+        model.head = new_head(model.cfg).to(device or "cpu", dtype or torch.float32)
+        for lin in (model.head.dense, model.head.out_proj):
+            nn.init.normal_(lin.weight, std=hf.get("initializer_range", 0.02))
+            nn.init.zeros_(lin.bias)
+    return model
 
 
 def load_roberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
@@ -519,22 +524,19 @@ def load_roberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
     if act not in ACTIVATIONS:
         raise CheckpointError(f"{file}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
     tensors, origin = rename(*read_hf_tensors(path), ROBERTA_KEYS, file)
-    labels = head_labels(tensors, origin, num_labels)
     dropout = hf.get("hidden_dropout_prob", 0.1)
     cfg = RobertaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                         hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                         max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 1),
                         pad_id=hf.get("pad_token_id", 1), norm_eps=hf.get("layer_norm_eps", 1e-5), activation=act,
                         dropout=dropout, attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                        num_labels=labels)
+                        num_labels=head_labels(tensors, origin, num_labels))
     with torch.device("meta"):
         model = Roberta(cfg)
     assign_weights(model, tensors, origin, dtype, device)
-    if not labels and num_labels:
-        cfg.num_labels = num_labels
-        add_fresh_head(model, ClassificationHead(cfg.dim, num_labels, hf.get("classifier_dropout") or dropout),
-                       hf, dtype, device)
-    return model
+    head_dropout = hf.get("classifier_dropout") or dropout
+    return add_head(model, num_labels, lambda cfg: ClassificationHead(cfg.dim, cfg.num_labels, head_dropout),
+                    hf, dtype, device)
 
 
 # The token embedding is stored up to four times under these names (tied: one matrix).
@@ -618,7 +620,6 @@ def load_deberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
         if hf.get(key, "gelu") not in ACTIVATIONS:
             raise CheckpointError(f"{file}: {key} {hf[key]!r} is not supported ({', '.join(ACTIVATIONS)})")
     tensors, origin = rename(*read_hf_tensors(path), DEBERTA_KEYS, file)
-    labels = head_labels(tensors, origin, num_labels)
     cfg = DebertaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                         hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                         max_positions=hf.get("max_position_embeddings", 512),
@@ -630,11 +631,8 @@ def load_deberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
                         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
                         pooler_activation=hf.get("pooler_hidden_act", "gelu"),
                         pooler_dropout=hf.get("pooler_dropout", 0.0), cls_dropout=hf.get("cls_dropout"),
-                        num_labels=labels)
+                        num_labels=head_labels(tensors, origin, num_labels))
     with torch.device("meta"):
         model = Deberta(cfg)
     assign_weights(model, tensors, origin, dtype, device)
-    if not labels and num_labels:
-        cfg.num_labels = num_labels
-        add_fresh_head(model, DebertaHead(cfg), hf, dtype, device)
-    return model
+    return add_head(model, num_labels, DebertaHead, hf, dtype, device)

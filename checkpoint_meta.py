@@ -117,10 +117,10 @@ def load_meta(path, dtype=torch.float32, device="cpu"):
     return assign_weights(model, tensors, origin, dtype, device)
 
 
-def load_llama2c(file, dtype=torch.float32, device="cpu"):
+def read_llama2c_header(file: str) -> tuple[LlamaConfig, int, int]:
     """llama2.c's export format (karpathy/llama2.c export.py): version 0 (7 int32 header, weights
     stacked per kind, RoPE tables after the final norm) or version 1 (256-byte header with magic
-    "ak42", norms first, no RoPE tables). Matrices are nn.Linear (out, in), float32."""
+    "ak42", norms first, no RoPE tables). Returns (config, version, offset of the first weight)."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         head = f.read(256)
@@ -143,11 +143,22 @@ def load_llama2c(file, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{file}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len})")
     cfg = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden,
                       vocab_size=vocab, norm_eps=1e-5, max_seq_len=seq_len, tie_embeddings=shared)
-    L, hd, kv_dim = n_layers, dim // n_heads, n_kv * (dim // n_heads)
-    data = torch.from_file(file, shared=False, size=size // 4, dtype=torch.float32) if size % 4 == 0 else None
-    if data is None:
+    return cfg, version, offset
+
+
+# llama2.c's per-layer weights (stacked: one tensor of L layers each) -> our module names
+LLAMA2C_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                 "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+                 "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+
+
+def load_llama2c(file, dtype=torch.float32, device="cpu"):
+    """A llama2.c .bin file (read_llama2c_header): every weight float32, matrices nn.Linear's (out, in)."""
+    cfg, version, offset = read_llama2c_header(file)
+    size = os.path.getsize(file)
+    if size % 4:
         raise CheckpointError(f"{file}: size {size} is not a whole number of float32 values")
-    data = data[offset // 4:]
+    data = torch.from_file(file, shared=False, size=size // 4, dtype=torch.float32)[offset // 4:]
 
     def take(name, *shape):
         nonlocal data
@@ -158,36 +169,28 @@ def load_llama2c(file, dtype=torch.float32, device="cpu"):
         t, data = data[:n].view(shape), data[n:]
         return t
 
-    w = {}
+    L, dim, hidden, kv_dim = cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"emb": (cfg.vocab_size, dim), "attn_norm": (L, dim), "ffn_norm": (L, dim), "norm": (dim,),
+              "wq": (L, dim, dim), "wk": (L, kv_dim, dim), "wv": (L, kv_dim, dim), "wo": (L, dim, dim),
+              "w1": (L, hidden, dim), "w2": (L, dim, hidden), "w3": (L, hidden, dim),
+              "rope": (2, cfg.max_seq_len, cfg.head_dim // 2), "output": (cfg.vocab_size, dim)}
     if version == 0:
         order = ["emb", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "norm", "rope"]
     else:
         order = ["attn_norm", "ffn_norm", "norm", "emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-    shapes = {"emb": (vocab, dim), "attn_norm": (L, dim), "ffn_norm": (L, dim), "norm": (dim,),
-              "wq": (L, dim, dim), "wk": (L, kv_dim, dim), "wv": (L, kv_dim, dim), "wo": (L, dim, dim),
-              "w1": (L, hidden, dim), "w2": (L, dim, hidden), "w3": (L, hidden, dim),
-              "rope": (2, seq_len, hd // 2)}
-    for name in order:
-        w[name] = take(name, *shapes[name])
-    if not shared:
-        w["output"] = take("output", vocab, dim)
+    w = {name: take(name, *shapes[name]) for name in order + ([] if cfg.tie_embeddings else ["output"])}
     if data.numel():
         raise CheckpointError(f"{file}: {data.numel()} float32 values left after the last tensor "
                               f"(header does not match the file)")
 
     tensors = {"embed_tokens.weight": w["emb"], "norm.weight": w["norm"]}
-    if not shared:
+    if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = w["output"]
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
     for i in range(L):
-        for src, dst in names.items():
+        for src, dst in LLAMA2C_LAYER.items():
             t = w[src][i]
-            if src == "wq":
-                t = meta_to_hf_rows(t, n_heads)
-            elif src == "wk":
-                t = meta_to_hf_rows(t, n_kv)
+            if src in ("wq", "wk"):
+                t = meta_to_hf_rows(t, cfg.n_heads if src == "wq" else cfg.n_kv_heads)
             tensors[f"layers.{i}.{dst}.weight"] = t
     with torch.device("meta"):
         model = Llama(cfg)

@@ -176,6 +176,11 @@ def read_torch(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a PyTorch file (.bin, .pth) by read_torch."""
+    return read_safetensors(path) if path.endswith(".safetensors") else read_torch(path)
+
+
 def read_json(path: str) -> dict:
     """A JSON object (config.json, params.json, an index); anything else is a CheckpointError naming the file."""
     try:
@@ -210,7 +215,7 @@ def read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """All tensors of a Hugging Face checkpoint directory -> ({key: tensor}, {key: file it came from})."""
     tensors, origin = {}, {}
     for file in hf_weight_files(path):
-        for k, t in (read_safetensors(file) if file.endswith(".safetensors") else read_torch(file)).items():
+        for k, t in read_tensors(file).items():
             tensors[k], origin[k] = t, file
     return tensors, origin
 

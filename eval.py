@@ -170,6 +170,26 @@ def candidate_sequences(tokenizer, prompt: str, candidates: list, response: str 
     return seqs[0][:n], [s[n:] for s in seqs]
 
 
+def rank_candidates(tokenizer, task, records, prompt, by="label") -> dict:
+    """evaluate_rank's candidates: {record index: (its labels, the tokens its candidates share, each
+    candidate's own tokens, each one's score divisor)}. by="label": the answer format's labels after
+    the prompt, divisor 1; by="text": the options' texts after the question alone, divisor the
+    candidate's characters."""
+    samples = {}
+    for i, r in enumerate(records):
+        options = llm_adapters.option_texts(r["instruction"]) if by != "label" else {}
+        labels = quanta.answer_format(r["instruction"]) if by == "label" else list(options)
+        if r["answer"] not in labels:
+            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its "
+                             f"{'answer format' if by == 'label' else 'options'} {labels}")
+        texts = labels if by == "label" else [options[c] for c in labels]
+        shown = r if by == "label" else {**r, "instruction": llm_adapters.without_options(r["instruction"])}
+        shared, own = candidate_sequences(tokenizer, prompt(shown), texts)
+        norm = [1.0] * len(own) if by == "label" else [max(1, len(tokenizer.decode(o))) for o in own]
+        samples[i] = (labels, shared, own, norm)
+    return samples
+
+
 @torch.no_grad()
 def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, prompt=llm_adapters.eval_prompt,
                   progress=True, by="label"):
@@ -189,18 +209,7 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
     log-probability per character (lm-evaluation-harness's multiple-choice setup and acc_norm):
     what a pretrained model knows, without having to learn the labels. Returns (correct, total); the
     scores go to out_path, one line per record, resumed."""
-    samples = {}
-    for i, r in enumerate(records):
-        options = llm_adapters.option_texts(r["instruction"]) if by != "label" else {}
-        labels = quanta.answer_format(r["instruction"]) if by == "label" else list(options)
-        if r["answer"] not in labels:
-            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its "
-                             f"{'answer format' if by == 'label' else 'options'} {labels}")
-        texts = labels if by == "label" else [options[c] for c in labels]
-        shown = r if by == "label" else {**r, "instruction": llm_adapters.without_options(r["instruction"])}
-        shared, own = candidate_sequences(tokenizer, prompt(shown), texts)
-        norm = [1.0] * len(own) if by == "label" else [max(1, len(tokenizer.decode(o))) for o in own]
-        samples[i] = (labels, shared, own, norm)
+    samples = rank_candidates(tokenizer, task, records, prompt, by)
     device = next(model.parameters()).device
 
     def score(idx):
@@ -458,7 +467,8 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
     if mbart:
         settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))
     if max_source_len is not None and not 0 < max_source_len <= model.cfg.max_positions:
-        raise ValueError(f"--max_source_len {max_source_len}: expected 1 to the model's {model.cfg.max_positions} positions")
+        raise ValueError(f"--max_source_len {max_source_len}: expected 1 to the model's "
+                         f"{model.cfg.max_positions} positions")
     max_src = min(max_source_len or (512 if task == "xsum" else 150), model.cfg.max_positions)
     sources = {i: seq2seq.encode(tokenizer, p["source"], max_src, src_lang) for i, p in enumerate(pairs)}
     device = next(model.parameters()).device

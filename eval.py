@@ -1,63 +1,72 @@
 """Evaluate a base model with an adapter: LLM-Adapters' commonsense and arithmetic test sets
-(LLaMA), GLUE (RoBERTa), XSum (BART) and WMT16 en-ro (mBART).
+(LLaMA), GLUE (RoBERTa, DeBERTaV3), XSum (BART), WMT16 en-ro (mBART) and the perplexity of long
+texts (LLaMA, LongLoRA's protocol).
 
     python eval.py --model /ckpt/llama-7b-hf --adapter runs/la/adapter.safetensors --task commonsense
     python eval.py --model /ckpt/roberta-base --adapter runs/sst2/adapter.safetensors --task sst2 --data glue_data/SST-2
     python eval.py --model /ckpt/bart-large --adapter runs/xsum/adapter.safetensors --task xsum --data xsum_dir
     python eval.py --model /ckpt/mbart-large-cc25 --adapter runs/mt/adapter.safetensors --task wmt16-en-ro --data wmt_dir
-
-LLaMA, as the reference (LLM-Adapters' commonsense_evaluate.py / evaluate.py, with DoRA's merged,
-dropout-free model): the evaluation prompt, batched 4-beam search with left padding,
-max_new_tokens 32 (commonsense) or 256 (math), the response cut after "### Response:", and the
-answer taken by `extract_answer`. GLUE: the dev sets (MNLI: matched and mismatched) with
-`glue_metric`. XSum and en-ro: beam search with He et al.'s settings on the test split, then
-`rouge` or `bleu`. Predictions go to OUT_DIR/<task>.jsonl, one line per example; a rerun of the
-same evaluation skips the examples already there. Predictions and results record what made them
-(the base model's fingerprint, the adapter's and the data's content hashes, the task, the
-settings: TASK.jsonl.meta.json, each results.json entry's "fingerprint"); those of another
-evaluation are never reused: they are refused, naming the difference, or replaced with
---overwrite. A markdown table in the layout of the paper's Table 4 (commonsense),
-Table 8 (math), Table 5 (GLUE; Table 11 for DeBERTa) or Table 10 (XSum, MT) is printed and the numbers are written to
-OUT_DIR/results.json.
-
---protocol quanta (LLaMA; Table 4's QuanTA rows and Table 8 come from it): QuanTA's run.py.
-Commonsense by rank classification over the answer candidates, math (AQuA, GSM8K, MAWPS, SVAMP)
-by greedy decoding of at most 50 tokens up to a newline, scored by the correct metric and, labelled,
-by QuanTA's released one (`quanta_math_correct`). Predictions go to OUT_DIR/<task>.quanta.jsonl,
-the numbers to OUT_DIR/results.quanta.json.
-
     python eval.py --model /ckpt/llama-2-7b-hf --adapter runs/q/adapter.safetensors --task math --protocol quanta
+
+The evaluators are data, as train.py's benchmarks are (pipelines.PIPELINES): EVALUATORS maps each
+kind of task to the function that evaluates it and the function that lays its results out as the
+paper's table; main looks the kind up and runs it. The protocols come first, each with its table:
+
+  LLM-Adapters' protocol (LLaMA; the paper's Tables 4 and 8): LLM-Adapters' commonsense_evaluate.py
+      and evaluate.py, with DoRA's merged, dropout-free model: the evaluation prompt, batched 4-beam
+      search with left padding, max_new_tokens 32 (commonsense) or 256 (math), the response cut
+      after "### Response:", and the answer taken by `extract_answer`.
+  --protocol rank: commonsense by rank classification over the answer labels or the options' texts.
+  --protocol quanta: QuanTA's run.py (eval_quanta.py), where Table 4's QuanTA rows and Table 8
+      come from.
+  GLUE: the dev sets (MNLI: matched and mismatched) with `glue_metric` (Tables 5 and 11).
+  XSum and en-ro: beam search with He et al.'s settings on the test split, then `rouge` or `bleu`
+      (Table 10).
+  --task ppl: perplexity of a token file or text at several context lengths (Table 7).
+
+then loading the model, the evaluators and EVALUATORS, and the command line.
+
+Predictions go to OUT_DIR/<task>.jsonl (--protocol quanta: <task>.quanta.jsonl; rank:
+<task>.rank.jsonl, by texts <task>.rank_text.jsonl), one line per example; a rerun of the same
+evaluation skips the examples already there. Predictions and results record what made them (the base
+model's fingerprint, the adapter's and the data's content hashes, the task, the settings:
+TASK.jsonl.meta.json, each results.json entry's "fingerprint"); those of another evaluation are never
+reused: they are refused, naming the difference, or replaced with --overwrite (predictions.py). The
+numbers go to OUT_DIR/results.json (results.quanta.json, results.rank.json, ...) and are printed as a
+markdown table in the paper's layout.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import sys
+from functools import partial
 
 import torch
 
 import hub
 import model as M
 from checkpoint import CheckpointError, load
-from runs import atomic_write, check_device, content_hash, default_precision, read_json_object
-from data import glue as G
-from data import llm_adapters as D
-from data import quanta as Q
-from data import seq2seq as S
-from data import text
+from data import glue, llm_adapters, quanta, seq2seq, text
+from eval_quanta import QUANTA_GROUPS, evaluate_quanta
 from generate import generate, generate_seq2seq
 from loss import lm_loss
+from predictions import (claim_predictions, evaluation_key, predict_resumably, read_results, settle_results,
+                         task_key, write_results)
+from runs import check_device, default_precision
 from tokenizer import load_tokenizer
+
+
+# ----------------------------------------------------------------------------- LLM-Adapters' protocol
 
 CHOICES = {"boolq": r"true|false", "piqa": r"solution1|solution2", "hellaswag": r"ending1|ending2|ending3|ending4",
            "winogrande": r"option1|option2",
            **{t: r"answer1|answer2|answer3|answer4|answer5"
               for t in ("social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa")}}
 NUMERIC = ("addsub", "multiarith", "singleeq", "gsm8k", "svamp", "mawps")
-TASKS = D.COMMONSENSE + D.MATH
-GROUPS = {"commonsense": D.COMMONSENSE, "math": D.MATH}
+TASKS = llm_adapters.COMMONSENSE + llm_adapters.MATH
+GROUPS = {"commonsense": llm_adapters.COMMONSENSE, "math": llm_adapters.MATH}
 # the paper's column names, Tables 4 and 8
 COLUMNS = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaSwag",
            "winogrande": "WinoGrande", "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c", "openbookqa": "OBQA",
@@ -91,80 +100,25 @@ def is_correct(dataset: str, label: str, prediction) -> bool:
 
 
 def response_of(generated_text: str) -> str:
-    """What follows "### Response:" in the prompt, up to a repeated marker, stripped (the
-    reference's `decoded.split("### Response:")[1].strip()`)."""
+    """The response in the generated tokens, decoded without the prompt: the text up to a "### Response:"
+    the model repeats, stripped. LLM-Adapters' evaluate.py decodes the prompt and the generation
+    together and takes `output.split("### Response:")[1].strip()`, the text between the prompt's
+    marker and the next one; without the prompt, that text is what comes before the first marker: [0]."""
     return generated_text.split("### Response:")[0].strip()
-
-
-def predict_resumably(inputs: dict, predict, out_path, field: str, label: str, batch_size: int,
-                      progress=True) -> dict:
-    """The loop every generative evaluation shares. `inputs` {index: token ids} are predicted in
-    batches of similar length by `predict(indices) -> records` (dicts with "index" and `field`),
-    which go to `out_path` as JSON lines; indices already in that file are not predicted again, so
-    a rerun resumes (main's claim_predictions has checked that the same evaluation made them). A
-    last line that a kill cut short is dropped; a corrupt line elsewhere is an error naming the
-    file and the line. Returns {index: record[field]} for every index of `inputs`."""
-    done = {}
-    if out_path and os.path.exists(out_path):
-        with open(out_path, "rb") as f:
-            lines = f.read().split(b"\n")
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                index, value = r["index"], r[field]
-            except (ValueError, TypeError, KeyError):
-                if n >= len(lines) - 1:                        # the last line, cut short by a kill
-                    print(f"{out_path}: dropping its last line, cut short; that example is predicted again",
-                          file=sys.stderr)
-                    atomic_write(out_path, lambda f: f.write(b"\n".join(lines[:n - 1]) + b"\n" * (n > 1)))
-                    break
-                raise ValueError(f"{out_path}: line {n} is not a prediction record with \"index\" and "
-                                 f"{field!r} (corrupt?); fix or delete that line, or delete the file") from None
-            if index in inputs:                                # (a run with a larger --limit made the rest)
-                done[index] = value
-    todo = sorted((i for i in inputs if i not in done), key=lambda i: len(inputs[i]))   # similar lengths together
-    out = open(out_path, "a") if out_path else None
-    try:
-        for b in range(0, len(todo), batch_size):
-            for record in predict(todo[b:b + batch_size]):
-                done[record["index"]] = record[field]
-                if out:
-                    try:
-                        out.write(json.dumps(record) + "\n")
-                        out.flush()
-                    except OSError as e:                       # a full disk: name the file
-                        raise OSError(e.errno, f"cannot write {out_path}: {e.strerror or e}") from None
-            if progress:
-                score = f" | accuracy {sum(done.values()) / len(done):.3f}" if field == "correct" else ""
-                print(f"\r{label}: {len(done)}/{len(inputs)}{score}", end="", file=sys.stderr, flush=True)
-    finally:
-        if out:
-            out.close()
-        if progress:
-            print(file=sys.stderr)
-    return done
-
-
-def markdown(head: list, rows: list) -> str:
-    """A markdown table."""
-    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [head]] + ["|" + "---|" * len(head)]
-                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, num_beams=4,
-                  max_new_tokens=None, progress=True, prompt=D.eval_prompt):
+                  max_new_tokens=None, progress=True, prompt=llm_adapters.eval_prompt):
     """Generate and score every record; returns (correct, total). Resumes from out_path's lines.
     `prompt` builds the prompt of a record (LLM-Adapters' evaluation prompt by default)."""
     if max_new_tokens is None:
-        max_new_tokens = 32 if task in D.COMMONSENSE else 256
+        max_new_tokens = 32 if task in llm_adapters.COMMONSENSE else 256
     prompts = {i: tokenizer.encode(prompt(r)) for i, r in enumerate(records)}
     device = next(model.parameters()).device
 
     def predict(idx):
-        batch = D.collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_id, side="left")
+        batch = llm_adapters.collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_id, side="left")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         seqs = generate(model, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -178,6 +132,32 @@ def evaluate_task(model, tokenizer, task, records, out_path=None, batch_size=8, 
     return sum(done.values()), len(records)
 
 
+def markdown(head: list, rows: list) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [head]] + ["|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def markdown_table(results: dict, method: str = "") -> str:
+    """Rows in the layout of the paper's Table 4 (commonsense) and Table 8 (math)."""
+    lines = []
+    for group, order in TABLE_ORDER.items():
+        cols = [t for t in order if t in results]
+        if not cols:
+            continue
+        accs = [100 * results[t]["accuracy"] for t in cols]
+        head = ["Method"] + [COLUMNS[t] for t in cols] + ["Avg."]
+        row = [method] + [f"{a:.1f}" for a in accs] + [f"{sum(accs) / len(accs):.1f}"]
+        if group == "math" and "AQuA" in cols and len(cols) > 1:
+            rest = [100 * results[t]["accuracy"] for t in cols if t != "AQuA"]
+            head.append("Avg. w/o AQuA")
+            row.append(f"{sum(rest) / len(rest):.1f}")
+        lines += [markdown(head, [row]), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- --protocol rank
+
 def candidate_sequences(tokenizer, prompt: str, candidates: list, response: str = "the correct answer is {}"):
     """The token ids of `prompt` completed by each candidate's response, split into the part all
     candidates share and each one's own tokens. Prompt and response are tokenized together, as in
@@ -190,8 +170,28 @@ def candidate_sequences(tokenizer, prompt: str, candidates: list, response: str 
     return seqs[0][:n], [s[n:] for s in seqs]
 
 
+def rank_candidates(tokenizer, task, records, prompt, by="label") -> dict:
+    """evaluate_rank's candidates: {record index: (its labels, the tokens its candidates share, each
+    candidate's own tokens, each one's score divisor)}. by="label": the answer format's labels after
+    the prompt, divisor 1; by="text": the options' texts after the question alone, divisor the
+    candidate's characters."""
+    samples = {}
+    for i, r in enumerate(records):
+        options = llm_adapters.option_texts(r["instruction"]) if by != "label" else {}
+        labels = quanta.answer_format(r["instruction"]) if by == "label" else list(options)
+        if r["answer"] not in labels:
+            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its "
+                             f"{'answer format' if by == 'label' else 'options'} {labels}")
+        texts = labels if by == "label" else [options[c] for c in labels]
+        shown = r if by == "label" else {**r, "instruction": llm_adapters.without_options(r["instruction"])}
+        shared, own = candidate_sequences(tokenizer, prompt(shown), texts)
+        norm = [1.0] * len(own) if by == "label" else [max(1, len(tokenizer.decode(o))) for o in own]
+        samples[i] = (labels, shared, own, norm)
+    return samples
+
+
 @torch.no_grad()
-def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, prompt=D.eval_prompt,
+def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, prompt=llm_adapters.eval_prompt,
                   progress=True, by="label"):
     """Rank classification in LLM-Adapters' layout (eval.py --protocol rank): each candidate
     completes the prompt as the training response does, "the correct answer is {candidate}", and the
@@ -207,18 +207,9 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
     data.llm_adapters.option_texts) after the question alone (the options list cut from the
     instruction: shown, every option would be equally easy to copy), scored by their summed
     log-probability per character (lm-evaluation-harness's multiple-choice setup and acc_norm):
-    what a pretrained model knows, without having to learn the labels. Returns (correct, total); the scores go to out_path, one line per record, resumed."""
-    samples = {}
-    for i, r in enumerate(records):
-        labels = Q.answer_format(r["instruction"]) if by == "label" else list(D.option_texts(r["instruction"]))
-        if r["answer"] not in labels:
-            raise ValueError(f"{task} record {i}: answer {r['answer']!r} is not one of its "
-                             f"{'answer format' if by == 'label' else 'options'} {labels}")
-        texts = labels if by == "label" else [D.option_texts(r["instruction"])[c] for c in labels]
-        shown = r if by == "label" else {**r, "instruction": D.without_options(r["instruction"])}
-        shared, own = candidate_sequences(tokenizer, prompt(shown), texts)
-        norm = [1.0] * len(own) if by == "label" else [max(1, len(tokenizer.decode(o))) for o in own]
-        samples[i] = (labels, shared, own, norm)
+    what a pretrained model knows, without having to learn the labels. Returns (correct, total); the
+    scores go to out_path, one line per record, resumed."""
+    samples = rank_candidates(tokenizer, task, records, prompt, by)
     device = next(model.parameters()).device
 
     def score(idx):
@@ -231,7 +222,7 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
             else:
                 spans.append((i, len(rows), len(cands)))
                 rows += [shared + o for o in own]
-        batch = D.collate([{"input_ids": r} for r in rows], tokenizer.pad_id, side="right")
+        batch = llm_adapters.collate([{"input_ids": r} for r in rows], tokenizer.pad_id, side="right")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = model(ids, attention_mask=None if bool(mask.all()) else mask, return_hidden=True)
         # the positions whose next-token distribution scores a candidate's own tokens: (row, position)
@@ -260,177 +251,16 @@ def evaluate_rank(model, tokenizer, task, records, out_path=None, batch_size=8, 
     return sum(done.values()), len(records)
 
 
-def remove_lmam(model) -> int:
-    """eval.py --lmam_off: take LMAM's learned map out of every attention layer (Attn_s ≡ 0) and
-    leave everything else as it is; returns the number of maps removed (an error if none)."""
-    n = 0
-    for m in model.modules():
-        if getattr(m, "attn_map", None) is not None:
-            m.attn_map, n = None, n + 1
-    if not n:
-        raise ValueError("--lmam_off: this model has no LMAM map to remove (its method has no LMAM)")
-    return n
-
-
-def markdown_table(results: dict, method: str = "") -> str:
-    """Rows in the layout of the paper's Table 4 (commonsense) and Table 8 (math)."""
-    lines = []
-    for group, order in TABLE_ORDER.items():
-        cols = [t for t in order if t in results]
-        if not cols:
-            continue
-        accs = [100 * results[t]["accuracy"] for t in cols]
-        head = ["Method"] + [COLUMNS[t] for t in cols] + ["Avg."]
-        row = [method] + [f"{a:.1f}" for a in accs] + [f"{sum(accs) / len(accs):.1f}"]
-        if group == "math" and "AQuA" in cols and len(cols) > 1:
-            rest = [100 * results[t]["accuracy"] for t in cols if t != "AQuA"]
-            head.append("Avg. w/o AQuA")
-            row.append(f"{sum(rest) / len(rest):.1f}")
-        lines += [markdown(head, [row]), ""]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- QuanTA's protocol
-# (eval.py --protocol quanta; data/quanta.py has its prompts and candidates). Table 4's QuanTA rows
-# and Table 8 come from it: commonsense by rank classification over the candidates, math by greedy
-# decoding up to a newline, scored twice (the correct metric, and the released code's).
-
-QUANTA_MATH = ["AQuA", "gsm8k", "mawps", "SVAMP"]         # QuanTA's math test sets (tasks.py), Table 8's columns
-QUANTA_GROUPS = {"commonsense": D.COMMONSENSE, "math": QUANTA_MATH}
-
-
-def quanta_number(response: str) -> float:
-    """QuanTA's extract_answer_number: the last number after removing commas, inf if none."""
-    numbers = re.findall(r"-?\d+\.?\d*", response.replace(",", ""))
-    return float(numbers[-1]) if numbers else float("inf")
-
-
-def quanta_letter(response: str) -> str:
-    """QuanTA's extract_answer_letter: the first of the capitals A-I, K in the stripped text."""
-    m = re.findall(r"A|B|C|D|E|F|G|H|I|G|K", response.strip())
-    return m[0] if m else ""
-
-
-def quanta_math_correct(gold: str, response: str) -> tuple[bool, bool]:
-    """(correct, what QuanTA's released metric says) for one math answer (metrics.py, "math").
-    Numeric gold: correct is |gold − prediction| < 1e-5. The released code computes
-    `abs(float(gold) - float(pred) < 1e-5)`, the absolute value of a comparison: true whenever
-    gold − prediction < 1e-5, that is for any prediction above gold − 1e-5 and for a response with
-    no number (prediction inf). Letter gold (AQuA): the first capital A-K equals it, both metrics."""
-    try:
-        g = float(gold)
-    except ValueError:
-        if not gold.isalpha():
-            raise ValueError(f"math answer {gold!r} is neither a number nor a letter") from None
-        ok = gold == quanta_letter(response)
-        return ok, ok
-    pred = quanta_number(response)
-    return abs(g - pred) < 1e-5, bool(abs(g - pred < 1e-5))        # the second: the released precedence
-
-
-def option_scores(model, batch: dict, device, autocast: bool = False):
-    """QuanTA's candidate score for every row of a data.quanta.collate_choices batch: the mean
-    log-probability of the row's last option_lens tokens, each given the tokens before it (the
-    LM head runs on those positions only). Differentiable: train.py's classification loss uses it."""
-    ids = batch["input_ids"].to(device)
-    mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"].to(device)
-    k = batch["option_lens"]
-    row = torch.repeat_interleave(torch.arange(len(k)), k)
-    pos = torch.cat([torch.arange(n - j, n) for n, j in zip(batch["lengths"].tolist(), k.tolist())])
-    row, pos = row.to(device), pos.to(device)
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, attention_mask=mask, return_hidden=True)
-        logits = model.lm_head(hidden[row, pos - 1])                 # the logits that predict each scored token
-    logp = logits.float().log_softmax(-1).gather(1, ids[row, pos][:, None])[:, 0]
-    return torch.zeros(len(k), dtype=logp.dtype, device=logp.device).index_add(0, row, logp) / k.to(logp.device)
-
-
-def quanta_generate(model, tokenizer, prompts: list, max_new_tokens: int = Q.MAX_NEW_TOKENS,
-                    max_length: int = Q.MAX_LENGTH) -> list[str]:
-    """run.py's generation: greedy, at most min(max_new_tokens, max_length − prompt length) new
-    tokens, ending at the first newline token (the last token of encode("\\n")) or EOS, decoded
-    without special tokens and stripped. The batch decodes with EOS off and each row is cut at its
-    own first stop token: greedy rows do not depend on each other, so that is what stopping there gives."""
-    newline = (tokenizer.encode("\n", bos=False) or [tokenizer.eos_id])[-1]    # (a tokenizer without "\n": EOS)
-    stops = {newline, tokenizer.eos_id}
-    limits = [max(0, min(max_new_tokens, max_length - len(p))) for p in prompts]
-    batch = D.collate([{"input_ids": p} for p in prompts], tokenizer.pad_id, side="left")
-    device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    seqs = generate(model, ids, batch["attention_mask"].to(device), max_new_tokens=max(1, max(limits)),
-                    num_beams=1, eos_id=newline, pad_id=tokenizer.pad_id)
-    out = []
-    for row, limit in enumerate(limits):
-        gen = seqs[row, ids.shape[1]:].tolist()[:limit]
-        cut = next((j + 1 for j, t in enumerate(gen) if t in stops), len(gen))
-        specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-        out.append(tokenizer.decode([t for t in gen[:cut] if t not in specials]).strip())
-    return out
-
-
-@torch.no_grad()
-def evaluate_quanta_choices(model, tokenizer, task, records, out_path=None, batch_size=8, progress=True):
-    """Rank classification (run.py's one_step_pred): each record's candidates scored by
-    option_scores, the highest one predicted (the first on a tie). Returns (correct, total);
-    resumes from out_path's lines."""
-    samples = [Q.choice_sample(r, f"{task} record {i}") for i, r in enumerate(records)]
-    examples = {i: Q.tokenize_choices(tokenizer, s) for i, s in enumerate(samples)}
-    device = next(model.parameters()).device
-
-    def predict(idx):
-        batch = Q.collate_choices([examples[i] for i in idx], tokenizer.pad_id)
-        scores = option_scores(model, batch, device).tolist()
-        start = 0
-        for i, n in zip(idx, batch["counts"]):
-            s, start = scores[start:start + n], start + n
-            pred, cands = max(range(n), key=s.__getitem__), samples[i]["candidates"]
-            yield {"index": i, "scores": s, "prediction": cands[pred], "label": cands[samples[i]["label"]],
-                   "correct": pred == samples[i]["label"]}
-    longest = {i: max(e["candidates"], key=len) for i, e in examples.items()}
-    done = predict_resumably(longest, predict, out_path, "correct", task, batch_size, progress)
-    return sum(done.values()), len(records)
-
-
-@torch.no_grad()
-def evaluate_quanta_math(model, tokenizer, task, records, out_path=None, batch_size=8,
-                         max_new_tokens=Q.MAX_NEW_TOKENS, progress=True) -> dict:
-    """Greedy answers to "{question}\\nAnswer:" (quanta_generate), scored by quanta_math_correct:
-    {"correct", "correct_released_metric", "total"}. Resumes from out_path's lines."""
-    samples = [Q.math_sample(r) for r in records]
-    prompts = {i: Q.prompt_ids(tokenizer, s["question"]) for i, s in enumerate(samples)}
-
-    def predict(idx):
-        for i, response in zip(idx, quanta_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
-            ok, released = quanta_math_correct(samples[i]["answer"], response)
-            yield {"index": i, "response": response, "label": samples[i]["answer"], "correct": ok,
-                   "correct_released_metric": released}
-    done = predict_resumably(prompts, predict, out_path, "response", task, batch_size, progress)
-    scored = [quanta_math_correct(samples[i]["answer"], done[i]) for i in range(len(samples))]
-    return {"correct": sum(a for a, _ in scored), "correct_released_metric": sum(b for _, b in scored),
-            "total": len(samples)}
-
-
-def evaluate_quanta(model, tokenizer, task, records, out_dir, batch_size=8, max_new_tokens=None) -> dict:
-    """One task under QuanTA's protocol -> its results.json entry (predictions to
-    OUT_DIR/TASK.quanta.jsonl). Math entries carry both metrics."""
-    out_path = os.path.join(out_dir, f"{task}.quanta.jsonl") if out_dir else None
-    if task in D.COMMONSENSE:
-        correct, total = evaluate_quanta_choices(model, tokenizer, task, records, out_path, batch_size)
-        return {"accuracy": correct / total, "correct": correct, "total": total, "protocol": "quanta"}
-    r = evaluate_quanta_math(model, tokenizer, task, records, out_path, batch_size, max_new_tokens or Q.MAX_NEW_TOKENS)
-    return {"accuracy": r["correct"] / r["total"], "correct": r["correct"], "total": r["total"],
-            "accuracy_released_metric": r["correct_released_metric"] / r["total"],
-            "correct_released_metric": r["correct_released_metric"], "protocol": "quanta"}
-
+# ----------------------------------------------------------------------------- --protocol quanta's table
 
 def quanta_table(results: dict, method: str = "") -> str:
     """Table 4's layout (commonsense) and Table 8's (math) under QuanTA's protocol; math twice:
     the correct metric, then QuanTA's released one, labelled."""
-    out = markdown_table({t: r for t, r in results.items() if t in D.COMMONSENSE}, method)
-    math = {t: r for t, r in results.items() if t in D.MATH}
-    if math:
-        out += markdown_table(math, method)
-        released = {t: {"accuracy": r["accuracy_released_metric"]} for t, r in math.items()
+    out = markdown_table({t: r for t, r in results.items() if t in llm_adapters.COMMONSENSE}, method)
+    math_results = {t: r for t, r in results.items() if t in llm_adapters.MATH}
+    if math_results:
+        out += markdown_table(math_results, method)
+        released = {t: {"accuracy": r["accuracy_released_metric"]} for t, r in math_results.items()
                     if "accuracy_released_metric" in r}
         out += markdown_table(released, f"{method}, QuanTA's released metric (counts any prediction ≥ gold "
                                         f"and any answer without a number as correct)")
@@ -439,7 +269,7 @@ def quanta_table(results: dict, method: str = "") -> str:
 
 # ----------------------------------------------------------------------------- GLUE
 
-MAIN_METRIC = {t: "accuracy" for t in G.TASKS} | {"cola": "matthews_correlation", "stsb": "pearson"}
+MAIN_METRIC = {t: "accuracy" for t in glue.TASKS} | {"cola": "matthews_correlation", "stsb": "pearson"}
 GLUE_COLUMNS = [("mnli", "MNLI"), ("sst2", "SST2"), ("qqp", "QQP"), ("qnli", "QNLI"), ("stsb", "STS-B"),
                 ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA")]        # Table 5's order
 
@@ -471,7 +301,7 @@ def glue_metric(task: str, predictions: list, labels: list) -> dict:
     """The GLUE metrics of a task (the `evaluate` library's glue metric, by hand): accuracy; F1 of
     class 1 and accuracy for MRPC and QQP; Matthews correlation for CoLA (0 when undefined, as
     sklearn); Pearson and Spearman correlations for STS-B (regression predictions)."""
-    G.check_task(task)
+    glue.check_task(task)
     if len(predictions) != len(labels) or not labels:
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     if task == "stsb":
@@ -499,7 +329,7 @@ def glue_predictions(model, examples: list, pad_id: int, batch_size: int = 32, d
     model.eval()
     out = []
     for i in range(0, len(examples), batch_size):
-        batch = G.collate(examples[i:i + batch_size], pad_id)
+        batch = glue.collate(examples[i:i + batch_size], pad_id)
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
         out += logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
     return out
@@ -510,9 +340,9 @@ def evaluate_glue(model, tokenizer, task, data, out_dir, batch_size=32, limit=No
     OUT_DIR/<split>.jsonl."""
     results = {}
     device = next(model.parameters()).device
-    for split in G.EVAL_SPLITS[task]:
-        rows = G.load_glue(task, G.split_file(task, data, split))[:limit]
-        examples = [G.tokenize(tokenizer, r, max_length) for r in rows]
+    for split in glue.EVAL_SPLITS[task]:
+        rows = glue.load_glue(task, glue.split_file(task, data, split))[:limit]
+        examples = [glue.tokenize(tokenizer, r, max_length) for r in rows]
         preds = glue_predictions(model, examples, tokenizer.pad_id, batch_size, device)
         with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
             for i, (p, r) in enumerate(zip(preds, rows)):
@@ -630,20 +460,21 @@ def evaluate_seq2seq(model, tokenizer, task, data, out_path=None, split="test", 
     """Generate for every source of a split and score: ROUGE (xsum) or BLEU (wmt16-en-ro). Sources
     are cut to max_source_len tokens (He et al.: 512 XSum, 150 MT; at most the model's positions).
     mBART's decoder starts with ro_RO. Resumes from out_path's lines."""
-    pairs = S.load_pairs(task, data, split)[:limit]
+    pairs = seq2seq.load_pairs(task, data, split)[:limit]
     settings = dict(GENERATION[task], **{k: v for k, v in generation.items() if v is not None})
     mbart = model.cfg.model_type == "mbart"
     src_lang = "en_XX" if mbart else None
     if mbart:
         settings.setdefault("decoder_start_token_id", tokenizer.lang_id("ro_RO"))
     if max_source_len is not None and not 0 < max_source_len <= model.cfg.max_positions:
-        raise ValueError(f"--max_source_len {max_source_len}: expected 1 to the model's {model.cfg.max_positions} positions")
+        raise ValueError(f"--max_source_len {max_source_len}: expected 1 to the model's "
+                         f"{model.cfg.max_positions} positions")
     max_src = min(max_source_len or (512 if task == "xsum" else 150), model.cfg.max_positions)
-    sources = {i: S.encode(tokenizer, p["source"], max_src, src_lang) for i, p in enumerate(pairs)}
+    sources = {i: seq2seq.encode(tokenizer, p["source"], max_src, src_lang) for i, p in enumerate(pairs)}
     device = next(model.parameters()).device
 
     def predict(idx):
-        batch = S.collate([{"input_ids": sources[i], "labels": [0]} for i in idx], tokenizer.pad_id)
+        batch = seq2seq.collate([{"input_ids": sources[i], "labels": [0]} for i in idx], tokenizer.pad_id)
         seqs = generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), **settings)
         for row, i in enumerate(idx):
             yield {"index": i, "hypothesis": tokenizer.decode(seqs[row].tolist()).strip(),
@@ -735,13 +566,16 @@ def evaluate_ppl(model, tok, args) -> dict:
             for L in (int(x) for x in str(args.seq_len).split(","))}
 
 
+# ----------------------------------------------------------------------------- loading
+
 def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_labels=None, precision=None):
     """Base model + adapter, in eval mode with the adapter merged where the method allows it (in
     fp32, rounded once to the weights' dtype). num_labels: a RoBERTa checkpoint's GLUE head (the
     adapter file holds its trained weights). precision: "bf16" loads the weights in bf16,
-    "fp32" in fp32; None: runs.default_precision (bf16 on a GPU or a CPU with native bf16). model_path: a local checkpoint, a Hub id
-    or a paper name (hub.resolve_model). adapter: this project's adapter file, or a directory in
-    peft's format (adapter_config.json: LoRA / DoRA from peft or NVlabs/DoRA, export.load_peft_adapter)."""
+    "fp32" in fp32; None: runs.default_precision (bf16 on a GPU or a CPU with native bf16).
+    model_path: a local checkpoint, a Hub id or a paper name (hub.resolve_model). adapter: this
+    project's adapter file, or a directory in peft's format (adapter_config.json: LoRA / DoRA from
+    peft or NVlabs/DoRA, export.load_peft_adapter)."""
     bf16 = (precision or default_precision(device)) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     paper, model_path = hub.paper_name(model_path), hub.resolve_model(model_path)
@@ -758,130 +592,191 @@ def load_for_eval(model_path, adapter=None, device="cpu", tokenizer=None, num_la
     return model, tok
 
 
-# ----------------------------------------------------------------------------- cached results, keyed
-# Every saved prediction file (TASK.jsonl, TASK.quanta.jsonl, TASK.rank.jsonl, SPLIT.jsonl) and
-# every results.json entry records what produced it: the base model (its fingerprint), the adapter
-# and the data (content hashes), the task and the settings that change a prediction. A rerun
-# resumes only what the same evaluation made; anything else is refused, naming what differs
-# (--overwrite replaces it). --limit and --batch_size are not in the key: a prediction is the
-# same whichever of the first N examples are asked for, and the batches a resumed run forms
-# already differ from an uninterrupted one's (the remaining examples, sorted by length), so the
-# batch size only changes padding, which the attention mask takes out up to rounding (the device
-# likewise); a resumed evaluation is exact up to that rounding.
-
-RUN_KEY_FLAGS = ("protocol", "rank_by", "prompt_layout", "lmam_off", "num_beams", "max_new_tokens", "max_source_len",
-                 "split", "stride", "ppl_protocol", "context_size")   # (ppl: each --seq_len is an entry of its own)
+def load_model(args, kinds, num_labels=None):
+    """The model and tokenizer of eval.py's flags (load_for_eval), refused unless the model is one of
+    `kinds` (a model class or a tuple of them, as isinstance takes); --lmam_off takes its LMAM map out."""
+    model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels, args.precision)
+    if not isinstance(model, kinds):
+        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise ValueError(f"--task {args.task} needs a {names} checkpoint; --model {args.model} is a "
+                         f"{type(model).__name__}")
+    if args.lmam_off:
+        print(f"LMAM map removed from {remove_lmam(model)} layers (--lmam_off)")
+    return model, tok
 
 
-def check_eval_args(args):
-    """Flags that would evaluate nothing, or something else than asked, refused before any work."""
-    check_device(args.device)
-    for flag in ("batch_size", "num_beams", "max_new_tokens", "stride", "context_size", "limit"):
-        v = getattr(args, flag)
-        if v is not None and v <= 0:
-            raise ValueError(f"--{flag} {v}: expected a positive number"
-                             + (" (the first N examples of each task)" if flag == "limit" else ""))
+def remove_lmam(model) -> int:
+    """eval.py --lmam_off: take LMAM's learned map out of every attention layer (Attn_s ≡ 0) and
+    leave everything else as it is; returns the number of maps removed (an error if none)."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "attn_map", None) is not None:
+            m.attn_map, n = None, n + 1
+    if not n:
+        raise ValueError("--lmam_off: this model has no LMAM map to remove (its method has no LMAM)")
+    return n
 
 
-def evaluation_key(args, model) -> dict:
-    """What every prediction and result of this eval.py run shares: the base model's fingerprint
-    (a digest of methods.base_fingerprint), the adapter's and the tokenizer's content hashes, the
-    weights' precision and the flags that change a prediction. "model" (the path given) is kept
-    for the messages only."""
-    import methods
-    base = json.dumps(methods.base_fingerprint(model), sort_keys=True).encode()
-    return {"model": args.model, "base": hashlib.sha256(base).hexdigest()[:16],
-            "adapter": content_hash(args.adapter)[:16] if args.adapter else None,
-            "tokenizer": content_hash(args.tokenizer)[:16] if args.tokenizer else None,
-            "precision": args.precision or default_precision(args.device),
-            **{k: getattr(args, k, None) for k in RUN_KEY_FLAGS}}
+# ----------------------------------------------------------------------------- the evaluators, as data
+
+# Each kind of task has a function that evaluates it, (args, results, results_path) -> (results, model):
+# it reads and checks its inputs, loads the model, keys the run (predictions.py), settles what
+# results.json already holds, evaluates and adds its entries; and a function that lays the results out
+# as the paper's table, (results, model) -> str. main picks the kind from --task and --protocol.
+
+def read_test_sets(args) -> tuple[dict, dict]:
+    """--task's commonsense and math tasks (a group: its tasks) -> ({task: its test file}, {task: the
+    first --limit records of the file}). A group skips a missing file; a single task's is an error."""
+    groups = QUANTA_GROUPS if args.protocol == "quanta" else GROUPS
+    tasks = [t for name in args.task.split(",") for t in groups.get(name, [name])]
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; valid: "
+                             f"{', '.join(TASKS + list(GROUPS) + list(glue.TASKS) + list(seq2seq.TASKS))}")
+        if args.protocol == "rank" and t not in llm_adapters.COMMONSENSE:
+            raise ValueError(f"--protocol rank scores answer candidates: {t} has none (commonsense "
+                             f"tasks only: {', '.join(llm_adapters.COMMONSENSE)})")
+    if args.data and len(tasks) > 1:
+        raise ValueError("--data names one file: use it with a single --task")
+    if args.data and args.data_dir:
+        raise ValueError("--data and --data_dir: give one (a file for one task, or a folder of TASK.json)")
+    files = {t: args.data or (os.path.join(args.data_dir, f"{t}.json") if args.data_dir else llm_adapters.resolve(t))
+             for t in tasks}
+    missing = [f for f in files.values() if not os.path.exists(f)]
+    if len(tasks) == 1 and missing:
+        raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
+    data = {t: llm_adapters.load_records(f, fields=("instruction", "answer"))[:args.limit]
+            for t, f in files.items() if os.path.exists(f)}
+    for t, records in data.items():
+        if not records:
+            raise ValueError(f"{files[t]}: no test examples for task {t}")
+    return files, data
 
 
-def task_key(key: dict, task: str, data: str | None) -> dict:
-    """The key of one task's predictions and result: the run's, the task and its data's content hash."""
-    return {**key, "task": task, "data": data, "data_sha256": content_hash(data)[:16] if data else None}
+def run_llama_tasks(args, results, results_path, entry):
+    """LLaMA on LLM-Adapters' commonsense and math test sets: every task's test file is read before the
+    model loads, then each task is evaluated by `entry` (its protocol's) into its results.json entry."""
+    # The model first, as train.py does: a missing huggingface_hub or a gated repository is said
+    # before any test file is downloaded (load_model below finds the model in the cache).
+    hub.resolve_model(args.model, quiet=True)
+    files, data = read_test_sets(args)
+    model, tok = load_model(args, M.Llama)
+    for t in files.keys() - data.keys():
+        print(f"skipping {files[t]}: not found", file=sys.stderr)
+    key = evaluation_key(args, model)
+    keys = {t: task_key(key, t, files[t]) for t in data}
+    results = settle_results(results, results_path, key, keys, args.overwrite)
+    paths = {t: os.path.join(args.out_dir, f"{t}{results_suffix(args)}.jsonl") for t in data}
+    for t in data:                                 # every task's, before any work
+        claim_predictions(paths[t], keys[t], args.overwrite)
+    for t, records in data.items():
+        results[t] = {**entry(model, tok, t, records, paths[t], args), "fingerprint": keys[t]}
+    return results, model
 
 
-NAMES = {"base": "base model", "adapter": "adapter", "tokenizer": "tokenizer", "data_sha256": "data",
-         "precision": "--precision"}
+PROMPT_LAYOUTS = {"eval": llm_adapters.eval_prompt, "train": llm_adapters.train_prompt_only}   # --prompt_layout
 
 
-def key_difference(old, new: dict, only=None) -> str | None:
-    """How a recorded key differs from this run's, in words (None when they match); "model" and
-    "data" (paths) only name the inputs, their hashes decide. `only`: compare these fields."""
-    if not isinstance(old, dict):
-        return "there is no record of what produced it"
-    for k in only or new:
-        if k in ("model", "data") or old.get(k) == new.get(k):
-            continue
-        name = NAMES.get(k, f"--{k}")
-        where = {"base": "model", "data_sha256": "data"}.get(k)
-        there = f"{old.get(where)}, {old.get(k)}" if where and old.get(where) else old.get(k)
-        here = f"{new.get(where)}, {new.get(k)}" if where and new.get(where) else new.get(k)
-        return f"another {name}: {there} there, {here} here"
-    return None
+def llm_adapters_entry(model, tok, task, records, out_path, args) -> dict:
+    """A task under LLM-Adapters' protocol: beam search (--num_beams, default 4), the answer extracted."""
+    correct, total = evaluate_task(model, tok, task, records, out_path, args.batch_size, args.num_beams or 4,
+                                   args.max_new_tokens, prompt=PROMPT_LAYOUTS[args.prompt_layout])
+    return {"accuracy": correct / total, "correct": correct, "total": total}
 
 
-def refuse_or_replace(what: str, differs: str, overwrite: bool):
-    """A cached result of another evaluation: refused (a ValueError saying what differs and what to
-    do), or with --overwrite announced for replacement."""
-    if not overwrite:
-        raise ValueError(f"{what} comes from another evaluation ({differs}); evaluate into another --out_dir, or "
-                         f"give --overwrite to replace what this folder holds of it")
-    print(f"--overwrite: replacing {what} ({differs})", file=sys.stderr)
+def rank_entry(model, tok, task, records, out_path, args) -> dict:
+    """A commonsense task by rank classification (--rank_by label or text)."""
+    correct, total = evaluate_rank(model, tok, task, records, out_path, args.batch_size,
+                                   prompt=PROMPT_LAYOUTS[args.prompt_layout], by=args.rank_by)
+    return {"accuracy": correct / total, "correct": correct, "total": total}
 
 
-def claim_predictions(out_path: str, key: dict, overwrite: bool = False):
-    """Before predict_resumably appends to out_path: its predictions are resumed only when
-    OUT_PATH.meta.json records this very key; predictions of another evaluation (or of unknown
-    origin) are refused, or with --overwrite deleted. Writes the record for this run."""
-    meta = out_path + ".meta.json"
-    if os.path.exists(out_path):
-        recorded = text.read_json(meta)
-        differs = key_difference(recorded, key)
-        if differs is None:
-            return
-        with open(out_path, "rb") as f:
-            n = f.read().count(b"\n")
-        refuse_or_replace(f"{out_path} ({n} predictions)", differs, overwrite)
-        os.remove(out_path)
-    atomic_write(meta, lambda f: f.write(json.dumps(key, indent=2).encode()))
+def quanta_entry(model, tok, task, records, out_path, args) -> dict:
+    """A task under QuanTA's protocol (eval_quanta.py)."""
+    return evaluate_quanta(model, tok, task, records, out_path, args.batch_size, args.max_new_tokens)
 
 
-def read_results(path: str) -> dict:
-    """results.json ({} when absent); a file that is not a JSON object is an error naming it."""
-    if not os.path.exists(path):
-        return {}
-    return read_json_object(path, fix="move it away or delete it to evaluate again")
+def run_glue(args, results, results_path):
+    """A GLUE task's dev sets (RoBERTa, DeBERTaV3): each split a results.json entry."""
+    if not args.data:
+        raise ValueError(f"--data is required for {args.task}")
+    model, tok = load_model(args, (M.Roberta, M.Deberta), glue.num_labels(args.task))
+    key = task_key(evaluation_key(args, model), args.task, args.data)
+    splits = glue.EVAL_SPLITS[args.task]
+    results = settle_results(results, results_path, key, dict.fromkeys(splits, key), args.overwrite)
+    for split in splits:
+        claim_predictions(os.path.join(args.out_dir, f"{split}.jsonl"), key, args.overwrite)
+    for split, r in evaluate_glue(model, tok, args.task, args.data, args.out_dir, args.batch_size, args.limit).items():
+        results[split] = {**r, "fingerprint": key}
+    return results, model
 
 
-def settle_results(results: dict, path: str, key: dict, keys: dict, overwrite: bool = False) -> dict:
-    """results.json holds one evaluation's results (one model, adapter and settings, over tasks):
-    an entry of another one (by its "fingerprint"), or of this run's tasks made from other data, is
-    refused, or with --overwrite dropped. `keys`: {entry name: its task_key} of this run."""
-    run_fields = [k for k in key if k != "model"]
-    kept = {}
-    for name, entry in results.items():
-        entries = entry.values() if name == "ppl" and isinstance(entry, dict) else [entry]
-        differs = None
-        for e in entries:
-            fp = e.get("fingerprint") if isinstance(e, dict) else None
-            differs = key_difference(fp, key, run_fields) or (
-                key_difference(fp, keys[name], ["data_sha256"]) if name in keys else None)
-            if differs:
-                break
-        if differs:
-            refuse_or_replace(f"{path}'s {name} result", differs, overwrite)
-            continue
-        kept[name] = entry
-    return kept
+def run_seq2seq(args, results, results_path):
+    """XSum or WMT16 en-ro (BART, mBART): --split of --data, one results.json entry."""
+    if not args.data:
+        raise ValueError(f"--data is required for {args.task}")
+    model, tok = load_model(args, M.Bart)
+    key = task_key(evaluation_key(args, model), args.task, args.data)
+    results = settle_results(results, results_path, key, {args.task: key}, args.overwrite)
+    out_path = os.path.join(args.out_dir, f"{args.task}.jsonl")
+    claim_predictions(out_path, key, args.overwrite)
+    scores = evaluate_seq2seq(model, tok, args.task, args.data, out_path, args.split, args.batch_size, args.limit,
+                              num_beams=args.num_beams, max_source_len=args.max_source_len)
+    results[args.task] = {**scores, "fingerprint": key}
+    return results, model
 
 
-def write_results(path: str, results: dict):
-    atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+def run_ppl(args, results, results_path):
+    """Perplexity of --data at every --seq_len (LLaMA): the entry "ppl", {seq_len: its numbers}."""
+    model, tok = load_model(args, M.Llama)
+    key = task_key(evaluation_key(args, model), "ppl", args.data if args.data and os.path.exists(args.data) else None)
+    results = settle_results(results, results_path, key, {"ppl": key}, args.overwrite)
+    ppl = evaluate_ppl(model, tok, args)
+    results.setdefault("ppl", {}).update({L: {**r, "fingerprint": key} for L, r in ppl.items()})
+    return results, model
 
 
-def main(argv=None):
+def method_name(model) -> str:
+    """A table's Method column: the adapter's method, or "base"."""
+    return model.peft_method["name"] if getattr(model, "peft_method", None) else "base"
+
+
+def for_model(layout):
+    """A table layout of (results, method name) as one of (results, model)."""
+    return lambda results, model: layout(results, method_name(model))
+
+
+def glue_tables(results: dict, model) -> str:
+    """Table 5's layout for RoBERTa, Table 11's for DeBERTaV3 (# Params: the method's, without the GLUE head)."""
+    if isinstance(model, M.Deberta):
+        added = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
+        return table11(results, method_name(model), f"{added / 1e6:.2f}M")
+    return glue_table(results, method_name(model))
+
+
+def ppl_tables(results: dict, model) -> str:
+    """Table 7's layout of results.json's perplexities, under the name of their protocol (one for all:
+    it is in the results' key)."""
+    protocol = next(iter(results["ppl"].values()))["protocol"]
+    about = {"longlora": "LongLoRA's eval.py: every window's L − 1 tokens, windows averaged",
+             "strided": "standard: every token scored once"}[protocol]
+    return f"perplexity, {protocol} protocol ({about})\n" + ppl_table(results["ppl"], method_name(model))
+
+
+EVALUATORS = {   # kind -> (evaluate, table)
+    "llm-adapters": (partial(run_llama_tasks, entry=llm_adapters_entry), for_model(markdown_table)),  # Tables 4, 8
+    "rank": (partial(run_llama_tasks, entry=rank_entry), for_model(markdown_table)),
+    "quanta": (partial(run_llama_tasks, entry=quanta_entry), for_model(quanta_table)),   # Table 4's QuanTA rows, 8
+    "glue": (run_glue, glue_tables),                                                     # Tables 5, 11
+    "seq2seq": (run_seq2seq, for_model(seq2seq_table)),                                  # Table 10
+    "ppl": (run_ppl, ppl_tables),                                                        # Table 7
+}
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def parser() -> argparse.ArgumentParser:
+    """eval.py's flags. One that changes a prediction belongs in predictions.RUN_KEY_FLAGS as well."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="the base checkpoint: a directory or llama2.c .bin, a Hugging Face Hub id or a paper name "
@@ -893,7 +788,7 @@ def main(argv=None):
                         "released checkpoints, LoRA and the series / parallel bottleneck adapters from "
                         "LLM-Adapters' released checkpoints); none: the base model")
     p.add_argument("--task", required=True, help="LLaMA: a task, a group or several, comma-separated; "
-                   + "|".join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))
+                   + "|".join(TASKS + list(GROUPS) + list(glue.TASKS) + list(seq2seq.TASKS))
                    + "|ppl (perplexity of a token file or text, Table 7)")
     p.add_argument("--seq_len", default="2048", help="ppl: evaluation context lengths, e.g. 2048,4096,8192 (Table 7)")
     p.add_argument("--context_size", type=int, default=None,
@@ -944,125 +839,52 @@ def main(argv=None):
                         "TASK.quanta.jsonl and results.quanta.json. rank: commonsense by rank classification in "
                         "--prompt_layout's prompt (evaluate_rank: one forward pass per question, every question "
                         "affordable on a CPU); writes TASK.rank.jsonl and results.rank.json")
-    args = p.parse_args(argv)
-    quanta, rank = args.protocol == "quanta", args.protocol == "rank"
-    suffix = {"default": "", "quanta": ".quanta", "rank": ".rank" if args.rank_by == "label" else ".rank_text"}[args.protocol]
-    results_path = os.path.join(args.out_dir, f"results{suffix}.json")
-    layout = D.train_prompt_only if args.prompt_layout == "train" else D.eval_prompt
-    medium = args.task in G.TASKS or args.task in S.TASKS
+    return p
+
+
+def check_eval_args(args):
+    """Flags that would evaluate nothing, or something else than asked, refused before any work."""
+    check_device(args.device)
+    for flag in ("batch_size", "num_beams", "max_new_tokens", "stride", "context_size", "limit"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{flag} {v}: expected a positive number"
+                             + (" (the first N examples of each task)" if flag == "limit" else ""))
+    if args.protocol == "quanta" and (args.num_beams or 1) != 1:
+        raise ValueError("--protocol quanta decodes greedily (--num_beams 1)")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out_dir {args.out_dir}: is a file, not a folder")
+
+
+def evaluator_kind(args) -> str:
+    """Which of EVALUATORS evaluates --task: LLaMA's commonsense and math tasks under --protocol's;
+    GLUE, XSum / WMT and ppl have one protocol each."""
+    kind = ("ppl" if args.task == "ppl" else "glue" if args.task in glue.TASKS
+            else "seq2seq" if args.task in seq2seq.TASKS else None)
+    if kind and args.protocol != "default":
+        raise ValueError(f"--protocol {args.protocol} is for LLaMA's commonsense and math tasks, not for {args.task}")
+    return kind or {"default": "llm-adapters", "rank": "rank", "quanta": "quanta"}[args.protocol]
+
+
+def results_suffix(args) -> str:
+    """How a protocol's files are told apart: OUT_DIR/TASK{suffix}.jsonl and results{suffix}.json."""
+    rank = ".rank" if args.rank_by == "label" else ".rank_text"
+    return {"default": "", "quanta": ".quanta", "rank": rank}[args.protocol]
+
+
+def main(argv=None):
+    """Parse and check the flags, evaluate --task by its kind's evaluator into results.json, print the table."""
+    args = parser().parse_args(argv)
+    results_path = os.path.join(args.out_dir, f"results{results_suffix(args)}.json")
     try:
         check_eval_args(args)
-        if (quanta or rank) and (medium or args.task == "ppl"):
-            raise ValueError("--protocol quanta is QuanTA's for LLaMA's commonsense and math tasks, not for "
-                             f"{args.task}")
-        if quanta and (args.num_beams or 1) != 1:
-            raise ValueError("--protocol quanta decodes greedily (--num_beams 1)")
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise ValueError(f"--out_dir {args.out_dir}: is a file, not a folder")
+        evaluate, table = EVALUATORS[evaluator_kind(args)]
         os.makedirs(args.out_dir, exist_ok=True)
-        results = read_results(results_path)
-        if args.task == "ppl":                           # Table 7: perplexity of long texts (LongLoRA)
-            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
-            key = task_key(evaluation_key(args, model), "ppl", args.data if args.data and os.path.exists(args.data)
-                           else None)
-            results = settle_results(results, results_path, key, {"ppl": key}, args.overwrite)
-            ppl = {L: {**r, "fingerprint": key} for L, r in evaluate_ppl(model, tok, args).items()}
-            results.setdefault("ppl", {}).update(ppl)
-            print(f"perplexity, {args.ppl_protocol} protocol"
-                  + (" (LongLoRA's eval.py: every window's L − 1 tokens, windows averaged)"
-                     if args.ppl_protocol == "longlora" else " (standard: every token scored once)"))
-            print(ppl_table(ppl, model.peft_method["name"] if getattr(model, "peft_method", None) else "base"))
-            write_results(results_path, results)
-            return results
-        if medium:
-            if not args.data:
-                raise ValueError(f"--data is required for {args.task}")
-            num_labels = G.num_labels(args.task) if args.task in G.TASKS else None
-            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, num_labels, args.precision)
-            key = task_key(evaluation_key(args, model), args.task, args.data)
-            if args.task in G.TASKS:
-                if not isinstance(model, (M.Roberta, M.Deberta)):
-                    raise ValueError(f"GLUE task {args.task} needs a RoBERTa or DeBERTa checkpoint")
-                splits = G.EVAL_SPLITS[args.task]
-                results = settle_results(results, results_path, key, dict.fromkeys(splits, key), args.overwrite)
-                for split in splits:
-                    claim_predictions(os.path.join(args.out_dir, f"{split}.jsonl"), key, args.overwrite)
-                for split, r in evaluate_glue(model, tok, args.task, args.data, args.out_dir, args.batch_size,
-                                              args.limit).items():
-                    results[split] = {**r, "fingerprint": key}
-            else:
-                if not isinstance(model, M.Bart):
-                    raise ValueError(f"{args.task} needs a BART / mBART checkpoint")
-                results = settle_results(results, results_path, key, {args.task: key}, args.overwrite)
-                out_path = os.path.join(args.out_dir, f"{args.task}.jsonl")
-                claim_predictions(out_path, key, args.overwrite)
-                results[args.task] = {**evaluate_seq2seq(model, tok, args.task, args.data, out_path, args.split,
-                                                         args.batch_size, args.limit, num_beams=args.num_beams,
-                                                         max_source_len=args.max_source_len),
-                                      "fingerprint": key}
-        else:
-            # The model first, as train.py does: a missing huggingface_hub or a gated repository is said
-            # before any test file is downloaded (load_for_eval below finds the model in the cache).
-            hub.resolve_model(args.model, quiet=True)
-            tasks = [t for name in args.task.split(",") for t in (QUANTA_GROUPS if quanta else GROUPS).get(name, [name])]
-            for t in tasks:
-                if rank and t not in D.COMMONSENSE:
-                    raise ValueError(f"--protocol rank scores answer candidates: {t} has none (commonsense "
-                                     f"tasks only: {', '.join(D.COMMONSENSE)})")
-                if t not in TASKS:
-                    raise ValueError(f"unknown task {t!r}; valid: {', '.join(TASKS + list(GROUPS) + list(G.TASKS) + list(S.TASKS))}")
-            if args.data and len(tasks) > 1:
-                raise ValueError("--data names one file: use it with a single --task")
-            if args.data and args.data_dir:
-                raise ValueError("--data and --data_dir: give one (a file for one task, or a folder of TASK.json)")
-            files = {t: args.data or (os.path.join(args.data_dir, f"{t}.json") if args.data_dir else D.resolve(t))
-                     for t in tasks}
-            missing = [f for f in files.values() if not os.path.exists(f)]
-            if len(tasks) == 1 and missing:
-                raise FileNotFoundError(f"{missing[0]}: no such test file for task {tasks[0]}")
-            data = {t: D.load_records(f, fields=("instruction", "answer"))[:args.limit]
-                    for t, f in files.items() if os.path.exists(f)}
-            for t, records in data.items():
-                if not records:
-                    raise ValueError(f"{files[t]}: no test examples for task {t}")
-            model, tok = load_for_eval(args.model, args.adapter, args.device, args.tokenizer, precision=args.precision)
-            if args.lmam_off:
-                print(f"LMAM map removed from {remove_lmam(model)} layers (--lmam_off)")
-            for f in missing:
-                print(f"skipping {f}: not found", file=sys.stderr)
-            key = evaluation_key(args, model)
-            keys = {t: task_key(key, t, files[t]) for t in data}
-            results = settle_results(results, results_path, key, keys, args.overwrite)
-            paths = {t: os.path.join(args.out_dir, f"{t}{suffix}.jsonl") for t in data}
-            for t in data:                                 # every task's, before any work
-                claim_predictions(paths[t], keys[t], args.overwrite)
-            for t, records in data.items():
-                if quanta:
-                    results[t] = {**evaluate_quanta(model, tok, t, records, args.out_dir, args.batch_size,
-                                                    args.max_new_tokens), "fingerprint": keys[t]}
-                    continue
-                if rank:
-                    correct, total = evaluate_rank(model, tok, t, records, paths[t], args.batch_size, prompt=layout,
-                                                   by=args.rank_by)
-                else:
-                    correct, total = evaluate_task(model, tok, t, records, paths[t], args.batch_size,
-                                                   args.num_beams or 4, args.max_new_tokens, prompt=layout)
-                results[t] = {"accuracy": correct / total, "correct": correct, "total": total, "fingerprint": keys[t]}
+        results, model = evaluate(args, read_results(results_path), results_path)
         write_results(results_path, results)
     except (ValueError, OSError, ImportError, CheckpointError) as e:      # OSError: a full or read-only disk
         sys.exit(f"error: {e}")
-    name = model.peft_method["name"] if getattr(model, "peft_method", None) else "base"
-    if isinstance(model, M.Roberta):
-        print(glue_table(results, name))
-    elif isinstance(model, M.Deberta):                   # Table 11's layout; # Params without the GLUE head
-        added = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
-        print(table11(results, name, f"{added / 1e6:.2f}M"))
-    elif isinstance(model, M.Bart):
-        print(seq2seq_table(results, name))
-    elif quanta:
-        print(quanta_table(results, name))
-    else:
-        print(markdown_table(results, name))
+    print(table(results, model))
     return results
 
 

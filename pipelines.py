@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import model as M
 from data import glue, llm_adapters, quanta, seq2seq, text
-from eval import MAIN_METRIC, glue_metric, glue_predictions, option_scores, quanta_generate, quanta_math_correct
+from eval import MAIN_METRIC, glue_metric, glue_predictions
+from eval_quanta import option_scores, quanta_generate, quanta_math_correct
 from loss import lm_loss
 
 
@@ -122,7 +123,7 @@ def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
     ft_com.sh, data/quanta.py). The dev set: the last val_set_size (400) examples of a permutation
     of the file seeded with 271828; the rest trains, in random batches.
     Commonsense (--train_as_classification): each example is all its candidates, each scored by the
-    mean log-probability of its answer tokens (eval.option_scores), and the loss is the
+    mean log-probability of its answer tokens (eval_quanta.option_scores), and the loss is the
     cross-entropy of those scores against the gold candidate, one term per example; validation by
     rank-classification accuracy on the dev set (QuanTA selects its best checkpoint by it).
     Math: cross-entropy over the answer tokens only, the Trainer's mean of micro-batch means;

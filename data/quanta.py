@@ -18,7 +18,7 @@ argmax (rank classification).
 Math (MATH10KDataset, GSM8K/AQuA/MAWPS/SVAMP TestDataset): the prompt is "{question}\\nAnswer:";
 training (only_train_option) is next-token cross-entropy over the answer tokens of
 "{question}\\nAnswer: {output}\\n" (the output cleaned, a newline after it); evaluation decodes
-greedily up to 50 new tokens, a newline ending the answer (eval.py, evaluate_quanta_math).
+greedily up to 50 new tokens, a newline ending the answer (eval_quanta.py, evaluate_quanta_math).
 
 Tokens: BOS first, no EOS (the Hugging Face LLaMA tokenizer's encode); sequences longer than
 max_length keep BOS and their last max_length - 1 tokens (encode_prompt's left truncation).

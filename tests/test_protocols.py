@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import eval as E
+import eval_quanta
 import export
 import methods
 import pipelines
@@ -163,7 +164,8 @@ def test_quanta_classification_loss_and_scores_match_transformers(tmp_path):
             got = pipe.loss_sum(ours, pipe.collate(examples)) / pipe.units(examples)
             ref = ref_classification_loss(hf, [ref_encode(tok, records[train_idx[j]]) for j in part])
             assert_close(got, ref, atol=1e-5, rtol=1e-5)
-        E.evaluate_quanta_choices(ours, tok, "boolq", records, str(tmp_path / "p.jsonl"), batch_size=3, progress=False)
+        eval_quanta.evaluate_quanta_choices(ours, tok, "boolq", records, str(tmp_path / "p.jsonl"), batch_size=3,
+                                            progress=False)
         rows = sorted((json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()), key=lambda r: r["index"])
         ref = ref_scores(hf, [ref_encode(tok, r) for r in records])
     for row, s in zip(rows, ref, strict=True):
@@ -196,15 +198,15 @@ def ref_released_metric(gold, response):                   # metrics.py, "math",
 def test_quanta_math_metric_correct_and_as_released(gold, response, correct):
     """The audit's cases: gold 18 with "9999" or "I do not know." is correct by the released metric
     (any prediction >= gold, or no number), and not by the correct one."""
-    assert E.quanta_math_correct(gold, response) == (correct, ref_released_metric(gold, response))
+    assert eval_quanta.quanta_math_correct(gold, response) == (correct, ref_released_metric(gold, response))
     if response in ("9999", "I do not know."):
         assert ref_released_metric(gold, response) and not correct
 
 
 def test_quanta_letter_answers():
-    assert E.quanta_math_correct("B", "The answer is B.") == (True, True)
-    assert E.quanta_math_correct("B", "A or B") == (False, False)
-    assert E.quanta_math_correct("C", "no letter here") == (False, False)
+    assert eval_quanta.quanta_math_correct("B", "The answer is B.") == (True, True)
+    assert eval_quanta.quanta_math_correct("B", "A or B") == (False, False)
+    assert eval_quanta.quanta_math_correct("C", "no letter here") == (False, False)
 
 
 def test_quanta_split_is_its_seeded_permutation():

@@ -362,7 +362,7 @@ def test_bad_input_errors():
     m, _ = tiny()
     with pytest.raises(ValueError, match="unknown method 'lorra'; valid methods: full, bitfit, prefix"):
         methods.apply_method(m, "lorra")
-    with pytest.raises(ValueError, match="lora_r must be positive, got 0"):
+    with pytest.raises(ValueError, match="LoRA rank must be positive, got lora_r=0"):
         methods.apply_method(m, "lora", lora_r=0)
     with pytest.raises(ValueError, match="QuanTA dims 4-4-8 multiply to 128, but the layer's input width is 64"):
         methods.apply_method(m, "quanta", quanta_dims="4-4-8")

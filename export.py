@@ -211,9 +211,9 @@ def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None)
         raise ValueError(why_not_peft(model))
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("export to peft: the adapter is merged into the weights; export it unmerged")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    tensors, paths = {}, [hf_module(model, n) for n in layers]
-    for p, m in zip(paths, layers.values()):
+    named = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    tensors, paths, layers = {}, [hf_module(model, n) for n in named], list(named.values())
+    for p, m in zip(paths, layers):
         tensors[f"base_model.model.{p}.lora_A.weight"] = m.lora_A.detach()
         tensors[f"base_model.model.{p}.lora_B.weight"] = m.lora_B.detach()
         if isinstance(m, DoRALinear):
@@ -227,8 +227,8 @@ def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None)
                 tensors[f"base_model.model.{hf_key(model, 'head.' + k)}"] = v.detach()
     config = {
         "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, **lora_settings(model, list(layers.values())), "target_modules": target_suffixes(model, paths),
-        "use_dora": any(isinstance(m, DoRALinear) for m in layers.values()), "use_rslora": False,
+        "revision": None, **lora_settings(model, layers), "target_modules": target_suffixes(model, paths),
+        "use_dora": any(isinstance(m, DoRALinear) for m in layers), "use_rslora": False,
         "bias": "none", "fan_in_fan_out": False, "modules_to_save": modules_to_save, "init_lora_weights": True,
         "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},

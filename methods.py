@@ -11,7 +11,10 @@ as BitFit does) train, and RoBERTa's classification head.
     save_adapter(model, "out/adapter.safetensors"); load_adapter(base_model, "out/adapter.safetensors")
 
 Add your own: write a function below and one line in METHODS (README, "Add your own method").
-Every hyperparameter is also a command-line flag of train.py with the same name.
+Every hyperparameter is also a command-line flag of train.py with the same name. Nothing else is
+declared: which modules a method attaches and whether it trains the base model's own weights are
+found by applying it to weightless twins of the models (anatomy), and train.py's precision and
+export.py's formats follow from that.
 """
 import dataclasses
 import inspect
@@ -374,14 +377,6 @@ def model_keys(cfg) -> tuple:
     return (family, getattr(cfg, "name", None))
 
 
-def preset_row(table, key) -> list:
-    """[(where, row)] for the row `key` of a presets.py table, with the source it cites; [] if none."""
-    if key not in table:
-        return []
-    name = "METHOD_PRESETS" if table is METHOD_PRESETS else "TRAIN_PRESETS"
-    return [(f"presets.py {name}[{key!r}] ({table.source[key]})", table[key])]
-
-
 def method_hparam_sources(name: str, keys: tuple = (), overrides: dict | None = None, task: str | None = None,
                           preset: str | None = None) -> dict:
     """{hyperparameter: (value, where it comes from)}. Each source overrides the ones before it: the
@@ -392,8 +387,8 @@ def method_hparam_sources(name: str, keys: tuple = (), overrides: dict | None = 
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     hp = {k: (v, f"methods.py {fn.__name__}()") for k, (v, fn) in hyperparameter_defaults(METHODS[name]).items()}
-    rows = [row for key in (*keys, task, f"{keys[0]}/{task}" if keys and task else None)
-            for row in preset_row(METHOD_PRESETS, (name, key))]
+    rows = [(METHOD_PRESETS.where((name, key)), METHOD_PRESETS[(name, key)])
+            for key in (*keys, task, f"{keys[0]}/{task}" if keys and task else None) if (name, key) in METHOD_PRESETS]
     if preset is not None:
         rows.append((f"presets.py NAMED_PRESETS[{preset!r}]", NAMED_PRESETS[preset]["rows"].get(name, {})))
     for source, row in rows:
@@ -704,8 +699,8 @@ def train_hparam_sources(method: str, model_name: str | None = None, pipeline: s
     task (presets.py), then the caller's overrides (the command line). A micro-batch is at most a
     batch."""
     hp = {k: (v, f"presets.py TRAIN_DEFAULTS ({TRAIN_DEFAULTS_SOURCE})") for k, v in TRAIN_DEFAULTS.items()}
-    rows = preset_row(TRAIN_PRESETS, pipeline)
-    rows += [row for key in (pipeline, model_name, task) for row in preset_row(TRAIN_PRESETS, (method, key))]
+    keys = [pipeline, *((method, key) for key in (pipeline, model_name, task))]
+    rows = [(TRAIN_PRESETS.where(key), TRAIN_PRESETS[key]) for key in keys if key in TRAIN_PRESETS]
     rows.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
     for source, row in rows:
         hp.update({k: (v, source) for k, v in row.items()})

@@ -23,14 +23,18 @@ class Rows(dict):
     """Preset rows, {key: {hyperparameter: value}}, each with the source it comes from
     (`source[key]`), added a block at a time by `cite`."""
 
-    def __init__(self):
+    def __init__(self, name: str):
         super().__init__()
-        self.source = {}
+        self.name, self.source = name, {}
 
     def cite(self, source: str, rows: dict):
         """Add `rows`, all taken from `source` (a table of the paper, a script)."""
         self.update(rows)
         self.source.update(dict.fromkeys(rows, source))
+
+    def where(self, key) -> str:
+        """The row `key` and its source, as --dry_run prints them."""
+        return f"presets.py {self.name}[{key!r}] ({self.source[key]})"
 
 
 # --- Settings that several rows share, named once -------------------------------------------------
@@ -48,7 +52,7 @@ LMAM_MBART = dict(lmam_heads=16, lmam_rank=64, lmam_len=128, lmam_scale=1.0)    
 LMAM_TINY = dict(lmam_heads=2, lmam_len=16, lmam_scale=1 / (64 * 600))                # tests, demo: 1/(d·600), d = 64
 GLUE_LMAM_LEN = dict(mnli=512, sst2=512, mrpc=256, cola=512, qnli=256, qqp=256, rte=512, stsb=256)   # Table 16
 
-METHOD_PRESETS = Rows()
+METHOD_PRESETS = Rows("METHOD_PRESETS")
 # --- He et al.'s baselines (their exps/run_glue.sh, run_xsum.sh, run_mt.sh) --------------------------
 METHOD_PRESETS.cite("He et al. 2021, exps/*.sh", {
     ("lora", "roberta"): HE_LORA, ("lora", "bart"): HE_LORA, ("lora", "mbart"): HE_LORA,
@@ -236,7 +240,7 @@ TRAIN_DEFAULTS = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_
                       lr_schedule="linear", s2_ratio=0.0, lmam_lr_scale=1.0)
 TRAIN_DEFAULTS_SOURCE = "LLM-Adapters' finetune.py; the rest: off, or transformers'"
 
-TRAIN_PRESETS = Rows()
+TRAIN_PRESETS = Rows("TRAIN_PRESETS")
 # The pipelines. The medium models: He et al.'s scripts; eval_step / save_step 0: once per epoch;
 # val_set_size: their max_eval_samples (the first 1600 examples).
 TRAIN_PRESETS.cite("LLM-Adapters' finetune.py", {"llm": dict()})

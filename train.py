@@ -181,7 +181,8 @@ def parse_args(argv=None):
                         "RoBERTa: a GLUE task (" + ", ".join(glue.TASKS) + "); BART: xsum; mBART: wmt16-en-ro")
     p.add_argument("--out_dir", default="out", help="where the run writes its files (see above)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
-                   help="apply the method, print the trainable-parameter line (peft's format), exit")
+                   help="apply the method to the model's shapes (nothing loaded), print every method and training "
+                        "setting with where its value comes from and the trainable-parameter line (peft's format), exit")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/checkpoint.pt: the same base model, data and settings (checked); "
                         "--max_steps / --num_epochs may grow to extend a finished run")

@@ -18,9 +18,10 @@
     (eval.py --adapter DIR), from peft (lora_magnitude_vector) or NVlabs/DoRA's released
     checkpoints (their peft fork: peft_type "DORA", adapter_model.bin, weight_m_wdecomp.weight).
 
-Methods peft has no type for keep this project's adapter file: exporting them to peft is an error
-that says why (NO_PEFT_TYPE), and so is merging a method that adds modules (LMAM, the adapters,
-prefixes) instead of changing weights.
+Which method can go where is read from what it attached to the model (methods.apply_method
+records it): LoRA / DoRA layers alone go to peft's format; other modules keep this project's
+adapter file, and exporting them to peft is an error that says why (NO_PEFT_TYPE), as is merging
+a method that adds modules (LMAM, the adapters, prefixes) instead of changing weights.
 
 Key names. LLaMA: ours with "model." in front (lm_head.weight as it is). RoBERTa: the inverse of
 checkpoint.ROBERTA_KEYS ("roberta." + BERT's module names, the GLUE head as classifier.*). BART /
@@ -42,10 +43,12 @@ import hub
 import methods
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder
+from adaptive import AdaLoRALinear, SoRALinear
 from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, load, read_hf_tensors, read_safetensors, read_torch,
                         write_safetensors)
 from lmam import LMAM
 from lora import AdditiveUpdate, DoRALinear, LoRALinear
+from quanta import QuanTALinear
 from runs import atomic_write, pid_alive, read_json_object
 
 # -----------------------------------------------------------------------------
@@ -91,33 +94,41 @@ def describe(model) -> str:
 # peft's format: export
 
 PEFT_TASK = {M.Llama: "CAUSAL_LM", M.Bart: "SEQ_2_SEQ_LM"}     # RoBERTa: SEQ_CLS with a GLUE head
-NO_PEFT_TYPE = {
-    "lmam": "LMAM adds a learned low-rank map to the attention probabilities, and peft has no tuner that "
-            "changes the attention map",
-    "quanta": "peft has no QuanTA type (QuanTA's reference is its own code); its update is a weight delta, so "
-              "--format hf can merge it",
-    "series": "LLM-Adapters' bottleneck adapters exist only in LLM-Adapters' own fork of peft, not in peft",
-    "parallel": "LLM-Adapters' bottleneck adapters exist only in LLM-Adapters' own fork of peft, not in peft",
-    "adapter_ffn": "He et al.'s scaled parallel adapter (Adapter-FFN) has no peft type",
-    "prefix": "peft's prefix tuning numbers the tokens from the prefix length and this project from 0 (He et "
-              "al.), so the same tensors would give different outputs there",
-    "full": "full fine-tuning changes the weights themselves: --format hf writes them as a checkpoint",
-    "bitfit": "BitFit changes the biases themselves: --format hf writes the model as a checkpoint",
+PEFT_TYPES = (LoRALinear, DoRALinear)          # the modules peft's LORA type holds (use_dora for DoRA)
+NO_PEFT_TYPE = {                               # the modules it does not, and why
+    LMAM: "LMAM adds a learned low-rank map to the attention probabilities, and peft has no tuner that changes "
+          "the attention map",
+    QuanTALinear: "peft has no QuanTA type (QuanTA's reference is its own code); its update is a weight delta, so "
+                  "--format hf can merge it",
+    BottleneckLinear: "LLM-Adapters' bottleneck adapters exist only in LLM-Adapters' own fork of peft, not in peft",
+    HoulsbyAdapter: "He et al.'s Houlsby adapter has no peft type",
+    AdapterFFN: "He et al.'s scaled parallel adapter (Adapter-FFN) has no peft type",
+    PrefixEncoder: "peft's prefix tuning numbers the tokens from the prefix length and this project from 0 (He et "
+                   "al.), so the same tensors would give different outputs there",
+    AdaLoRALinear: "export.py writes peft's LORA type, not its ADALORA one; the update is a weight delta, so "
+                   "--format hf can merge it",
+    SoRALinear: "peft has no SoRA type (a gate between A and B); the update is a weight delta, so --format hf can "
+                "merge it",
 }
-PEFT_METHODS = ("lora", "dora")
 
 
-# the methods made of several (methods.py composes them); the plug-ins are named "x+lmam"
-COMPOSITES = {"mam": ["prefix", "adapter_ffn"], "lorada_la": ["lmam", "lora", "adapter_ffn"],
-              "lorada_q": ["lmam", "quanta"], "lorada_a": ["lmam", "adapter_ffn"]}
-
-
-def why_not_peft(name: str) -> str:
-    parts = COMPOSITES.get(name, name.split("+"))
-    reasons = [f"{p}: {NO_PEFT_TYPE[p]}" for p in parts if p in NO_PEFT_TYPE]
-    return (f"method {name!r} has no peft format ({'; '.join(reasons)}); peft export is for "
-            f"{' and '.join(PEFT_METHODS)}. Its adapter file stays in this project's format "
-            f"(train.py writes it; eval.py --adapter reads it)")
+def why_not_peft(model) -> str | None:
+    """Why the model's method cannot be written in peft's format, None if it can: what it attached
+    (model.attached, recorded by methods.apply_method) must be LoRA / DoRA layers alone, and it
+    must train none of the base model's own weights."""
+    reasons = {cls.__name__: NO_PEFT_TYPE.get(cls, f"export.py knows no peft type for {cls.__name__}")
+               for cls in model.attached.values() if cls not in PEFT_TYPES}
+    base = methods.trained_base(model)
+    if base:
+        reasons["base weights"] = (f"it trains {len(base)} of the base model's own tensors ({', '.join(base[:2])}, "
+                                   f"...), which a peft adapter does not hold; --format hf writes them as a checkpoint")
+    elif not model.attached:
+        reasons["nothing attached"] = "it attaches no LoRA layer"
+    if not reasons:
+        return None
+    return (f"method {model.peft_method['name']!r} has no peft format "
+            f"({'; '.join(f'{k}: {v}' for k, v in reasons.items())}); peft export is for LoRA and DoRA layers alone. "
+            f"Its adapter file stays in this project's format (train.py writes it; eval.py --adapter reads it)")
 
 
 def linear_paths(model) -> list[str]:
@@ -147,26 +158,36 @@ def target_suffixes(model, paths: list[str]) -> list[str]:
     return sorted(chosen)
 
 
+def lora_settings(model, layers: list) -> dict:
+    """adapter_config.json's r, lora_alpha and lora_dropout: the method's where it names them
+    (lora_alpha exactly as given), else read from its LoRA layers, which must share them."""
+    hp = model.peft_method["hparams"]
+    found = {(m.r, m.scaling, m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0) for m in layers}
+    if len(found) != 1:
+        raise ValueError(f"export to peft: the LoRA layers differ in rank, scale or dropout {sorted(found)}; peft's "
+                         f"adapter_config.json has one of each")
+    r, scaling, dropout = found.pop()
+    return {"r": hp.get("lora_r", r), "lora_alpha": hp.get("lora_alpha", scaling * r),
+            "lora_dropout": hp.get("lora_dropout", dropout)}
+
+
 def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None) -> list[str]:
     """Write the model's LoRA / DoRA adapter as peft's adapter_config.json + adapter_model.safetensors
     into out_dir; returns their paths."""
     name = (getattr(model, "peft_method", None) or {}).get("name")
     if name is None:
         raise ValueError("export to peft: no adapter on this model (give --adapter)")
-    if name not in PEFT_METHODS:
-        raise ValueError(why_not_peft(name))
+    if why_not_peft(model):
+        raise ValueError(why_not_peft(model))
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("export to peft: the adapter is merged into the weights; export it unmerged")
-    hp = model.peft_method["hparams"]
-    tensors, paths = {}, []
-    for mod_name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            p = hf_module(model, mod_name)
-            paths.append(p)
-            tensors[f"base_model.model.{p}.lora_A.weight"] = m.lora_A.detach()
-            tensors[f"base_model.model.{p}.lora_B.weight"] = m.lora_B.detach()
-            if isinstance(m, DoRALinear):
-                tensors[f"base_model.model.{p}.lora_magnitude_vector"] = m.magnitude.detach()
+    named = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    tensors, paths, layers = {}, [hf_module(model, n) for n in named], list(named.values())
+    for p, m in zip(paths, layers):
+        tensors[f"base_model.model.{p}.lora_A.weight"] = m.lora_A.detach()
+        tensors[f"base_model.model.{p}.lora_B.weight"] = m.lora_B.detach()
+        if isinstance(m, DoRALinear):
+            tensors[f"base_model.model.{p}.lora_magnitude_vector"] = m.magnitude.detach()
     modules_to_save, task = None, PEFT_TASK.get(type(model))
     if isinstance(model, M.Roberta):
         task = "SEQ_CLS" if model.head is not None else "FEATURE_EXTRACTION"
@@ -176,8 +197,8 @@ def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None)
                 tensors[f"base_model.model.{hf_key(model, 'head.' + k)}"] = v.detach()
     config = {
         "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "r": hp["lora_r"], "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"],
-        "target_modules": target_suffixes(model, paths), "use_dora": name == "dora", "use_rslora": False,
+        "revision": None, **lora_settings(model, layers), "target_modules": target_suffixes(model, paths),
+        "use_dora": any(isinstance(m, DoRALinear) for m in layers), "use_rslora": False,
         "bias": "none", "fan_in_fan_out": False, "modules_to_save": modules_to_save, "init_lora_weights": True,
         "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
@@ -340,7 +361,7 @@ def load_any_adapter(model, path: str):
 # bottleneck adapters (peft_type BOTTLENECK, tuners/bottleneck.py) are this project's series and
 # parallel methods (adapters.BottleneckLinear), imported here. Their prefix tuning is not: peft
 # numbers the tokens from the prefix length, this project from 0, so the same prefixes would give
-# another model (NO_PEFT_TYPE["prefix"]).
+# another model (NO_PEFT_TYPE[PrefixEncoder]).
 
 LLM_ADAPTERS_TYPES = ("BOTTLENECK",)
 BOTTLENECK_KEY = re.compile(r"(.+)\.(adapter_down|adapter_up)\.weight|(.+)\.adapter_scaling")
@@ -440,12 +461,13 @@ def parse_size(text) -> int:
 
 def merged_state(model, dtype=None) -> dict:
     """The model's weights under Hugging Face's names, with every method's update merged in (the
-    model is left merged). A method that is not a weight delta is an error saying why."""
-    for m in model.modules():
-        for cls, why in NOT_MERGEABLE.items():
-            if isinstance(m, cls):
-                name = (getattr(model, "peft_method", None) or {}).get("name", "?")
-                raise ValueError(f"cannot merge method {name!r}: {why}")
+    model is left merged). A method that attached anything but weight deltas (lora.AdditiveUpdate:
+    LoRA, DoRA, QuanTA, AdaLoRA, SoRA) is an error saying why."""
+    for cls in getattr(model, "attached", {}).values():
+        if not issubclass(cls, AdditiveUpdate):
+            why = next((why for c, why in NOT_MERGEABLE.items() if issubclass(cls, c)),
+                       f"its {cls.__name__} is not a weight delta (lora.AdditiveUpdate) that export.py can merge")
+            raise ValueError(f"cannot merge method {model.peft_method['name']!r}: {why}")
     for m in model.modules():
         if isinstance(m, AdditiveUpdate):
             m.merge()                                     # LoRA, DoRA, QuanTA: W + ΔW in fp32, rounded once

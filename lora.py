@@ -44,7 +44,7 @@ class LoRALinear(AdditiveUpdate):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got r={r}")
+            raise ValueError(f"LoRA rank must be positive, got lora_r={r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight                       # frozen, same key as the base layer
         self.bias = base.bias

@@ -11,8 +11,12 @@ as BitFit does) train, and RoBERTa's classification head.
     save_adapter(model, "out/adapter.safetensors"); load_adapter(base_model, "out/adapter.safetensors")
 
 Add your own: write a function below and one line in METHODS (README, "Add your own method").
-Every hyperparameter is also a command-line flag of train.py with the same name.
+Every hyperparameter is also a command-line flag of train.py with the same name. Nothing else is
+declared: which modules a method attaches and whether it trains the base model's own weights are
+found by applying it to weightless twins of the models (anatomy), and train.py's precision and
+export.py's formats follow from that.
 """
+import dataclasses
 import inspect
 import json
 import math
@@ -29,7 +33,7 @@ from adaptive import AdaLoRAAllocator, AdaLoRALinear, SoRAGates, SoRALinear
 from checkpoint import read_safetensors, read_safetensors_header, read_safetensors_metadata, write_safetensors
 from lmam import LMAM
 from lora import DoRALinear, LoRALinear
-from presets import METHOD_PRESETS, TRAIN_DEFAULTS, TRAIN_PRESETS
+from presets import METHOD_PRESETS, NAMED_PRESETS, TRAIN_DEFAULTS, TRAIN_DEFAULTS_SOURCE, TRAIN_PRESETS
 from quanta import QuanTALinear
 
 
@@ -339,12 +343,17 @@ METHODS = {
 
 # ----------------------------------------------------------------------------- hyperparameters
 
-def hyperparameters(method) -> dict:
-    """A method's hyperparameters with their defaults: its keyword arguments, and LMAM's where it
-    takes **lmam_hp."""
+def hyperparameter_defaults(method) -> dict:
+    """{name: (default, the function whose signature gives it)}: a method's keyword arguments, and
+    LMAM's where it takes **lmam_hp."""
     params = inspect.signature(method).parameters
-    hp = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    return {**hyperparameters(lmam), **hp} if "lmam_hp" in params else hp
+    hp = {n: (p.default, method) for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**hyperparameter_defaults(lmam), **hp} if "lmam_hp" in params else hp
+
+
+def hyperparameters(method) -> dict:
+    """A method's hyperparameters with their defaults."""
+    return {n: default for n, (default, _) in hyperparameter_defaults(method).items()}
 
 
 def flag_types() -> dict:
@@ -368,15 +377,22 @@ def model_keys(cfg) -> tuple:
     return (family, getattr(cfg, "name", None))
 
 
-def method_hparams(name: str, keys: tuple = (), overrides: dict | None = None, task: str | None = None) -> dict:
-    """The method's defaults ← its presets for the model (family, then name) ← its preset for the
-    task ← for the family on that task ("roberta/sst2") ← the caller's overrides, checked against
-    the method's hyperparameters."""
+def method_hparam_sources(name: str, keys: tuple = (), overrides: dict | None = None, task: str | None = None,
+                          preset: str | None = None) -> dict:
+    """{hyperparameter: (value, where it comes from)}. Each source overrides the ones before it: the
+    method's defaults (its signature), its presets.py rows for the model (family, then name), for
+    the task, for the family on that task ("roberta/sst2"), the named preset's row (train.py
+    --preset), then the caller's overrides (the command line), checked against the method's
+    hyperparameters. Their values are checked where they are used (the modules' constructors)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    hp = hyperparameters(METHODS[name])
-    for key in (*keys, task, f"{keys[0]}/{task}" if keys and task else None):
-        hp.update(METHOD_PRESETS.get((name, key), {}))
+    hp = {k: (v, f"methods.py {fn.__name__}()") for k, (v, fn) in hyperparameter_defaults(METHODS[name]).items()}
+    rows = [(METHOD_PRESETS.where((name, key)), METHOD_PRESETS[(name, key)])
+            for key in (*keys, task, f"{keys[0]}/{task}" if keys and task else None) if (name, key) in METHOD_PRESETS]
+    if preset is not None:
+        rows.append((f"presets.py NAMED_PRESETS[{preset!r}]", NAMED_PRESETS[preset]["rows"].get(name, {})))
+    for source, row in rows:
+        hp.update({k: (v, source) for k, v in row.items()})
     types = flag_types()
     for k, v in (overrides or {}).items():
         if v is None:
@@ -386,22 +402,26 @@ def method_hparams(name: str, keys: tuple = (), overrides: dict | None = None, t
                              f"{', '.join(sorted(hp)) or 'none'}")
         if isinstance(v, (list, tuple)):
             v = ("-" if k == "quanta_dims" else ",").join(map(str, v))
-        hp[k] = types[k](v)
-    for k in ("lora_r", "adapter_r", "prefix_len"):
-        if k in hp and hp[k] <= 0:
-            raise ValueError(f"{k} must be positive, got {hp[k]}")
+        hp[k] = (types[k](v), "command line")
     return hp
+
+
+def method_hparams(name: str, keys: tuple = (), overrides: dict | None = None, task: str | None = None) -> dict:
+    """The method's hyperparameters for a model (its preset keys), a task and the caller's
+    overrides: the values of method_hparam_sources."""
+    return {k: v for k, (v, _) in method_hparam_sources(name, keys, overrides, task).items()}
 
 
 def apply_method(model, name: str, task: str | None = None, **overrides):
     """Adapt `model` in place with method `name`: freeze it, attach the method (what it attaches
-    trains). A RoBERTa classification head always trains (as with peft's modules_to_save; He et
-    al.'s released code leaves it frozen, see ../shared/research/adapters.md). `task` picks the
-    task's preset row."""
+    trains). A RoBERTa classification head always trains, as with peft's modules_to_save (He et
+    al.'s released code trains only their adapters' "ef_" parameters, so their GLUE head stays at
+    its random initialisation). `task` picks the task's preset row. The model keeps what was
+    there before (base_keys, its state dict's names) and what the method attached (attached)."""
     if getattr(model, "peft_method", None) is not None:
         raise ValueError(f"the model already has method {model.peft_method['name']!r} applied")
     hp = method_hparams(name, model_keys(model.cfg), overrides, task)
-    base_keys = set(model.state_dict().keys())
+    base_keys, base_modules = set(model.state_dict().keys()), set(model.modules())
     model.fingerprint = base_fingerprint(model)    # the base's, before a method changes it (LongLoRA's [PAD])
     model.requires_grad_(False)
     METHODS[name](model, **hp)
@@ -412,14 +432,76 @@ def apply_method(model, name: str, task: str | None = None, **overrides):
         warnings.warn(f"method {name!r} leaves no parameter of this model trainable (e.g. BitFit on LLaMA, "
                       f"which has no biases)")
     model.peft_method = {"name": name, "hparams": hp}
-    model.base_keys = base_keys
+    model.base_keys, model.attached = base_keys, attached_modules(model, base_modules)
     return model
 
 
+def attached_modules(model, before: set) -> dict:
+    """{qualified name: class} of the modules a method attached: those not in the model before (the
+    set `before`) whose parent was: LoRALinear in place of an nn.Linear, not its dropout."""
+    attached, new = {}, set()
+    for qualified, module in model.named_modules():
+        if module in before:
+            continue
+        new.add(qualified)
+        if qualified.rpartition(".")[0] not in new:
+            attached[qualified] = type(module)
+    return attached
+
+
+def trained_base(model) -> list[str]:
+    """The names of the base model's own parameters that train with its method (full fine-tuning:
+    all; BitFit: the biases; LongLoRA: the embeddings and norms), the GLUE head aside."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and n in model.base_keys and not n.startswith("head.")]
+
+
+# ----------------------------------------------------------------------------- what a method is made of
+
+PROBE_MODELS = ("llama-7b", "roberta-base", "bart-large", "deberta-v3-base")    # a model of each family
+_anatomies = {}                  # method function -> its anatomy (the probes run once per process)
+
+
+def probe_twin(name: str):
+    """A weightless one-layer twin of model.py's preset `name`, on the meta device: its widths, its
+    presets (cfg.name) and its module types, no memory."""
+    cfg = M.LlamaConfig.from_name(name) if name in M.LLAMA_PRESETS else M.ENCDEC_PRESETS[name]
+    depth = {f.name: 1 for f in dataclasses.fields(cfg) if f.name in ("n_layers", "encoder_layers", "decoder_layers")}
+    cfg = dataclasses.replace(cfg, name=name, **depth)
+    family = {M.LlamaConfig: M.Llama, M.RobertaConfig: M.Roberta, M.BartConfig: M.Bart, M.DebertaConfig: M.Deberta}
+    with torch.device("meta"):
+        return family[type(cfg)](cfg)
+
+
+def anatomy(name: str) -> dict:
+    """What method `name` does to a model, found by doing it: applied with its defaults and presets
+    to a one-layer twin of each PROBE_MODELS family, {"attached": the classes of the modules it
+    attaches, "base": the base parameters it trains (trained_base), "models": the probes it
+    applies to}. A family the method does not apply to (LongLoRA on RoBERTa) is left out. Nothing
+    is declared by the method: a new one is probed like the others."""
+    method = METHODS[name]
+    if method not in _anatomies:
+        found = {"attached": set(), "base": set(), "models": []}
+        for probe in PROBE_MODELS:
+            twin = probe_twin(probe)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")              # (BitFit on LLaMA trains nothing)
+                    apply_method(twin, name)
+            except Exception:                 # settings for another family (QuanTA's dims, LongLoRA's o_proj)
+                continue
+            found["models"].append(probe)
+            found["attached"] |= set(twin.attached.values())
+            found["base"] |= set(trained_base(twin))
+        _anatomies[method] = found
+    return _anatomies[method]
+
+
 def trains_base(name: str) -> bool:
-    """Whether a method trains the base model's own weights (full fine-tuning, BitFit, LongLoRA's
-    embeddings and norms): then they stay in fp32 and autocast does the bf16 work."""
-    return METHODS[name] in (full, bitfit, longlora, longlora_lmam)
+    """Whether a method trains the base model's own weights (anatomy): full fine-tuning, BitFit,
+    LongLoRA's embeddings and norms, a method of yours that unfreezes a norm. Then train.py loads
+    them in fp32 and bf16 autocast does the bf16 work, so that no bf16 weight is trained."""
+    return bool(anatomy(name)["base"])
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -610,11 +692,31 @@ def load_adapter(model, path: str):
 
 # ----------------------------------------------------------------------------- training hyperparameters
 
-def train_hparams(method: str, model_name: str | None = None, pipeline: str = "llm", task: str | None = None) -> dict:
-    """TRAIN_DEFAULTS ← the pipeline's row ← the method's rows for the pipeline, the checkpoint and
-    the task (presets.py). The command line goes last (train.py)."""
-    hp = dict(TRAIN_DEFAULTS, **TRAIN_PRESETS[pipeline])
-    for key in (pipeline, model_name, task):
-        hp.update(TRAIN_PRESETS.get((method, key), {}))
-    hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+def train_hparam_sources(method: str, model_name: str | None = None, pipeline: str = "llm", task: str | None = None,
+                         overrides: dict | None = None) -> dict:
+    """{setting: (value, where it comes from)}. Each source overrides the ones before it:
+    TRAIN_DEFAULTS, the pipeline's row, the method's rows for the pipeline, the checkpoint and the
+    task (presets.py), then the caller's overrides (the command line). A micro-batch is at most a
+    batch."""
+    hp = {k: (v, f"presets.py TRAIN_DEFAULTS ({TRAIN_DEFAULTS_SOURCE})") for k, v in TRAIN_DEFAULTS.items()}
+    keys = [pipeline, *((method, key) for key in (pipeline, model_name, task))]
+    rows = [(TRAIN_PRESETS.where(key), TRAIN_PRESETS[key]) for key in keys if key in TRAIN_PRESETS]
+    rows.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    for source, row in rows:
+        hp.update({k: (v, source) for k, v in row.items()})
+    if hp["micro_batch_size"][0] > hp["batch_size"][0]:
+        hp["micro_batch_size"] = (hp["batch_size"][0], "batch_size (a micro-batch is at most a batch)")
     return hp
+
+
+def train_hparams(method: str, model_name: str | None = None, pipeline: str = "llm", task: str | None = None,
+                  overrides: dict | None = None) -> dict:
+    """The training settings of a run: the values of train_hparam_sources."""
+    return {k: v for k, (v, _) in train_hparam_sources(method, model_name, pipeline, task, overrides).items()}
+
+
+def source_lines(sources: dict) -> list[str]:
+    """A line per value of method_hparam_sources / train_hparam_sources: the name, the value, where it
+    comes from (train.py --dry_run)."""
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) and len(repr(v)) > 10 else str(v)
+    return [f"  {k:<18} {show(v):<10} {source}" for k, (v, source) in sources.items()]

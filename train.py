@@ -60,72 +60,104 @@ from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- the command line
 
-# Training flags: what each is, and where its default comes from (presets.TRAIN_PRESETS has the rows).
+# Training flags: what each means. Their values come from presets.py's rows for the method, model and
+# task (--dry_run prints each, and the row it came from).
 TRAIN_HELP = {
-    "batch_size": "examples per optimizer step (LLM-Adapters 16; Table 19: 4; Table 17: 8; GLUE 32, He et al.)",
-    "micro_batch_size": "examples per forward/backward; gradients accumulate up to batch_size (LLM-Adapters 4)",
-    "num_epochs": "passes over the training set (LLM-Adapters 3; Table 16: 20; QuanTA 5)",
-    "learning_rate": "AdamW's peak learning rate (LLM-Adapters 3e-4; Tables 17, 19: 1e-4; Table 16: per task)",
-    "cutoff_len": "tokens per example, the source's for seq2seq (LLM-Adapters 256; GLUE 512)",
-    "val_set_size": "held-out training examples for validation (LLM-Adapters 120; He et al.: the first 1600 dev)",
-    "eval_step": "validate every N steps, 0: once per epoch (LLM-Adapters 80)",
-    "save_step": "write checkpoint.pt every N steps, 0: once per epoch (LLM-Adapters 80)",
-    "warmup_steps": "linear warmup steps (LLM-Adapters and Table 19: 100; Table 17: 0)",
-    "weight_decay": "AdamW's decoupled weight decay (LLM-Adapters 0; He et al.'s GLUE 0.1)",
-    "max_grad_norm": "gradient clipping by global norm (transformers' Trainer 1.0; He et al.'s XSum 0.1)",
-    "seed": "seed of the method's initialisation, the data order and dropout (LLM-Adapters 42)",
-    "max_steps": "stop after N steps, 0: num_epochs decides (He et al.: XSum 100k, MT 50k)",
-    "warmup_ratio": "warmup as a share of the steps, instead of warmup_steps (He et al.'s GLUE 0.06)",
-    "label_smoothing": "label smoothing of the seq2seq loss (He et al. 0.1)",
-    "max_target_len": "target tokens for seq2seq, 0: cutoff_len (He et al.: XSum 128, MT 150)",
-    "max_tokens": "token budget per micro-batch for MT, 0: by examples (He et al. 4096)",
-    "update_freq": "micro-batches per step with max_tokens (He et al.'s MT 4: 16k tokens a step)",
-    "adam_beta2": "AdamW's β2 (0.999; He et al.'s GLUE and MT 0.98)",
-    "adam_eps": "AdamW's ε (1e-8; He et al.'s GLUE and MT 1e-6)",
+    "batch_size": "examples per optimizer step",
+    "micro_batch_size": "examples per forward/backward; gradients accumulate up to batch_size",
+    "num_epochs": "passes over the training set",
+    "learning_rate": "AdamW's peak learning rate",
+    "cutoff_len": "tokens per example, the source's for seq2seq",
+    "val_set_size": "held-out training examples for validation (the medium models: the first N dev examples)",
+    "eval_step": "validate every N steps, 0: once per epoch",
+    "save_step": "write checkpoint.pt every N steps, 0: once per epoch",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW's decoupled weight decay (not on biases and norms)",
+    "max_grad_norm": "gradient clipping by global norm",
+    "seed": "seed of the method's initialisation, the data order and dropout",
+    "max_steps": "stop after N steps, 0: num_epochs decides",
+    "warmup_ratio": "warmup as a share of the steps, instead of warmup_steps (0: warmup_steps)",
+    "label_smoothing": "label smoothing of the seq2seq loss",
+    "max_target_len": "target tokens for seq2seq, 0: cutoff_len",
+    "max_tokens": "token budget per micro-batch for MT, 0: by examples",
+    "update_freq": "micro-batches per step with max_tokens",
+    "adam_beta2": "AdamW's β2",
+    "adam_eps": "AdamW's ε",
     "lr_schedule": "linear (decay to 0 after the warmup; transformers' default) or constant (LongLoRA)",
-    "s2_ratio": "LongLoRA's shifted sparse attention in training, groups of ratio × length tokens "
-                "(LongLoRA: 0.25; 0: full attention)",
+    "s2_ratio": "LongLoRA's shifted sparse attention in training, groups of ratio × length tokens (0: full attention)",
     "lmam_lr_scale": "LMAM's learning rate as a multiple of learning_rate (1: the paper's single rate; "
                      "not in the paper: for studies of how much the map learns)",
 }
-# Method flags: the hyperparameters of methods.py's functions (their defaults and presets.py's rows).
+# Method flags: what each means. A hyperparameter of a new method needs no entry (method_flag_help).
 METHOD_HELP = {
-    "lora_r": "LoRA / DoRA rank r (LLM-Adapters 32; Table 19: 1; Tables 6, 18: 4; He et al. 16)",
-    "lora_alpha": "LoRA / DoRA α, the update is scaled by α/r (LLM-Adapters 64; Table 19: 2)",
-    "lora_dropout": "dropout on the LoRA input (LLM-Adapters and Table 19: 0.05)",
+    "lora_r": "LoRA / DoRA rank r",
+    "lora_alpha": "LoRA / DoRA α, the update is scaled by α/r",
+    "lora_dropout": "dropout on the LoRA input",
     "target_modules": "comma-separated linear layers the method wraps (q_proj, o_proj, down_proj, fc2, ...)",
-    "adapter_r": "adapter bottleneck width (LLM-Adapters 256; Table 19: 18; He et al.'s GLUE 16)",
-    "adapter_scale": "adapter output scale s (He et al.'s scaled PA: 2 for GLUE, 4 for XSum / MT; Table 19: 4)",
-    "adapter_dropout": "dropout inside the adapter (He et al. 0.1)",
-    "prefix_len": "prefix length l (LLM-Adapters' math command 10; He et al. 200 / 30)",
-    "prefix_mid_dim": "prefix reparametrisation MLP width, 0: none (He et al. 800)",
-    "quanta_dims": "QuanTA's factorisation of the input width, e.g. 16-8-8-4 (QuanTA's scripts)",
-    "lmam_heads": "LMAM h_s, the number of maps; head i uses map i mod h_s (Eq. 17; Table 19: 32)",
-    "lmam_rank": "LMAM rank r of Wa (h_s, n, r) and Wb (h_s, r, n) (Table 19: 2; Table 17: 1)",
-    "lmam_len": "LMAM n, the token positions the map covers (Eq. 14-16; Table 19: 128; Table 16: 256/512)",
-    "lmam_scale": "LMAM s in Attn_s = s·(Wa + PE)(Wb + PE) (Eq. 10; Table 19: 1/(4096·600); Table 15: 1)",
+    "adapter_r": "adapter bottleneck width",
+    "adapter_scale": "adapter output scale s",
+    "adapter_dropout": "dropout inside the adapter",
+    "prefix_len": "prefix length l",
+    "prefix_mid_dim": "prefix reparametrisation MLP width, 0: none",
+    "quanta_dims": "QuanTA's factorisation of the input width, e.g. 16-8-8-4",
+    "lmam_heads": "LMAM h_s, the number of maps; head i uses map i mod h_s (Eq. 17); divides the heads",
+    "lmam_rank": "LMAM rank r of Wa (h_s, n, r) and Wb (h_s, r, n)",
+    "lmam_len": "LMAM n, the token positions the map covers (Eq. 14-16)",
+    "lmam_scale": "LMAM s in Attn_s = s·(Wa + PE)(Wb + PE) (Eq. 10)",
     "lmam_variant": "LMAM ablation (§4.3, Table 9): default, pre_softmax (¬N), softmax_map (¬S), "
                     "full_rank (¬L, FMAM), no_pos (¬P)",
     "lmam_mode": "LMAM placement: head (the first n tokens, Eq. 14-15) or tail (the last n, Eq. 16)",
     "lmam_init": "LMAM initialisation (the paper gives none): zero (Attn_s = 0, √s absorbed into the "
                  "factors; learns at the paper's lr) or paper (N(0, 1) factors, the literal s)",
     "context_len": "LongLoRA: the training length; RoPE positions are interpolated by ceil(context_len / the "
-                   "model's length) (its fine-tune.py; default: --cutoff_len of the lm pipeline)",
-    "adalora_init_r": "AdaLoRA's initial rank of every layer (peft's AdaLoraConfig: 12)",
-    "adalora_target_r": "AdaLoRA's average rank after pruning (peft: 8)",
-    "adalora_tinit": "AdaLoRA: steps before the budget starts to shrink (peft: 0)",
-    "adalora_tfinal": "AdaLoRA: last steps at the final budget (peft: 0)",
-    "adalora_delta_t": "AdaLoRA: steps between two rank allocations (peft: 1)",
-    "adalora_beta1": "AdaLoRA: EMA of the sensitivity (peft: 0.85)",
-    "adalora_beta2": "AdaLoRA: EMA of the uncertainty (peft: 0.85)",
-    "adalora_orth_reg": "AdaLoRA's orthogonality regulariser weight (peft: 0.5)",
-    "sora_lambda": "SoRA's L1 weight on the gates in the loss (its GLUE scripts: 10)",
-    "sora_lambda2": "SoRA's proximal threshold after each step (its GLUE scripts: 3e-4)",
-    "sora_threshold": "SoRA's threshold mode (its code: fixed)",
-    "sora_schedule": "SoRA's sparsity schedule (its code: none)",
-    "sora_max_lambda": "SoRA's largest λ of the schedule (its code: 10)",
-    "sora_lambda_num": "SoRA's number of λ steps in the schedule (its code: 10)",
+                   "model's length) (--task lm: --cutoff_len)",
+    "adalora_init_r": "AdaLoRA's initial rank of every layer",
+    "adalora_target_r": "AdaLoRA's average rank after pruning",
+    "adalora_tinit": "AdaLoRA: steps before the budget starts to shrink",
+    "adalora_tfinal": "AdaLoRA: last steps at the final budget",
+    "adalora_delta_t": "AdaLoRA: steps between two rank allocations",
+    "adalora_beta1": "AdaLoRA: EMA of the sensitivity",
+    "adalora_beta2": "AdaLoRA: EMA of the uncertainty",
+    "adalora_orth_reg": "AdaLoRA's orthogonality regulariser weight",
+    "sora_lambda": "SoRA's L1 weight on the gates in the loss",
+    "sora_lambda2": "SoRA's proximal threshold after each step",
+    "sora_threshold": "SoRA's proximal threshold: fixed (ξ = sora_lambda2, their code) or lr (lr·sora_lambda2)",
+    "sora_schedule": "SoRA's λ2 schedule: none, linear, log_linear or exp_linear",
+    "sora_max_lambda": "SoRA's largest λ of the schedule",
+    "sora_lambda_num": "SoRA's number of λ steps in the schedule",
+    "sora_prox": "SoRA's proximal step: released (their code's masks) or soft (the paper's soft threshold)",
 }
+
+
+def method_flag_help(name: str) -> str:
+    """--help of a method flag: its meaning (METHOD_HELP), else what methods.py says of it: the
+    methods that take it, with their defaults."""
+    if name in METHOD_HELP:
+        return METHOD_HELP[name]
+    takes = {m: methods.hyperparameters(f)[name] for m, f in methods.METHODS.items()
+             if name in methods.hyperparameters(f)}
+    return "hyperparameter of " + ", ".join(f"{m} (default {v!r})" for m, v in takes.items()) + " (methods.py)"
+
+
+def given(args, names) -> dict:
+    """The flags among `names` that the command line (or --preset) set."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def print_settings(args, model, kind: str | None):
+    """--dry_run: every hyperparameter of the method and of training (pipeline `kind`), its value
+    and where it comes from: methods.py, a presets.py row, --preset or the command line
+    (methods.method_hparam_sources / train_hparam_sources, which give a run its values)."""
+    cli = {k: v for k, v in given(args, methods.flag_types()).items() if k not in getattr(args, "preset_flags", ())}
+    rows = methods.method_hparam_sources(args.method, methods.model_keys(model.cfg), cli, args.task, args.preset)
+    print(f"{args.method} on {model.cfg.name or 'a ' + type(model).__name__}, task {args.task}:")
+    print("\n".join(methods.source_lines(rows)))
+    if kind is None:
+        print("training: the settings depend on the task; give --task")
+        return
+    print(f"training ({kind} pipeline):")
+    print("\n".join(methods.source_lines(methods.train_hparam_sources(args.method, model.cfg.name, kind, args.task,
+                                                                    given(args, TRAIN_DEFAULTS)))))
 
 
 def parse_args(argv=None):
@@ -149,7 +181,8 @@ def parse_args(argv=None):
                         "RoBERTa: a GLUE task (" + ", ".join(glue.TASKS) + "); BART: xsum; mBART: wmt16-en-ro")
     p.add_argument("--out_dir", default="out", help="where the run writes its files (see above)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
-                   help="apply the method, print the trainable-parameter line (peft's format), exit")
+                   help="apply the method to the model's shapes (nothing loaded), print every method and training "
+                        "setting with where its value comes from and the trainable-parameter line (peft's format), exit")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/checkpoint.pt: the same base model, data and settings (checked); "
                         "--max_steps / --num_epochs may grow to extend a finished run")
@@ -157,7 +190,8 @@ def parse_args(argv=None):
                    help="start over in an --out_dir that holds a run (its checkpoint, adapters, log and args are "
                         "deleted first); also takes over a lock left by a run that no longer runs (with --resume: "
                         "only that)")
-    t = p.add_argument_group("training (default: presets.py's value for the method, model and task)")
+    t = p.add_argument_group("training (default: presets.py's row for the method, model and task; --dry_run prints "
+                             "each value and where it comes from)")
     for name, value in TRAIN_DEFAULTS.items():
         t.add_argument(f"--{name}", type=type(value), default=None, help=TRAIN_HELP[name])
     t.add_argument("--mask_prompt", action="store_true",
@@ -167,7 +201,8 @@ def parse_args(argv=None):
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="bf16: frozen weights in bf16, the method's tensors, the GLUE head and AdamW in fp32 "
-                        "(full fine-tuning and BitFit: fp32 weights under bf16 autocast); the same recipe on "
+                        "(a method that trains base weights, as full fine-tuning, BitFit, LongLoRA: fp32 weights "
+                        "under bf16 autocast); the same recipe on "
                         "CPU and GPU. Default: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, "
                         "AMX), where it is faster; fp32 elsewhere (LORADA_PRECISION sets the default)")
     t.add_argument("--s2_wrap", action="store_true",
@@ -203,17 +238,18 @@ def parse_args(argv=None):
                    help="a named preset of presets.NAMED_PRESETS over the method's rows (the command line still "
                         "wins): " + "; ".join(f"{k}: {v['about']}" for k, v in NAMED_PRESETS.items()).replace("%", "%%"))
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    h = p.add_argument_group("method hyperparameters (default: the method's, methods.py, or its preset, presets.py)")
+    h = p.add_argument_group("method hyperparameters (default: the method's, methods.py, or its row in presets.py "
+                             "for the model and task; --dry_run prints each value and where it comes from)")
     for name, typ in methods.flag_types().items():
-        h.add_argument(f"--{name}", type=typ, default=None,
-                       help=METHOD_HELP.get(name, "a hyperparameter of the methods that take it (methods.py)"))
+        h.add_argument(f"--{name}", type=typ, default=None, help=method_flag_help(name).replace("%", "%%"))
     return apply_named_preset(p.parse_args(argv))
 
 
 def apply_named_preset(args):
     """--preset NAME: the method's row of presets.NAMED_PRESETS[NAME] fills the method flags the
     command line left unset (so prepare() takes them as overrides, after the model's and the task's
-    rows). A name without a row for the method is an error."""
+    rows; args.preset_flags names them for --dry_run). A name without a row for the method is an
+    error."""
     if args.preset is None:
         return args
     if args.preset not in NAMED_PRESETS:
@@ -221,9 +257,9 @@ def apply_named_preset(args):
     rows = NAMED_PRESETS[args.preset]["rows"]
     if args.method not in rows:
         raise SystemExit(f"error: --preset {args.preset} has settings for {', '.join(rows)}, not for {args.method}")
-    for k, v in rows[args.method].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.preset_flags = [k for k in rows[args.method] if getattr(args, k) is None]
+    for k in args.preset_flags:
+        setattr(args, k, rows[args.method][k])
     return args
 
 
@@ -326,12 +362,15 @@ def prepare(args, before_data=None):
     """Model (method applied), pipeline (data, batches, loss), training hyperparameters.
     before_data(model, hp, pipeline name), when given, runs before the data is read (train.py's
     checks of the settings and of a resumed run)."""
-    overrides = {k: getattr(args, k) for k in methods.flag_types() if getattr(args, k) is not None}
+    overrides = given(args, methods.flag_types())
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     preset = args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS
     if args.dry_run:                     # a preset name: its shapes on the meta device, nothing downloaded
         model = build(args.model if preset else hub.resolve_model(args.model))
+        # the task as a real run infers it (LLaMA: from --data); an encoder's training rows need a --task
+        kind = pipeline_name(model, args) if args.task or isinstance(model, M.Llama) else None
         methods.apply_method(model, args.method, task=args.task, **overrides)
+        print_settings(args, model, kind)
         return model, None, None
     # --model: a local checkpoint, a Hub id or a paper name (hub.PAPER_MODELS: downloaded once)
     if preset and args.model not in hub.PAPER_MODELS and not os.path.exists(args.model):
@@ -358,9 +397,7 @@ def prepare(args, before_data=None):
         model = load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
     model.cfg.name = paper or model.cfg.name   # the paper's name when given: its rows of presets.py
     kind = pipeline_name(model, args)
-    hp = methods.train_hparams(args.method, model.cfg.name, kind, args.task)
-    hp.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
-    hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+    hp = methods.train_hparams(args.method, model.cfg.name, kind, args.task, given(args, TRAIN_DEFAULTS))
     if num_labels is not None and model.head is not None and model.head.dense.weight.dtype != torch.float32:
         model.head.float()                   # a fresh head trains in fp32 next to bf16 frozen weights
     takes = methods.hyperparameters(methods.METHODS[args.method])

@@ -222,6 +222,33 @@ def test_what_cannot_be_exported(tmp_path, llama_ckpt):
         export.main(["--model", llama_ckpt, "--format", "hf", "--out", llama_ckpt])
 
 
+def test_what_is_exported_follows_what_the_method_attached(tmp_path, llama_ckpt, monkeypatch):
+    """A method of one's own, with nothing declared for export.py: LoRA layers under another name go
+    to peft's format (PeftModel loads them with the same logits, their r, α and targets read from
+    the layers); a module export.py does not know is refused by both formats, naming its class,
+    instead of being left out of the merged weights."""
+    from peft import PeftModel
+    from test_methods import pasted_methods, readme_example
+
+    def lora_attention(model, rank=4, target_modules="q_proj,k_proj"):        # r and α by other names
+        methods.lora(model, rank, 2.0 * rank, 0.0, target_modules)
+    monkeypatch.setitem(methods.METHODS, "lora_attention", lora_attention)
+    ours = randomize(methods.apply_method(load(llama_ckpt), "lora_attention")).eval()
+    export.export_peft(ours, str(tmp_path / "p"))
+    config = json.load(open(tmp_path / "p" / "adapter_config.json"))
+    assert (config["r"], config["lora_alpha"], config["target_modules"], config["use_dora"]) == \
+        (4, 8.0, ["k_proj", "q_proj"], False)
+    with torch.no_grad():
+        pm = PeftModel.from_pretrained(hf_class("llama").from_pretrained(llama_ckpt), str(tmp_path / "p")).eval()
+        assert_close(hf_logits(pm, "llama"), ours_logits(ours, "llama"), atol=1e-5, rtol=1e-5)
+    ia3 = pasted_methods(readme_example()).apply_method(load(llama_ckpt), "ia3")
+    with pytest.raises(ValueError, match="'ia3' has no peft format \\(IA3Linear: export.py knows no peft type for "
+                                         "IA3Linear\\)"):
+        export.export_peft(ia3, str(tmp_path / "p2"))
+    with pytest.raises(ValueError, match="cannot merge method 'ia3': its IA3Linear is not a weight delta"):
+        export.export_merged(ia3, llama_ckpt, str(tmp_path / "m"))
+
+
 def test_bad_adapters_are_refused(tmp_path, llama_ckpt, roberta_ckpt):
     """An adapter for another model or method: the message names both."""
     lora = trained(llama_ckpt, "lora", lora_r=4, target_modules="q_proj")

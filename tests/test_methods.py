@@ -362,8 +362,12 @@ def test_bad_input_errors():
     m, _ = tiny()
     with pytest.raises(ValueError, match="unknown method 'lorra'; valid methods: full, bitfit, prefix"):
         methods.apply_method(m, "lorra")
-    with pytest.raises(ValueError, match="lora_r must be positive, got 0"):
+    with pytest.raises(ValueError, match="LoRA rank must be positive, got lora_r=0"):
         methods.apply_method(m, "lora", lora_r=0)
+    with pytest.raises(ValueError, match="adapter rank must be positive, got adapter_r=0"):
+        methods.apply_method(m, "adapter_ffn", adapter_r=0)
+    with pytest.raises(ValueError, match="prefix length must be positive, got prefix_len=-1"):
+        methods.apply_method(m, "prefix", prefix_len=-1)
     with pytest.raises(ValueError, match="QuanTA dims 4-4-8 multiply to 128, but the layer's input width is 64"):
         methods.apply_method(m, "quanta", quanta_dims="4-4-8")
     with pytest.raises(ValueError, match="target module 'query' does not exist.*q_proj"):
@@ -386,12 +390,17 @@ def test_train_cli_reports_bad_names():
 
 # ----------------------------------------------------------------------------- the README's example
 
-def readme_example():
-    """The README's "Add your own method" code block, as it is printed."""
+def readme_examples():
+    """The README's "Add your own method" code blocks, as they are printed."""
     import re
     readme = open(f"{ROOT}/README.md").read()
     section = readme[readme.index("## Add your own method"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section[:section.index("\n## ")], re.S)
+
+
+def readme_example():
+    """The first of them: (IA)³."""
+    return readme_examples()[0]
 
 
 def pasted_methods(code):
@@ -436,3 +445,112 @@ def test_readme_example(tmp_path):
     methods.load_adapter(fresh, str(tmp_path / "ia3.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(ids, attention_mask=mask), m.eval()(ids, attention_mask=mask))
+
+
+def test_readme_example_that_trains_base_weights(tmp_path):
+    """README, "Add your own method", the second block (LoRA with every norm trainable), pasted into
+    methods.py as written: nothing declares that it trains base weights, applying it finds out
+    (trains_base, which keeps them in fp32 under bf16); LoRA's tensors and the norms train, nothing
+    else; it learns, its adapter file holds the norms, and peft export refuses it, saying why."""
+    import export
+    methods = pasted_methods("\n\n".join(readme_examples()))      # noqa: F811
+    assert methods.trains_base("lora_norms") and not methods.trains_base("ia3")
+    assert methods.anatomy("lora_norms")["attached"] == {methods.LoRALinear}
+    m = methods.apply_method(tiny("gqa")[0], "lora_norms", lora_r=2)
+    norms = [n for n, _ in m.named_parameters() if n.endswith("norm.weight")]
+    lora = [f"layers.{i}.self_attn.{p}.lora_{x}" for i in range(2) for p in ("q_proj", "v_proj") for x in "AB"]
+    assert len(norms) == 5 and sorted(methods.trained_base(m)) == sorted(norms)
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == sorted(norms + lora)
+    ids, mask = batch()
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if n in norms}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        logits = m.train()(ids, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(before[n], dict(m.named_parameters())[n]) for n in norms)
+    methods.save_adapter(m, str(tmp_path / "a.safetensors"))
+    assert sorted(read_safetensors(str(tmp_path / "a.safetensors"))) == sorted(norms + lora)
+    with pytest.raises(ValueError, match="'lora_norms' has no peft format.*base weights: it trains 5 of the base "
+                                         "model's own tensors"):
+        export.export_peft(m, str(tmp_path / "peft"))
+
+
+def test_what_a_method_is_made_of_is_found_by_applying_it():
+    """anatomy: the modules each method attaches and whether it trains base weights, found on
+    weightless twins, as the methods' docstrings say."""
+    from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder
+    from lmam import LMAM
+    from lora import DoRALinear, LoRALinear
+    attached = {name: methods.anatomy(name)["attached"] for name in methods.METHODS}
+    assert attached["lorada_la"] == {LMAM, LoRALinear, AdapterFFN}
+    assert attached["lorada_q"] == {LMAM, QuanTALinear} and attached["mam"] == {PrefixEncoder, AdapterFFN}
+    assert attached["series"] == {BottleneckLinear, HoulsbyAdapter}        # LLaMA's; He et al.'s on the encoders
+    assert attached["dora+lmam"] == {DoRALinear, LMAM} and attached["full"] == attached["bitfit"] == set()
+    assert [n for n in methods.METHODS if methods.trains_base(n)] == ["full", "bitfit", "longlora", "longlora+lmam"]
+    assert all(b.endswith("bias") for b in methods.anatomy("bitfit")["base"])
+    assert methods.anatomy("quanta")["models"] == ["llama-7b"]              # 16-8-8-4 fits d = 4096 only
+
+
+# ----------------------------------------------------------------------------- where each value comes from
+
+def test_every_value_has_one_source():
+    """method_hparams / train_hparams are the values of the *_sources functions, each value with the
+    row it came from; every presets.py row cites its source."""
+    from presets import METHOD_PRESETS, TRAIN_PRESETS
+    assert all(k in METHOD_PRESETS.source for k in METHOD_PRESETS) and all(k in TRAIN_PRESETS.source for k in TRAIN_PRESETS)
+    src = methods.method_hparam_sources("lorada_la", ("llama", "llama3-8b"), {"lmam_len": 64})
+    assert src["lora_r"] == (2, "presets.py METHOD_PRESETS[('lorada_la', 'llama3-8b')] (Table 19)")
+    assert src["lmam_len"] == (64, "command line") and src["lmam_rank"] == (2, "methods.py lmam()")
+    assert src["adapter_dropout"] == (0.0, "methods.py lorada_la()")
+    assert {k: v for k, (v, _) in src.items()} == methods.method_hparams("lorada_la", ("llama", "llama3-8b"),
+                                                                        {"lmam_len": 64})
+    tr = methods.train_hparam_sources("lorada_la", "llama-13b", "llm", "commonsense", {"micro_batch_size": 8})
+    assert tr["batch_size"] == (3, "presets.py TRAIN_PRESETS[('lorada_la', 'llama-13b')] (Table 19)")
+    assert tr["learning_rate"] == (1e-4, "presets.py TRAIN_PRESETS[('lorada_la', 'llm')] (Table 19)")
+    assert tr["micro_batch_size"][0] == 3 and tr["seed"][1].startswith("presets.py TRAIN_DEFAULTS")
+
+
+def test_dry_run_prints_each_value_and_its_row(capsys):
+    """--dry_run prints every method and training value with where it comes from, the values the
+    method is applied with; without --task, LLaMA's task follows --data, as in a real run (prefix
+    tuning: l=30 on commonsense, LLM-Adapters' default, 0.1166% of LLaMA-7B; l=10 on math)."""
+    import train
+    rows = lambda out: {line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines() if line.startswith("  ")}
+    train.main(["--model", "llama-7b", "--method", "prefix", "--dry_run"])
+    out = capsys.readouterr().out
+    assert rows(out)["prefix_len"] == ["30", "presets.py METHOD_PRESETS[('prefix', 'commonsense')] "
+                                             "(LLM-Adapters' finetune.py default (Table 4))"]
+    assert rows(out)["learning_rate"] == ["0.03", "presets.py TRAIN_PRESETS[('prefix', 'llm')] (LLM-Adapters' "
+                                                  "math command)"]
+    assert "trainable params: 7,864,320 ||" in out
+    train.main(["--model", "llama-7b", "--method", "prefix", "--data", "math_10k", "--dry_run"])
+    assert rows(capsys.readouterr().out)["prefix_len"] == ["10", "methods.py prefix()"]
+    train.main(["--model", "roberta-base", "--method", "lorada_a", "--task", "rte", "--preset", "table5-0.06",
+                "--lmam_rank", "2", "--batch_size", "8", "--dry_run"])
+    got = rows(capsys.readouterr().out)
+    assert got["lmam_heads"] == ["1", "presets.py NAMED_PRESETS['table5-0.06']"]
+    assert got["lmam_rank"] == ["2", "command line"] and got["batch_size"] == ["8", "command line"]
+    assert got["lmam_len"] == ["512", "presets.py METHOD_PRESETS[('lorada_a', 'rte')] (Table 16, n per GLUE task)"]
+    assert got["learning_rate"] == ["0.0007", "presets.py TRAIN_PRESETS[('lorada_a', 'rte')] (Table 16)"]
+    assert got["micro_batch_size"] == ["8", "batch_size (a micro-batch is at most a batch)"]
+
+
+def test_a_new_hyperparameter_gets_a_help_line(monkeypatch, capsys):
+    """A method's hyperparameter that METHOD_HELP does not know gets its flag and a help line from the
+    signature; no list is edited."""
+    import train
+
+    def scaled_lora(model, lora_r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules="q_proj", lora_scale_b=0.5):
+        methods.lora(model, lora_r, lora_alpha, lora_dropout, target_modules)
+    monkeypatch.setitem(methods.METHODS, "scaled_lora", scaled_lora)
+    assert train.method_flag_help("lora_scale_b") == "hyperparameter of scaled_lora (default 0.5) (methods.py)"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "--lora_scale_b LORA_SCALE_B" in capsys.readouterr().out
+    assert train.parse_args(["--method", "scaled_lora", "--lora_scale_b", "2"]).lora_scale_b == 2.0

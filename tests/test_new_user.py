@@ -21,6 +21,7 @@ import methods
 import plots
 from conftest import ROOT, shared
 from data import llm_adapters as D
+from test_pipeline import tiny_ckpt  # noqa: F401  (the fixture)
 from tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -166,6 +167,31 @@ def test_readme_example_works_with_train_py(tmp_path):
                           "k_proj,v_proj", "--dry_run"], cwd=repo, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trainable params: 262,144 ||" in out.stdout, out.stdout         # 32 layers × (4096 + 4096)
+
+
+def test_readme_example_that_trains_base_weights_with_train_py(tmp_path, tiny_ckpt):  # noqa: F811
+    """"Add your own method", the second block, pasted into methods.py as printed: `train.py --method
+    lora_norms --precision bf16` trains LoRA and the norms, and the norms stay fp32 (the model is
+    loaded in fp32 under bf16 autocast), as its adapter file shows; nothing else was declared."""
+    from checkpoint import load, read_safetensors
+    from test_methods import readme_examples
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".cache", "out", "tests", "docs", "__pycache__",
+                                                              ".pytest_cache", "*.pyc"))
+    with open(repo / "methods.py", "a") as f:
+        f.write("\n\n" + "\n\n".join(readme_examples()))
+    out = subprocess.run([sys.executable, "train.py", "--model", tiny_ckpt, "--method", "lora_norms", "--lora_r", "2",
+                          "--data", "commonsense_sample", "--out_dir", str(tmp_path / "run"), "--device", "cpu",
+                          "--precision", "bf16", "--max_steps", "2", "--batch_size", "2", "--micro_batch_size", "1",
+                          "--val_set_size", "2", "--eval_step", "2", "--quiet"],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tensors = read_safetensors(str(tmp_path / "run" / "adapter.safetensors"))
+    base = load(tiny_ckpt).state_dict()
+    norms = sorted(k for k in base if k.endswith("norm.weight"))
+    assert sorted(k for k in tensors if "lora_" not in k) == norms and len(norms) == 5
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert any(not torch.equal(tensors[k], base[k].float()) for k in norms)          # the norms trained
 
 
 def test_loading_real_checkpoints_snippet(tmp_path):

@@ -153,10 +153,11 @@ def test_prompt_offsets_of_the_papers_tokenizers():
 
 # ----------------------------------------------------------------------------- the README as printed
 
+@pytest.mark.slow
 def test_readme_example_works_with_train_py(tmp_path):
     """"Add your own method": pasted into methods.py as printed, `train.py --method ia3
     --target_modules k_proj,v_proj` works and --dry_run counts it (a copy of the repository)."""
-    from test_methods import readme_example
+    from helpers import readme_example
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".cache", "out", "tests", "docs", "__pycache__",
                                                               ".pytest_cache", "*.pyc"))
@@ -168,10 +169,11 @@ def test_readme_example_works_with_train_py(tmp_path):
     assert "trainable params: 262,144 ||" in out.stdout, out.stdout         # 32 layers × (4096 + 4096)
 
 
+@pytest.mark.slow
 def test_loading_real_checkpoints_snippet(tmp_path):
     """"Loading real checkpoints", as printed (on a tiny checkpoint, on the CPU): from the
     repository's root, and from elsewhere with the root on PYTHONPATH, as the README says."""
-    from test_plots import tiny_llama_ckpt
+    from conftest import tiny_llama_ckpt
     ckpt = tiny_llama_ckpt(tmp_path / "ckpt")
     code = re.search(r"```python\n(.*?)```", readme_section("## Loading real checkpoints"), re.S).group(1)
     code = code.replace("/path/to/Llama-2-7b-hf", ckpt).replace('"cuda"', '"cpu"')
@@ -183,6 +185,7 @@ def test_loading_real_checkpoints_snippet(tmp_path):
 
 # ----------------------------------------------------------------------------- messages
 
+@pytest.mark.slow
 def test_eval_checks_the_model_before_the_data(tmp_path):
     """Without huggingface_hub, `eval.py --model llama-7b` says so first, before trying to download
     any test file."""

@@ -55,7 +55,7 @@ def the_suite_leaves_the_checkout_clean():
 
 def tiny_llama_ckpt(path, seed=0):
     """A tiny LLaMA checkpoint (GQA, dim 32, 2 layers) with a sentencepiece tokenizer of 200 pieces
-    trained on the sample data, as tests/test_pipeline.py's tiny_ckpt; `seed` draws the weights."""
+    trained on the sample data; `seed` draws the weights. The fixture tiny_ckpt is one."""
     import sentencepiece as spm
     import demo
     from data import llm_adapters as D
@@ -72,6 +72,13 @@ def tiny_llama_ckpt(path, seed=0):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny LLaMA checkpoint with a real sentencepiece tokenizer trained on the sample data
+    (tiny_llama_ckpt), one per test file."""
+    return tiny_llama_ckpt(tmp_path_factory.mktemp("tiny"))
+
+
 def assert_decode_equals_full(model, ids, mask, prefill):
     """Prefill `prefill` tokens into a KV cache, decode the rest one token at a time, and compare
     the logits of every real token with one full forward."""
@@ -85,10 +92,6 @@ def assert_decode_equals_full(model, ids, mask, prefill):
     assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a GPU (run with LORADA_GPU_TESTS=1); skipped without one")
-
-
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a GPU: LORADA_GPU_TESTS=1 on a machine with CUDA")
@@ -98,7 +101,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def main_stopped_by_sigterm(main, argv, pipelines, name, after):
-    """Run train.main(argv) with pipeline `name` of `pipelines` (train.PIPELINES) sending the process
+    """Run train.main(argv) with pipeline `name` of `pipelines` (pipelines.PIPELINES) sending the process
     SIGTERM during its `after`-th loss computation; check that the run saved and stopped (exit 128 +
     SIGTERM). The resume tests then continue it with --resume."""
     import signal

@@ -12,7 +12,7 @@ from adaptive import AdaLoRALinear, SoRAGates, SoRALinear, prune_sora, soft_thre
 from checkpoint import load, read_safetensors
 from conftest import main_stopped_by_sigterm
 from hf_deberta import batch, deberta_ckpt, save, tiny_deberta
-from test_methods import grads_match
+from helpers import grads_match
 
 
 def peft_to_ours(name):

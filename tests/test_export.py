@@ -228,7 +228,7 @@ def test_what_is_exported_follows_what_the_method_attached(tmp_path, llama_ckpt,
     the layers); a module export.py does not know is refused by both formats, naming its class,
     instead of being left out of the merged weights."""
     from peft import PeftModel
-    from test_methods import pasted_methods, readme_example
+    from helpers import pasted_methods, readme_example
 
     def lora_attention(model, rank=4, target_modules="q_proj,k_proj"):        # r and α by other names
         methods.lora(model, rank, 2.0 * rank, 0.0, target_modules)

@@ -384,6 +384,7 @@ def test_train_extending_a_finished_run_keeps_the_best_adapter(capsys, ckpt, tmp
     assert (d / "adapter.safetensors").read_bytes() == best
 
 
+@pytest.mark.slow
 def test_train_kill_9_then_resume_is_bit_exact(capsys, ckpt, tmp_path):
     """kill -9 mid-run (no checkpoint on the way out, a lock left): --resume reports the lock, and
     with --overwrite takes it over and ends bit for bit where an uninterrupted run does (with dropout:
@@ -657,6 +658,7 @@ def test_study_out_dir_that_is_a_file(capsys, ckpt, tmp_path):
             f"--out_dir {f}: is a file", folders=[tmp_path])
 
 
+@pytest.mark.slow
 def test_study_runs_no_code_from_a_copied_point(capsys, ckpt, tmp_path):
     """A point folder holding someone's checkpoint.pt: study.py resumes it, train.py refuses to load
     it, nothing runs; the point fails with train.py's message."""
@@ -684,6 +686,7 @@ def test_study_corrupt_files_name_their_path(capsys, ckpt, tmp_path):
         study.best_validation(str(point))
 
 
+@pytest.mark.slow
 def test_study_ctrl_c_stops_cleanly_and_the_rerun_resumes(capsys, ckpt, tmp_path):
     """SIGINT to study.py while a point trains: train.py saves its checkpoint, no new point starts,
     one line says how to continue (exit 130); the rerun resumes that point from its checkpoint."""

@@ -13,8 +13,9 @@ from torch.testing import assert_close
 import train as T
 from checkpoint import read_safetensors
 from conftest import ROOT
-from test_pipeline import run_train, tiny_ckpt, torchrun_stopped_and_resumed  # noqa: F401  (a fixture)
-from test_precision import small_flags
+from helpers import run_train, small_flags, torchrun_stopped_and_resumed
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun or train.py in a subprocess
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 METHODS = ["lora", "dora", "quanta", "series", "parallel", "adapter_ffn", "prefix", "mam", "lmam", "lorada_la",
@@ -29,7 +30,7 @@ def flags(method):
     return small_flags(method, lora_dropout=0.0, adapter_dropout=0.0)
 
 
-def test_sharded_runs_equal_one_process(tiny_ckpt, tmp_path):  # noqa: F811
+def test_sharded_runs_equal_one_process(tiny_ckpt, tmp_path):
     """Every kind of method (LoRA, DoRA, QuanTA, the adapters, prefix, LMAM, the LoRaDA variants,
     full fine-tuning), sharded over 2 processes with gradient checkpointing: the losses and the
     final adapter tensors of one unsharded process, up to fp32 rounding. Every second step has one
@@ -57,7 +58,7 @@ def test_sharded_runs_equal_one_process(tiny_ckpt, tmp_path):  # noqa: F811
     assert len(held) == 2 and all(abs(h["held"] / h["of"] - 0.5) < 0.02 for h in held), held
 
 
-def test_sharded_resume_after_sigterm_is_bit_exact(tiny_ckpt, tmp_path):  # noqa: F811
+def test_sharded_resume_after_sigterm_is_bit_exact(tiny_ckpt, tmp_path):
     """SIGTERM to torchrun: both processes stop after the same step and save one checkpoint
     (gathered tensors and AdamW state); the resumed run ends bit for bit as an uninterrupted one.
     Resuming with another process count is refused."""
@@ -67,7 +68,7 @@ def test_sharded_resume_after_sigterm_is_bit_exact(tiny_ckpt, tmp_path):  # noqa
     assert out.returncode != 0 and "written by 2 process(es)" in out.stderr, out.stderr[-2000:]
 
 
-def test_fsdp_bad_combinations(tiny_ckpt, tmp_path):  # noqa: F811
+def test_fsdp_bad_combinations(tiny_ckpt, tmp_path):
     for extra, message in ((["--fsdp"], "start it with torchrun"),):
         out = subprocess.run(run_train(tiny_ckpt, tmp_path, *extra), cwd=ROOT, capture_output=True, text=True,
                              timeout=120)

@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu(tmp_path):
     script = f"{ROOT}/scripts/gpu_check.py"
     out = subprocess.run([sys.executable, script, "--prepare"], cwd=ROOT, capture_output=True, text=True, timeout=300)

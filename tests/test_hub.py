@@ -153,6 +153,7 @@ def test_paper_names_are_presets():
         assert hub.HUB_ID.fullmatch(repo)
 
 
+@pytest.mark.slow
 def test_local_paths_win_and_bad_paths_say_so(tmp_path, tiny_dir):
     assert hub.resolve_model(str(tiny_dir)) == str(tiny_dir)
     (tmp_path / "org").mkdir()
@@ -165,6 +166,7 @@ def test_local_paths_win_and_bad_paths_say_so(tmp_path, tiny_dir):
     assert out.returncode != 0 and "error: /no/such/dir: no such checkpoint" in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_offline_cache_and_a_paper_name(tmp_path, tiny_dir):
     """HF_HUB_OFFLINE=1 with a cache laid out as huggingface_hub does (models--org--name/snapshots/
     <commit>/..., refs/main): train.py --model llama-7b trains on huggyllama/llama-7b's cached files
@@ -186,6 +188,7 @@ def test_offline_cache_and_a_paper_name(tmp_path, tiny_dir):
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in missing["error"]
 
 
+@pytest.mark.slow
 def test_download_from_a_local_hub(tmp_path, tiny_dir):
     """snapshot_download against a Hub on 127.0.0.1 (HF_ENDPOINT): only the loader's files, .bin
     when a repository has no safetensors, HF_TOKEN sent as the client sends it; gated, missing and
@@ -222,6 +225,7 @@ def test_download_from_a_local_hub(tmp_path, tiny_dir):
     assert down["error"].startswith("cannot download org/other: the Hugging Face Hub is not reachable from here")
 
 
+@pytest.mark.slow
 def test_without_huggingface_hub(tmp_path):
     """The extra is optional: a preset --dry_run runs without it, a hub id says how to install it."""
     block = "import sys; sys.modules['huggingface_hub'] = None; "

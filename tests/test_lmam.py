@@ -12,7 +12,7 @@ import model as M
 from checkpoint import build
 from conftest import assert_decode_equals_full, ROOT
 from lmam import LMAM
-from test_methods import tiny
+from helpers import tiny
 
 
 def lmam_model(variant="gqa", trained=True, **kw):
@@ -204,6 +204,7 @@ def test_registry_pairs_apply_and_train_only_their_parameters():
 PAPER = [("llama-7b", 0.09), ("llama2-7b", 0.08), ("llama-13b", 0.05), ("llama3-8b", 0.05), ("llama2-70b", 0.029)]
 
 
+@pytest.mark.slow
 def test_dry_run_reproduces_loradas_percentages():
     def pct(model, method):
         out = subprocess.run([sys.executable, "train.py", "--model", model, "--method", method, "--dry-run"],

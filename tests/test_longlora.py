@@ -67,7 +67,7 @@ import train as T  # noqa: E402
 from checkpoint import build, load  # noqa: E402
 from conftest import shared  # noqa: E402
 from hf_llama import tiny_hf_llama  # noqa: E402
-from test_methods import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 
 def test_longlora_parameter_share_and_parts():

@@ -9,7 +9,7 @@ import model as M
 from checkpoint import build, load
 from hf_encdec import V, batch, save, tiny_bart, tiny_roberta
 from lmam import LMAM
-from test_methods import grads_match
+from helpers import grads_match
 
 MEDIUM = ("roberta-base", "bart-large", "mbart-large-cc25")
 

@@ -14,7 +14,8 @@ from checkpoint import load, read_safetensors
 from conftest import main_stopped_by_sigterm, shared
 from data import glue as G
 from data import seq2seq as S
-from hf_encdec import byte_vocab_dir, save, train_mbart_spm
+from helpers import glue_dir, markdown_tables, shows, tiny_bart_ckpt, tiny_roberta_ckpt
+from hf_encdec import byte_vocab_dir, train_mbart_spm
 from tokenizer import load_tokenizer
 
 # -- loaders -------------------------------------------------------------------------------------
@@ -148,45 +149,19 @@ def test_bleu_by_hand():
 
 def test_tables():
     res = {"mnli-m": {"accuracy": 0.8}, "mnli-mm": {"accuracy": 0.7}, "cola": {"matthews_correlation": 0.5}}
-    t = E.glue_table(res, "lorada_a")
-    assert "| lorada_a | 80.0 | – | – | – | – | – | – | 50.0 | 65.0 |" in t
-    s = E.seq2seq_table({"xsum": {"rouge1": 40.0, "rouge2": 20.0, "rougeL": 30.0}}, "m")
-    assert "| m | 40.00/20.00/30.00 | – |" in s
+    [[row]] = markdown_tables(E.glue_table(res, "lorada_a"))
+    assert list(row) == ["Method", "MNLI", "SST2", "QQP", "QNLI", "STS-B", "MRPC", "RTE", "CoLA", "mean"]   # Table 5's
+    assert row["Method"] == "lorada_a" and shows(row["MNLI"], 80.0) and shows(row["CoLA"], 50.0), row   # MNLI: matched
+    assert shows(row["mean"], 65.0) and all(row[c] == "–" for c in ("SST2", "QQP", "QNLI", "STS-B", "MRPC", "RTE")), row
+    [[row]] = markdown_tables(E.seq2seq_table({"xsum": {"rouge1": 40.0, "rouge2": 20.0, "rougeL": 30.0}}, "m"))
+    assert row["Method"] == "m" and row["MT (BLEU)"] == "–", row
+    r1, r2, rl = row["XSum (R-1/2/L)"].split("/")
+    assert shows(r1, 40.0) and shows(r2, 20.0) and shows(rl, 30.0), row
 
 
 # -- tiny end-to-end runs --------------------------------------------------------------------------
 
-def tiny_roberta_ckpt(path, vocab=261):
-    from transformers import RobertaConfig, RobertaModel
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=130, type_vocab_size=1, layer_norm_eps=1e-5,
-                        pad_token_id=1)
-    save(RobertaModel(cfg), path)
-    byte_vocab_dir(path)
-    return str(path)
-
-
-def tiny_bart_ckpt(path, kind="bart", vocab=261):
-    from hf_encdec import tiny_bart
-    hf = tiny_bart(kind, max_position_embeddings=160)
-    hf.resize_token_embeddings(vocab)
-    save(hf, path)
-    return str(path)
-
-
 LORADA_A_TINY = ["--lmam_heads", "2", "--lmam_rank", "2", "--lmam_len", "32", "--adapter_r", "4", "--quiet"]
-
-
-def glue_dir(tmp_path):
-    """A tiny SST-2 (sentiment words), so that a few steps learn something."""
-    d = tmp_path / "SST-2"
-    d.mkdir()
-    good, bad = ["great fun", "lovely film", "a joy", "wonderful"], ["dull mess", "awful plot", "a bore", "terrible"]
-    rows = [(s, 1) for s in good] + [(s, 0) for s in bad]
-    (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s} .\t{y}\n" for s, y in rows * 3))
-    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"really {s}\t{y}\n" for s, y in rows))
-    return str(d)
 
 
 def test_glue_end_to_end_and_resume(tmp_path):

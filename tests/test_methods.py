@@ -10,19 +10,9 @@ import methods
 import model as M
 from checkpoint import build, read_safetensors
 from conftest import assert_decode_equals_full, ROOT
-from hf_llama import hf_positions, tiny_hf_llama
+from helpers import grads_match, pasted_methods, readme_example, readme_examples, tiny
+from hf_llama import hf_positions
 from quanta import QuanTALinear
-
-
-def tiny(variant="mha", seed=0):
-    """Our tiny LLaMA with the same weights as transformers' tiny_hf_llama(variant, seed)."""
-    hf = tiny_hf_llama(variant, seed=seed)
-    c = hf.config
-    cfg = M.LlamaConfig(dim=64, n_layers=2, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
-                        hidden_dim=176, vocab_size=512, norm_eps=1e-5, rope_theta=c.rope_parameters["rope_theta"])
-    ours = M.Llama(cfg)
-    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
-    return ours.eval(), hf
 
 
 def batch():
@@ -88,13 +78,6 @@ def peft_key_to_ours(k):
     k = k.removeprefix("base_model.model.").removeprefix("model.")
     return (k.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
              .replace(".lora_magnitude_vector.default.weight", ".magnitude"))
-
-
-def grads_match(theirs_named, ours_named, key=lambda k: k):
-    """Gradients equal within 1e-5 relative to each tensor's largest entry (they reach ~50 here)."""
-    for k, p in theirs_named.items():
-        scale = max(1.0, float(p.grad.abs().max()))
-        assert_close(ours_named[key(k)].grad / scale, p.grad / scale, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -298,6 +281,7 @@ PAPER = [  # (model, method, flags, the paper's # Params (%))
 ]
 
 
+@pytest.mark.slow
 def test_dry_run_reproduces_the_papers_percentages():
     for preset, name, flags, pct in PAPER:
         out = subprocess.run([sys.executable, "train.py", "--model", preset, "--method", name, "--dry-run", *flags],
@@ -380,6 +364,7 @@ def test_bad_input_errors():
         methods.apply_method(m2, "dora")
 
 
+@pytest.mark.slow
 def test_train_cli_reports_bad_names():
     for args, msg in ((["--model", "llama-8b"], "llama-8b: no such checkpoint"),
                       (["--method", "lorra"], "valid methods: full")):
@@ -389,30 +374,6 @@ def test_train_cli_reports_bad_names():
 
 
 # ----------------------------------------------------------------------------- the README's example
-
-def readme_examples():
-    """The README's "Add your own method" code blocks, as they are printed."""
-    import re
-    readme = open(f"{ROOT}/README.md").read()
-    section = readme[readme.index("## Add your own method"):]
-    return re.findall(r"```python\n(.*?)```", section[:section.index("\n## ")], re.S)
-
-
-def readme_example():
-    """The first of them: (IA)³."""
-    return readme_examples()[0]
-
-
-def pasted_methods(code):
-    """methods.py with `code` pasted at its end, as the README tells a reader to: a fresh module run
-    from that text alone (nothing injected), so a name the example needs and methods.py lacks fails."""
-    import types
-    pasted = types.ModuleType("methods_with_example")
-    pasted.__file__ = methods.__file__
-    source = open(methods.__file__).read() + "\n\n" + code
-    exec(compile(source, methods.__file__, "exec"), pasted.__dict__)
-    return pasted
-
 
 def test_readme_example(tmp_path):
     """README, "Add your own method": the (IA)³ example, pasted into methods.py as written, is a

@@ -21,7 +21,6 @@ import methods
 import plots
 from conftest import ROOT, shared
 from data import llm_adapters as D
-from test_pipeline import tiny_ckpt  # noqa: F401  (the fixture)
 from tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -154,10 +153,11 @@ def test_prompt_offsets_of_the_papers_tokenizers():
 
 # ----------------------------------------------------------------------------- the README as printed
 
+@pytest.mark.slow
 def test_readme_example_works_with_train_py(tmp_path):
     """"Add your own method": pasted into methods.py as printed, `train.py --method ia3
     --target_modules k_proj,v_proj` works and --dry_run counts it (a copy of the repository)."""
-    from test_methods import readme_example
+    from helpers import readme_example
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".cache", "out", "tests", "docs", "__pycache__",
                                                               ".pytest_cache", "*.pyc"))
@@ -169,12 +169,13 @@ def test_readme_example_works_with_train_py(tmp_path):
     assert "trainable params: 262,144 ||" in out.stdout, out.stdout         # 32 layers × (4096 + 4096)
 
 
-def test_readme_example_that_trains_base_weights_with_train_py(tmp_path, tiny_ckpt):  # noqa: F811
+@pytest.mark.slow
+def test_readme_example_that_trains_base_weights_with_train_py(tmp_path, tiny_ckpt):
     """"Add your own method", the second block, pasted into methods.py as printed: `train.py --method
     lora_norms --precision bf16` trains LoRA and the norms, and the norms stay fp32 (the model is
     loaded in fp32 under bf16 autocast), as its adapter file shows; nothing else was declared."""
     from checkpoint import load, read_safetensors
-    from test_methods import readme_examples
+    from helpers import readme_examples
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".cache", "out", "tests", "docs", "__pycache__",
                                                               ".pytest_cache", "*.pyc"))
@@ -194,10 +195,11 @@ def test_readme_example_that_trains_base_weights_with_train_py(tmp_path, tiny_ck
     assert any(not torch.equal(tensors[k], base[k].float()) for k in norms)          # the norms trained
 
 
+@pytest.mark.slow
 def test_loading_real_checkpoints_snippet(tmp_path):
     """"Loading real checkpoints", as printed (on a tiny checkpoint, on the CPU): from the
     repository's root, and from elsewhere with the root on PYTHONPATH, as the README says."""
-    from test_plots import tiny_llama_ckpt
+    from conftest import tiny_llama_ckpt
     ckpt = tiny_llama_ckpt(tmp_path / "ckpt")
     code = re.search(r"```python\n(.*?)```", readme_section("## Loading real checkpoints"), re.S).group(1)
     code = code.replace("/path/to/Llama-2-7b-hf", ckpt).replace('"cuda"', '"cpu"')
@@ -209,6 +211,7 @@ def test_loading_real_checkpoints_snippet(tmp_path):
 
 # ----------------------------------------------------------------------------- messages
 
+@pytest.mark.slow
 def test_eval_checks_the_model_before_the_data(tmp_path):
     """Without huggingface_hub, `eval.py --model llama-7b` says so first, before trying to download
     any test file."""

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -12,11 +11,12 @@ from torch.testing import assert_close
 
 import eval as E
 import methods
-import model as M
 import train as T
 from checkpoint import load, read_safetensors
 from conftest import ROOT, shared
 from data import llm_adapters as D
+from helpers import (CharTokenizer, markdown_tables, run_train, shows, sigterm_after_two_steps,
+                     torchrun_stopped_and_resumed)
 from tokenizer import load_tokenizer
 
 INDENT = " " * 16
@@ -35,17 +35,6 @@ def test_prompts_are_byte_exact():
         "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n\n" + INDENT + "### Response:\n" + INDENT)
     with_input = D.train_prompt({**r, "input": "ctx"})
     assert "paired with an input" in with_input and "### Input:\n" + INDENT + "ctx\n" + INDENT + "\n" in with_input
-
-
-class CharTokenizer:
-    """A stand-in tokenizer: one id per character (BOS 1, EOS 2, pad 0)."""
-    bos_id, eos_id, pad_id = 1, 2, 0
-
-    def encode(self, text, bos=True, eos=False):
-        return [1] * bos + [3 + (ord(c) % 200) for c in text] + [2] * eos
-
-    def decode(self, ids):
-        return "".join(chr(i - 3) for i in ids if i > 2)
 
 
 def test_tokenize_bos_eos_truncation_and_masking():
@@ -143,42 +132,7 @@ def test_schedule_values():
     assert [f(0), f(5), f(10), f(60), f(110)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny LLaMA checkpoint with a real sentencepiece tokenizer trained on the sample data."""
-    import sentencepiece as spm
-    path = tmp_path_factory.mktemp("tiny")
-    recs = D.load_records(D.resolve("commonsense_sample"))
-    text = path / "text.txt"
-    text.write_text("\n".join(D.train_prompt(r) for r in recs * 20))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "tokenizer"), vocab_size=200,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    torch.manual_seed(0)
-    m = M.Llama(M.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=200))
-    import demo
-    demo.save_hf(m, str(path))
-    return str(path)
-
-
-def run_train(ckpt, out, *extra, method="lora"):
-    return [sys.executable, "train.py", "--model", ckpt, "--method", method, "--data", "commonsense_sample",
-            "--out_dir", str(out), "--batch_size", "2", "--micro_batch_size", "1", "--val_set_size", "2",
-            "--eval_step", "2", "--save_step", "3", "--warmup_steps", "2", "--lora_r", "2", "--num_epochs", "4",
-            "--quiet", *extra]
-
-
-def sigterm_after_two_steps(cmd, out_dir):
-    """Start a training command, send it SIGTERM once its log has two steps: (return code, stderr)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = out_dir / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    return p.returncode, err
-
-
+@pytest.mark.slow
 def test_resume_is_bit_exact_and_sigterm_saves(tiny_ckpt, tmp_path):
     """A run stopped by SIGTERM and resumed ends with the same adapter, bit for bit, as an
     uninterrupted one (with LoRA dropout, so the RNG state matters too)."""
@@ -203,6 +157,7 @@ def test_resume_is_bit_exact_and_sigterm_saves(tiny_ckpt, tmp_path):
     assert la == lb
 
 
+@pytest.mark.slow
 def test_outputs_of_a_run_and_the_adapter_reproduce(tiny_ckpt, tmp_path):
     out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "4"), cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
@@ -215,6 +170,7 @@ def test_outputs_of_a_run_and_the_adapter_reproduce(tiny_ckpt, tmp_path):
     assert model.peft_method["name"] == "lora"
 
 
+@pytest.mark.slow
 def test_lmam_map_size_is_logged_and_grows(tiny_ckpt, tmp_path):
     """train.py logs max |Attn_s| per layer: 0 at the start (identity), then growing, at the
     paper's lr 1e-4 (lorada_la's preset) and an s of the paper's form, 1/(d·600)."""
@@ -241,12 +197,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_ckpt, tmp_path):
     out = subprocess.run(run_train(tiny_ckpt, tmp_path, "--max_steps", "6", "--learning_rate", "1e30",
                                    "--max_grad_norm", "1e30"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "loss is nan" in out.stderr.lower() or "loss is inf" in out.stderr.lower(), out.stderr
 
 
+@pytest.mark.slow
 def test_bad_cli_input(tiny_ckpt, tmp_path):
     cases = [(["--data", str(tmp_path / "none.json")], "none.json: no such data file"),
              (["--data", "commonsense_17k"], "unknown dataset 'commonsense_17k'"),
@@ -277,10 +235,12 @@ def test_eval_resumes_and_prints_the_table(tiny_ckpt, tmp_path):
     res2 = E.main(args)
     assert len((tmp_path / "boolq.jsonl").read_text().splitlines()) == 8 and res2 == res
     assert json.loads((tmp_path / "results.json").read_text())["boolq"]["total"] == 8
-    table = E.markdown_table({"boolq": {"accuracy": 0.5}, "piqa": {"accuracy": 1.0}}, "lora")
-    assert "| Method | BoolQ | PIQA | Avg. |" in table and "| lora | 50.0 | 100.0 | 75.0 |" in table
+    [[row]] = markdown_tables(E.markdown_table({"boolq": {"accuracy": 0.5}, "piqa": {"accuracy": 1.0}}, "lora"))
+    assert list(row) == ["Method", "BoolQ", "PIQA", "Avg."] and row["Method"] == "lora"
+    assert shows(row["BoolQ"], 50.0) and shows(row["PIQA"], 100.0) and shows(row["Avg."], 75.0), row
 
 
+@pytest.mark.slow
 def test_eval_bad_input(tiny_ckpt, tmp_path):
     for extra, msg in ((["--task", "trivia"], "unknown task 'trivia'"),
                        (["--task", "boolq", "--data", str(tmp_path / "x.json")], "x.json: no such test file")):
@@ -327,6 +287,7 @@ def test_bf16_frozen_weights_with_fp32_trainable_tensors(tiny_ckpt, name):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_single_process_steps(tiny_ckpt, tmp_path):
     """Data parallel over 2 CPU processes (torchrun, gloo): the same global batches with the
     gradients summed across processes give the adapter, the optimizer moments and the losses of
@@ -361,26 +322,7 @@ def test_two_processes_take_the_single_process_steps(tiny_ckpt, tmp_path):
     assert out.returncode != 0 and "written by 2 process(es)" in out.stderr, out.stderr[-2000:]
 
 
-def torchrun_stopped_and_resumed(tiny_ckpt, tmp_path, *extra):
-    """Two processes under torchrun, SIGTERM to torchrun after two steps, then --resume: the run
-    must stop every process after the same step, save one checkpoint, and end bit for bit where an
-    uninterrupted run does. Returns the stopped run's folder."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = lambda out, *more: torchrun + run_train(tiny_ckpt, out, *extra, *more)[1:]
-    out = subprocess.run(cmd(tmp_path / "a"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    b = tmp_path / "b"
-    returncode, err = sigterm_after_two_steps(cmd(b), b)
-    assert returncode != 0 and "checkpoint saved" in err, err[-3000:]
-    assert 2 <= torch.load(b / "checkpoint.pt", weights_only=True)["state"]["step"] < 8
-    out = subprocess.run(cmd(b, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
-    ref = read_safetensors(str(tmp_path / "a" / "adapter.safetensors"))
-    got = read_safetensors(str(b / "adapter.safetensors"))
-    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-    return b
-
-
+@pytest.mark.slow
 def test_two_processes_stopped_by_sigterm_resume_bit_exact(tiny_ckpt, tmp_path):
     """SIGTERM to torchrun reaches both processes: they agree to stop after the same step, save
     one checkpoint with both RNG states, and the resumed run (with dropout) ends bit for bit where

@@ -16,29 +16,15 @@ import train as T
 from checkpoint import load
 from conftest import ROOT, shared
 from generate import generate
+from helpers import glue_dir, run_train, small_flags, tiny_bart_ckpt, tiny_roberta_ckpt
 from hf_encdec import V, batch, byte_vocab_dir, save, tiny_bart, tiny_roberta
 from lora import DoRALinear
-from test_medium_pipeline import glue_dir, tiny_bart_ckpt, tiny_roberta_ckpt
-from test_pipeline import run_train, tiny_ckpt  # noqa: F401  (a fixture)
-
-# small sizes for every hyperparameter a method may take, on the tiny models
-TINY = {"lora_r": 2, "adapter_r": 4, "prefix_len": 3, "prefix_mid_dim": 8, "quanta_dims": "4-8", "lmam_heads": 2,
-        "lmam_len": 16}
-
-
-def small_flags(method, **extra):
-    takes = methods.hyperparameters(methods.METHODS[method])
-    flags = []
-    for k, v in {**TINY, **extra}.items():
-        if k in takes:
-            flags += [f"--{k}", str(v)]
-    return flags
 
 
 # ----------------------------------------------------------------------------- the bf16 recipe, every method
 
 @pytest.mark.parametrize("method", [m for m in methods.METHODS if m != "bitfit"])    # LLaMA has no biases
-def test_bf16_recipe_trains_validates_merges_generates_llama(tiny_ckpt, tmp_path, method):  # noqa: F811
+def test_bf16_recipe_trains_validates_merges_generates_llama(tiny_ckpt, tmp_path, method):
     out = tmp_path / method
     T.main(["--model", tiny_ckpt, "--method", method, "--data", "commonsense_sample", "--out_dir", str(out),
             "--device", "cpu", "--precision", "bf16", "--max_steps", "2", "--batch_size", "2",
@@ -83,7 +69,8 @@ def test_bf16_recipe_on_the_medium_models(tmp_path, family):
 
 # ----------------------------------------------------------------------------- compile, checkpointing
 
-def test_compile_with_gradient_checkpointing_padding_and_prefix_trains(tiny_ckpt, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_compile_with_gradient_checkpointing_padding_and_prefix_trains(tiny_ckpt, tmp_path):
     """--compile --gradient_checkpointing on padded micro-batches with prefix tuning (it crashed
     inside dynamo, prefix even without padding)."""
     cmd = run_train(tiny_ckpt, tmp_path, "--max_steps", "2", "--micro_batch_size", "2", "--batch_size", "4",

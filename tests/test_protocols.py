@@ -29,9 +29,8 @@ from conftest import ROOT
 from data import glue
 from data import llm_adapters as D
 from data import quanta as Q
+from helpers import CharTokenizer, tiny
 from hf_llama import hf_positions, tiny_hf_llama
-from test_methods import tiny
-from test_pipeline import CharTokenizer, tiny_ckpt  # noqa: F401  (tiny_ckpt: a fixture)
 
 SAMPLES = os.path.join(ROOT, "data", "samples")
 COMMONSENSE = os.path.join(SAMPLES, "commonsense_sample.json")
@@ -473,6 +472,7 @@ def test_llm_adapters_bottleneck_imports(tmp_path, llama_ckpt, targets, parallel
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_train_and_eval_with_quanta_protocol(tiny_ckpt, tmp_path):
     """train.py --protocol quanta at its presets (5 epochs, batch 4, lr 5e-5, seed 31415) on a
     commonsense sample and a math sample, then eval.py --protocol quanta on each."""

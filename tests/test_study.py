@@ -13,6 +13,7 @@ import plots
 import study
 import train as T
 from conftest import ROOT, main_stopped_by_sigterm, tiny_llama_ckpt
+from helpers import markdown_tables, shows
 
 TRAIN = ["--method", "lorada_la", "--data", "commonsense_sample", "--max_steps", "2", "--batch_size", "2",
          "--micro_batch_size", "1", "--val_set_size", "2", "--eval_step", "1", "--quiet", "--lmam_len", "16",
@@ -37,6 +38,7 @@ def best_val_loss(run_dir):
         return min(r["val_loss"] for r in map(json.loads, f) if "val_loss" in r)
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_point_then_skips_and_resumes(ckpt, tmp_path, capsys):
     d = tmp_path / "sweep"
     args = ["sweep", "--grid", "lmam_heads=1,2", "--out_dir", str(d), "--", "--model", ckpt, *TRAIN]
@@ -55,7 +57,9 @@ def test_sweep_runs_every_point_then_skips_and_resumes(ckpt, tmp_path, capsys):
         assert p["result"] == best_val_loss(p["dir"])
         assert json.loads((d / p["name"] / "args.json").read_text())["method"]["hparams"]["lmam_heads"] == \
             p["params"]["lmam_heads"]
-    assert "| lmam_heads | val_loss |" in printed and "| 1 | " in printed and "| 2 | " in printed
+    [rows] = [t for t in markdown_tables(printed) if t and list(t[0]) == ["lmam_heads", "val_loss"]]
+    assert [r["lmam_heads"] for r in rows] == ["1", "2"]
+    assert all(shows(r["val_loss"], p["result"]) for r, p in zip(rows, results["points"], strict=True)), rows
 
     # a rerun skips finished points and leaves their files alone
     files = {f: os.stat(d / "lmam_heads=1" / f).st_mtime_ns for f in os.listdir(d / "lmam_heads=1")}
@@ -79,6 +83,7 @@ def seeds(ckpt, tmp_path_factory):
     return d, out.stdout
 
 
+@pytest.mark.slow
 def test_seeds_mean_and_std_match_numpy(seeds, tmp_path):
     d, printed = seeds
     results = json.loads((d / "results.json").read_text())
@@ -88,12 +93,15 @@ def test_seeds_mean_and_std_match_numpy(seeds, tmp_path):
     s = results["summary"]
     assert s["n"] == 2 and s["ddof"] == 1
     assert s["mean"] == pytest.approx(np.mean(values)) and s["std"] == pytest.approx(np.std(values, ddof=1))
-    assert f"| mean ± std (n=2, ddof=1) | {s['mean']:.4f} ± {s['std']:.4f} |" in printed
+    last = [t for t in markdown_tables(printed) if t and "seed" in t[0]][-1][-1]
+    mean, std = last["val_loss"].split(" ± ")
+    assert last["seed"] == "mean ± std (n=2, ddof=1)" and shows(mean, s["mean"]) and shows(std, s["std"]), last
     if plots.have_matplotlib():                              # the runs' curves
         plots.main(["curves", str(d / "seed=1"), str(d / "seed=2"), "--out", str(tmp_path / "c.png"), "--dpi", "40"])
         assert os.path.getsize(tmp_path / "c.png") > 1000
 
 
+@pytest.mark.slow
 def test_a_trained_point_evaluated_with_eval_py(ckpt, seeds, tmp_path, capsys):
     """A point with an adapter but no result is not trained again; --eval scores it with eval.py."""
     d = tmp_path / "evaluated"
@@ -141,12 +149,16 @@ def test_tables():
     grid = {"lmam_heads": ["1", "2"], "lmam_rank": ["1", "4"]}
     records = {"lmam_heads=1_lmam_rank=1": {"result": 0.5}, "lmam_heads=2_lmam_rank=4": {"result": 0.9},
                "lmam_heads=2_lmam_rank=1": {"result": 0.7}}
-    assert study.sweep_table(grid, records, "accuracy", True).splitlines() == [
-        "| lmam_heads \\ lmam_rank | 1 | 4 |", "|---|---|---|",
-        "| 1 | 0.5000 | – |",                                      # a point not finished
-        "| 2 | 0.7000 | **0.9000** |"]
+    [rows] = markdown_tables(study.sweep_table(grid, records, "accuracy", True))
+    assert list(rows[0]) == ["lmam_heads \\ lmam_rank", "1", "4"]      # rows: the first flag, columns: the second
+    assert [r["lmam_heads \\ lmam_rank"] for r in rows] == ["1", "2"]
+    assert shows(rows[0]["1"], 0.5) and rows[0]["4"] == "–"              # a point not finished
+    assert shows(rows[1]["1"], 0.7) and shows(rows[1]["4"], 0.9)
+    assert [c for r in rows for c in list(r.values())[1:] if c.startswith("**")] == [rows[1]["4"]]   # the best, bold
     summary = study.seeds_summary([1.0, 2.0, 4.0])
     assert summary["std"] == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
     table = study.seeds_table({"seed": ["1", "2", "3"]}, {f"seed={i}": {"result": v} for i, v in
                                                           ((1, 1.0), (2, 2.0), (3, 4.0))}, "val_loss", summary)
-    assert table.splitlines()[-1] == f"| mean ± std (n=3, ddof=1) | 2.3333 ± {summary['std']:.4f} |"
+    last = markdown_tables(table)[0][-1]
+    mean, std = last["val_loss"].split(" ± ")
+    assert last["seed"] == "mean ± std (n=3, ddof=1)" and shows(mean, 7 / 3) and shows(std, summary["std"]), last

@@ -328,7 +328,7 @@ class Progress:
 def prepare(args, before_data=None):
     """Model (method applied), pipeline (data, batches, loss), training hyperparameters.
     before_data(model, hp, pipeline name), when given, runs before the data is read (train.py's
-    checks of the settings and of a resumed run)."""
+    checks of the settings and of a resumed run); the data is checked after (check_training_data)."""
     overrides = {k: getattr(args, k) for k in methods.flag_types() if getattr(args, k) is not None}
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     preset = args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS
@@ -666,7 +666,7 @@ class Run:
     and checked on --resume, then loaded; written atomically), log.jsonl (on --resume trimmed to
     the checkpoint's step), args.json, the adapters, and Ctrl-C / SIGTERM, which only set a flag:
     the loop finishes its step, saves a checkpoint and exits, so nothing is lost.
-    Process 0 writes every file; every process calls the methods that gather (say so)."""
+    Process 0 writes every file; the methods that say "every process" gather from all of them."""
 
     def __init__(self, args, rank: int, world: int):
         self.args, self.rank, self.world = args, rank, world
@@ -691,8 +691,10 @@ class Run:
     def start(self, model, optimizer, scheduler, hp: dict, total: int, pipe) -> dict:
         """The loop's state: step 0, or the checkpoint's on --resume (every process calls it);
         args.json written."""
-        state = {"step": 0, "best_score": None} if self.ck is None else self.resume(model, optimizer, scheduler,
-                                                                                    total, pipe)
+        if self.ck is None:
+            state = {"step": 0, "best_score": None}                  # no validation score yet
+        else:
+            state = self.resume(model, optimizer, scheduler, total, pipe)
         state["total"] = total
         info = {"args": vars(self.args), "train": hp, "method": model.peft_method, "processes": self.world,
                 "run": {k: self.record[k] for k in ("model", "data", "data_sha256")}}
@@ -722,7 +724,7 @@ class Run:
         scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"][self.rank])
         state = ck["state"]
-        if "best_val" in state:          # a checkpoint of before scores were kept as they are: negated unless a loss
+        if "best_val" in state:          # an older train.py's checkpoint: its best score negated unless a loss
             v = state.pop("best_val")
             state["best_score"] = None if math.isinf(v) else v if state.get("val_what", "loss") == "loss" else -v
         check_schedule(self.args, state, total, pipe, self.rank)
@@ -945,8 +947,9 @@ def train(args):
                                                       reduce_gradients=not args.fsdp)
             loss_sum = float(loss_sum)                          # the step's one sync: for the log
             if not math.isfinite(loss_sum):
+                last = run.checkpoint if os.path.exists(run.checkpoint) else "none"
                 raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last good "
-                                         f"checkpoint is {run.checkpoint if os.path.exists(run.checkpoint) else 'none'}")
+                                         f"checkpoint is {last}")
 
             # 3. The update. Clipping scales the gradient down when its global norm (all trainable
             #    tensors as one vector) exceeds max_grad_norm: a rare huge gradient cannot throw the

@@ -277,7 +277,8 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
         val_set = []
     # BART's decoder starts from decoder_start_token_id; mBART's (None) from the target's
     # language code, wrapped around to the front (shift_tokens_right)
-    start = None if model.cfg.model_type == "mbart" else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
+    generation = model.cfg.generation or {}
+    start = None if model.cfg.model_type == "mbart" else generation.get("decoder_start_token_id", model.cfg.eos_id)
 
     def collate(ex):
         return seq2seq.collate(ex, tokenizer.pad_id)
@@ -307,10 +308,10 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
 
 def lm_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on plain text (LongLoRA's pipeline, Table 7): the documents tokenized between BOS and
-    EOS (--text_layout longlora: LongLoRA's own stream), joined, and cut into rows of exactly cutoff_len tokens (data/text.py; a token file in the
-    run's folder, train_tokens.bin, read through a memory map and made again when the data or the
-    tokenizer differ from what its train_tokens.bin.meta.json records), in random order; the loss
-    on every next token.
+    EOS (--text_layout longlora: LongLoRA's own stream), joined, and cut into rows of exactly
+    cutoff_len tokens (data/text.py; a token file in the run's folder, train_tokens.bin, read
+    through a memory map and made again when the data or the tokenizer differ from what its
+    train_tokens.bin.meta.json records), in random order; the loss on every next token.
     The last val_set_size rows are held out when asked for (LongLoRA has none)."""
     os.makedirs(args.out_dir, exist_ok=True)
     L, longlora = hp["cutoff_len"], args.text_layout == "longlora"

@@ -543,7 +543,8 @@ def run_record(args, model, hp: dict, kind: str, world: int) -> dict:
     settings = {k: v for k, v in hp.items() if k not in MAY_CHANGE_ON_RESUME}
     settings.update(pipeline=kind, task=args.task, protocol=args.protocol, mask_prompt=args.mask_prompt,
                     group_by_length=args.group_by_length, token_weighted_loss=args.token_weighted_loss,
-                    s2_wrap=args.s2_wrap, text_layout=args.text_layout, precision=args.precision or default_precision(args.device),
+                    s2_wrap=args.s2_wrap, text_layout=args.text_layout,
+                    precision=args.precision or default_precision(args.device),
                     tokenizer=content_hash(args.tokenizer) if args.tokenizer else None)
     return {"model": args.model, "base": methods.base_fingerprint(model), "data": args.data,
             "data_sha256": content_hash(data_file(args)), "settings": settings, "processes": world}

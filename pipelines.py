@@ -154,56 +154,63 @@ def llm_pipeline(args, model, tokenizer, hp, device, autocast):
 def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on LLM-Adapters' data under QuanTA's protocol (--protocol quanta; its run.py with
     ft_com.sh, data/quanta.py). The dev set: the last val_set_size (400) examples of a permutation
-    of the file seeded with 271828; the rest trains, in random batches.
-    Commonsense (--train_as_classification): each example is all its candidates, each scored by the
-    mean log-probability of its answer tokens (eval.option_scores), and the loss is the
-    cross-entropy of those scores against the gold candidate, one term per example; validation by
-    rank-classification accuracy on the dev set (QuanTA selects its best checkpoint by it).
-    Math: cross-entropy over the answer tokens only, the Trainer's mean of micro-batch means;
-    validation by the accuracy of greedy answers on the dev set, with the correct metric (QuanTA
-    selects by its released one, which counts any prediction >= gold as correct)."""
+    of the file seeded with 271828; the rest trains, in random batches. Commonsense trains as
+    classification over the candidates (quanta_choice_pipeline), math on the answer tokens
+    (quanta_math_pipeline)."""
     records = llm_adapters.load_records(llm_adapters.resolve(args.data, split="train"),
                                         fields=("instruction", "output", "answer"))
     n_dev = min(hp["val_set_size"], len(records) // 2)
     train_idx, dev_idx = quanta.split(len(records), n_dev)
-    max_length = hp["cutoff_len"]
-    epoch_batches = shuffled_epochs(len(train_idx), hp)                  # the Trainer's random sampler
+    build = quanta_choice_pipeline if args.task == "commonsense" else quanta_math_pipeline
+    return build(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast)
 
-    if args.task == "commonsense":
-        where = lambda i: f"{args.data} record {i}"
-        prepared = {}
-        for i in train_idx + dev_idx:
-            e = quanta.tokenize_choices(tokenizer, quanta.choice_sample(records[i], where(i)), max_length)
-            e["candidates"] = [array("i", c) for c in e["candidates"]]      # 4 bytes a token, not a Python int
-            prepared[i] = e
-        train_set, val_set = [prepared[i] for i in train_idx], [prepared[i] for i in dev_idx]
 
-        def collate(ex):
-            return quanta.collate_choices(ex, tokenizer.pad_id)
+def quanta_choice_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast):
+    """QuanTA's commonsense (--train_as_classification): each example is all its candidates, each
+    scored by the mean log-probability of its answer tokens (eval.option_scores), and the loss is
+    the cross-entropy of those scores against the gold candidate, one term per example; validation
+    by rank-classification accuracy on the dev set (QuanTA selects its best checkpoint by it)."""
+    where = lambda i: f"{args.data} record {i}"
+    prepared = {}
+    for i in train_idx + dev_idx:
+        e = quanta.tokenize_choices(tokenizer, quanta.choice_sample(records[i], where(i)), hp["cutoff_len"])
+        e["candidates"] = [array("i", c) for c in e["candidates"]]      # 4 bytes a token, not a Python int
+        prepared[i] = e
+    train_set, val_set = [prepared[i] for i in train_idx], [prepared[i] for i in dev_idx]
 
-        def loss_sum(model, batch):
-            scores = option_scores(model, batch, device, autocast)
-            labels, total, start = batch["labels"].to(scores.device), 0, 0
-            for j, n in enumerate(batch["counts"]):      # utils.forward_wrap_with_option_len, per example
-                total = total + F.cross_entropy(scores[start:start + n][None], labels[j:j + 1], reduction="sum")
+    def collate(ex):
+        return quanta.collate_choices(ex, tokenizer.pad_id)
+
+    def loss_sum(model, batch):
+        scores = option_scores(model, batch, device, autocast)
+        labels, total, start = batch["labels"].to(scores.device), 0, 0
+        for j, n in enumerate(batch["counts"]):      # utils.forward_wrap_with_option_len, per example
+            total = total + F.cross_entropy(scores[start:start + n][None], labels[j:j + 1], reduction="sum")
+            start += n
+        return total
+
+    def validate(model):
+        correct = 0
+        for s in range(0, len(val_set), 8):
+            part = val_set[s:s + 8]
+            batch = collate(part)
+            scores, start = option_scores(model, batch, device, autocast).tolist(), 0
+            for e, n in zip(part, batch["counts"]):
+                row = scores[start:start + n]
+                correct += max(range(n), key=row.__getitem__) == e["label"]
                 start += n
-            return total
+        return "accuracy", correct / max(len(val_set), 1)
 
-        def validate(model):
-            correct = 0
-            for s in range(0, len(val_set), 8):
-                part = val_set[s:s + 8]
-                batch = collate(part)
-                scores, start = option_scores(model, batch, device, autocast).tolist(), 0
-                for e, n in zip(part, batch["counts"]):
-                    row = scores[start:start + n]
-                    correct += max(range(n), key=row.__getitem__) == e["label"]
-                    start += n
-            return "accuracy", correct / max(len(val_set), 1)
+    tokens = lambda ex: sum(len(c) for e in ex for c in e["candidates"])
+    return Pipeline(train_set, val_set, collate, loss_sum, len, tokens, shuffled_epochs(len(train_set), hp),
+                    validate)                                             # the Trainer's random sampler
 
-        return Pipeline(train_set, val_set, collate, loss_sum, len,
-                        lambda ex: sum(len(c) for e in ex for c in e["candidates"]), epoch_batches, validate)
 
+def quanta_math_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast):
+    """QuanTA's math: cross-entropy over the answer tokens only, the Trainer's mean of micro-batch
+    means; validation by the accuracy of greedy answers on the dev set, with the correct metric
+    (QuanTA selects by its released one, which counts any prediction >= gold as correct)."""
+    max_length = hp["cutoff_len"]
     samples = {i: quanta.math_sample(records[i]) for i in train_idx + dev_idx}
     train_set = [quanta.tokenize_target(tokenizer, samples[i], max_length - quanta.MAX_NEW_TOKENS) for i in train_idx]
     dev = [samples[i] for i in dev_idx]
@@ -231,7 +238,7 @@ def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
         return "accuracy", correct / max(len(val_set), 1)
 
     return Pipeline(train_set, val_set, collate, loss_sum, len, lambda ex: sum(len(e["input_ids"]) for e in ex),
-                    epoch_batches, validate)
+                    shuffled_epochs(len(train_set), hp), validate)          # the Trainer's random sampler
 
 
 def glue_pipeline(args, model, tokenizer, hp, device, autocast):

@@ -154,9 +154,14 @@ def llm_pipeline(args, model, tokenizer, hp, device, autocast):
 def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on LLM-Adapters' data under QuanTA's protocol (--protocol quanta; its run.py with
     ft_com.sh, data/quanta.py). The dev set: the last val_set_size (400) examples of a permutation
-    of the file seeded with 271828; the rest trains, in random batches. Commonsense trains as
-    classification over the candidates (quanta_choice_pipeline), math on the answer tokens
-    (quanta_math_pipeline)."""
+    of the file seeded with 271828; the rest trains, in random batches.
+    Commonsense (--train_as_classification): each example is all its candidates, each scored by the
+    mean log-probability of its answer tokens (eval.option_scores), and the loss is the
+    cross-entropy of those scores against the gold candidate, one term per example; validation by
+    rank-classification accuracy on the dev set (QuanTA selects its best checkpoint by it).
+    Math: cross-entropy over the answer tokens only, the Trainer's mean of micro-batch means;
+    validation by the accuracy of greedy answers on the dev set, with the correct metric (QuanTA
+    selects by its released one, which counts any prediction >= gold as correct)."""
     records = llm_adapters.load_records(llm_adapters.resolve(args.data, split="train"),
                                         fields=("instruction", "output", "answer"))
     n_dev = min(hp["val_set_size"], len(records) // 2)
@@ -166,10 +171,7 @@ def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
 
 
 def quanta_choice_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast):
-    """QuanTA's commonsense (--train_as_classification): each example is all its candidates, each
-    scored by the mean log-probability of its answer tokens (eval.option_scores), and the loss is
-    the cross-entropy of those scores against the gold candidate, one term per example; validation
-    by rank-classification accuracy on the dev set (QuanTA selects its best checkpoint by it)."""
+    """QuanTA's commonsense, trained as classification over each example's candidates (quanta_pipeline)."""
     where = lambda i: f"{args.data} record {i}"
     prepared = {}
     for i in train_idx + dev_idx:
@@ -207,9 +209,7 @@ def quanta_choice_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, dev
 
 
 def quanta_math_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast):
-    """QuanTA's math: cross-entropy over the answer tokens only, the Trainer's mean of micro-batch
-    means; validation by the accuracy of greedy answers on the dev set, with the correct metric
-    (QuanTA selects by its released one, which counts any prediction >= gold as correct)."""
+    """QuanTA's math, trained on the answer tokens, validated by greedy answers (quanta_pipeline)."""
     max_length = hp["cutoff_len"]
     samples = {i: quanta.math_sample(records[i]) for i in train_idx + dev_idx}
     train_set = [quanta.tokenize_target(tokenizer, samples[i], max_length - quanta.MAX_NEW_TOKENS) for i in train_idx]

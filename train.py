@@ -328,7 +328,7 @@ class Progress:
 def prepare(args, before_data=None):
     """Model (method applied), pipeline (data, batches, loss), training hyperparameters.
     before_data(model, hp, pipeline name), when given, runs before the data is read (train.py's
-    checks of the settings and of a resumed run); the data is checked after (check_training_data)."""
+    checks of the settings and of a resumed run)."""
     overrides = {k: getattr(args, k) for k in methods.flag_types() if getattr(args, k) is not None}
     methods.method_hparams(args.method, (), overrides)       # fail early on an unknown method or flag
     preset = args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS
@@ -388,7 +388,7 @@ def prepare(args, before_data=None):
     if before_data is not None:
         before_data(model, hp, kind)
     pipe = PIPELINES[kind][2](args, model, tokenizer, hp, args.device, autocast)
-    check_training_data(args, pipe, hp)
+    check_training_data(args, pipe, hp)          # none to train on, or none with a token to learn from: refused
     return model, pipe, hp
 
 

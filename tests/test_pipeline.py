@@ -16,7 +16,7 @@ import model as M
 import train as T
 from checkpoint import load, read_safetensors
 from conftest import ROOT, shared
-from data import llm_adapters
+from data import llm_adapters as D
 from tokenizer import load_tokenizer
 
 INDENT = " " * 16
@@ -26,14 +26,14 @@ INDENT = " " * 16
 
 def test_prompts_are_byte_exact():
     r = {"instruction": "Q?", "input": "", "output": "the correct answer is true"}
-    assert llm_adapters.train_prompt(r) == (
+    assert D.train_prompt(r) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.  "
         "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n" + INDENT + "\n" + INDENT + "### Response:\n" + INDENT
         + "the correct answer is true")
-    assert llm_adapters.eval_prompt(r) == (
+    assert D.eval_prompt(r) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
         "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n\n" + INDENT + "### Response:\n" + INDENT)
-    with_input = llm_adapters.train_prompt({**r, "input": "ctx"})
+    with_input = D.train_prompt({**r, "input": "ctx"})
     assert "paired with an input" in with_input and "### Input:\n" + INDENT + "ctx\n" + INDENT + "\n" in with_input
 
 
@@ -51,34 +51,33 @@ class CharTokenizer:
 def test_tokenize_bos_eos_truncation_and_masking():
     tok = CharTokenizer()
     r = {"instruction": "Q?", "input": "", "output": "yes"}
-    full = llm_adapters.tokenize(tok, r, cutoff_len=1000)
+    full = D.tokenize(tok, r, cutoff_len=1000)
     assert full["input_ids"][0] == 1 and full["input_ids"][-1] == 2            # BOS, and EOS when it fits
     assert full["labels"] == full["input_ids"]                                   # train_on_inputs by default
-    cut = llm_adapters.tokenize(tok, r, cutoff_len=50)
+    cut = D.tokenize(tok, r, cutoff_len=50)
     assert len(cut["input_ids"]) == 50 and cut["input_ids"][-1] != 2             # truncated: no EOS
-    masked = llm_adapters.tokenize(tok, r, cutoff_len=1000, train_on_inputs=False)
-    n_prompt = len(tok.encode(llm_adapters.train_prompt({**r, "output": ""})))
+    masked = D.tokenize(tok, r, cutoff_len=1000, train_on_inputs=False)
+    n_prompt = len(tok.encode(D.train_prompt({**r, "output": ""})))
     assert masked["labels"][:n_prompt] == [-100] * n_prompt
     assert masked["labels"][n_prompt:] == full["input_ids"][n_prompt:]
-    batch = llm_adapters.collate([full, masked], pad_id=0)
+    batch = D.collate([full, masked], pad_id=0)
     assert batch["labels"][1, len(masked["labels"]):].eq(-100).all()            # -100 on padding
     assert batch["attention_mask"].sum(1).tolist() == [len(full["input_ids"]), len(masked["input_ids"])]
 
 
 def test_real_tokenizer_on_real_records():
     tok = load_tokenizer(shared("llama2-tokenizer", "tokenizer.model"))
-    recs = llm_adapters.load_records(shared("llm_adapters", "dataset", "boolq", "train.json"))
+    recs = D.load_records(shared("llm_adapters", "dataset", "boolq", "train.json"))
     assert len(recs) > 1000
-    e = llm_adapters.tokenize(tok, recs[0], 256)
+    e = D.tokenize(tok, recs[0], 256)
     assert e["input_ids"][0] == 1 and e["input_ids"][-1] == 2 and len(e["input_ids"]) <= 256
-    assert tok.decode(e["input_ids"][1:-1]) == llm_adapters.train_prompt(recs[0])
+    assert tok.decode(e["input_ids"][1:-1]) == D.train_prompt(recs[0])
 
 
 @pytest.mark.parametrize("task", ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy",
                                   "openbookqa", "AddSub", "MultiArith", "SingleEq", "gsm8k", "AQuA", "SVAMP", "mawps"])
 def test_real_test_sets_load_and_their_gold_outputs_score_correct(task):
-    recs = llm_adapters.load_records(shared("llm_adapters", "dataset", task, "test.json"),
-                                     fields=("instruction", "answer"))
+    recs = D.load_records(shared("llm_adapters", "dataset", task, "test.json"), fields=("instruction", "answer"))
     # the commonsense files' outputs are "the correct answer is <answer>": extraction must find it
     if task in E.CHOICES:
         assert all(E.extract_answer(task, r["output"]) == r["answer"] for r in recs)
@@ -89,8 +88,8 @@ def test_real_test_sets_load_and_their_gold_outputs_score_correct(task):
 
 def test_length_grouped_batches_are_a_deterministic_partition():
     lengths = [(i * 37) % 101 for i in range(500)]
-    a = llm_adapters.length_grouped_batches(lengths, 8, seed=3, mega=16)
-    assert a == llm_adapters.length_grouped_batches(lengths, 8, seed=3, mega=16)
+    a = D.length_grouped_batches(lengths, 8, seed=3, mega=16)
+    assert a == D.length_grouped_batches(lengths, 8, seed=3, mega=16)
     assert sorted(i for b in a for i in b) == list(range(500))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
     assert spread < 20                                  # random batches would spread ~70
@@ -98,15 +97,15 @@ def test_length_grouped_batches_are_a_deterministic_partition():
 
 def test_bad_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json: no such data file"):
-        llm_adapters.load_records(str(tmp_path / "nope.json"))
+        D.load_records(str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"},')
     with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(line 1"):
-        llm_adapters.load_records(str(tmp_path / "bad.json"))
+        D.load_records(str(tmp_path / "bad.json"))
     (tmp_path / "missing.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
     with pytest.raises(ValueError, match="missing.json: record 1 has no field 'output'"):
-        llm_adapters.load_records(str(tmp_path / "missing.json"))
+        D.load_records(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="unknown dataset 'commonsense_17k'"):
-        llm_adapters.resolve("commonsense_17k")
+        D.resolve("commonsense_17k")
 
 
 # ----------------------------------------------------------------------------- answer extraction
@@ -149,9 +148,9 @@ def tiny_ckpt(tmp_path_factory):
     """A tiny LLaMA checkpoint with a real sentencepiece tokenizer trained on the sample data."""
     import sentencepiece as spm
     path = tmp_path_factory.mktemp("tiny")
-    recs = llm_adapters.load_records(llm_adapters.resolve("commonsense_sample"))
+    recs = D.load_records(D.resolve("commonsense_sample"))
     text = path / "text.txt"
-    text.write_text("\n".join(llm_adapters.train_prompt(r) for r in recs * 20))
+    text.write_text("\n".join(D.train_prompt(r) for r in recs * 20))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "tokenizer"), vocab_size=200,
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     torch.manual_seed(0)
@@ -268,7 +267,7 @@ def test_bad_cli_input(tiny_ckpt, tmp_path):
 # ----------------------------------------------------------------------------- eval.py
 
 def test_eval_resumes_and_prints_the_table(tiny_ckpt, tmp_path):
-    args = ["--model", tiny_ckpt, "--task", "boolq", "--data", llm_adapters.resolve("commonsense_sample"),
+    args = ["--model", tiny_ckpt, "--task", "boolq", "--data", D.resolve("commonsense_sample"),
             "--out_dir", str(tmp_path), "--max_new_tokens", "4", "--num_beams", "2"]
     res = E.main(args)
     lines = (tmp_path / "boolq.jsonl").read_text().splitlines()

@@ -20,8 +20,13 @@ already divided by the step's total units over all processes.
 Checkpoints gather the trainable tensors and AdamW's state to full tensors (small for every PEFT
 method) and process 0 writes them; on --resume each process takes its chunks again, so the run
 continues bit for bit with the same process count. The adapter file is a one-process run's.
+
+What train.py calls takes a sharded model and a plain one alike, so train.py has no sharded
+special case: micro_batch_share (the loop's part of each step), full_tensors / load_full_tensors
+and optimizer_state / load_optimizer_state (checkpoints and adapters).
 """
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -30,7 +35,23 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+import hub
 import model as M
+
+
+def check_flags(args):
+    """--fsdp's requirements, before any process group is set up."""
+    if not args.fsdp or args.dry_run:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards the model over several processes: start it with "
+                         "torchrun --nproc_per_node N train.py ... (N >= 2)")
+    if args.compile:
+        raise ValueError("--fsdp with --compile is not supported: drop --compile (each block would "
+                         "have to be compiled inside its FSDP unit)")
+    if (args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS) and args.model not in hub.PAPER_MODELS \
+            and not os.path.exists(args.model):
+        raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path")
 
 
 def blocks(model):
@@ -104,9 +125,39 @@ def frozen_bytes(model):
     return mine, total
 
 
+def frozen_bytes_per_process(model) -> list[dict]:
+    """[{"held": bytes, "of": bytes}] of the frozen parameters, one entry per process (every
+    process calls it): what sharding saves, for args.json."""
+    held = [None] * dist.get_world_size()
+    dist.all_gather_object(held, frozen_bytes(model))
+    return [{"held": a, "of": b} for a, b in held]
+
+
+# ----------------------------------------------------------------------------- what train.py calls
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def micro_batch_share(rank: int, world: int, sharded: bool):
+    """The function the training loop calls for this process's part of a step: share(micro) ->
+    [(micro-batch, the weight of its loss)]. Data parallel, process k runs micro-batches k,
+    k + world, ... of the step, weighted 1 (one process: all of them). Sharded, every forward
+    gathers each block's weights from all processes, so every process must run as many forwards
+    as the others: one short of micro-batches runs the step's first again, weighted 0 (no
+    gradient, the same collectives)."""
+    def share(micro):
+        mine = [(part, 1.0) for part in micro[rank::world]]
+        if sharded:
+            mine += [(micro[0], 0.0)] * (math.ceil(len(micro) / world) - len(mine))
+        return mine
+    return share
+
+
 def full_tensors(model, keys):
-    """{key: the full tensor} for the given state-dict keys, gathered from every process (every
-    process must call this: it runs collectives), on the CPU."""
+    """{key: the full tensor} for the given state-dict keys, on the CPU: a sharded model's gathered
+    from every process (every process must call this: it runs collectives), a plain one's as they
+    are."""
     state = model.state_dict()
     out = {}
     for k in keys:
@@ -117,22 +168,27 @@ def full_tensors(model, keys):
 
 @torch.no_grad()
 def load_full_tensors(model, tensors):
-    """The inverse of full_tensors on --resume: each process takes its chunks."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """The inverse of full_tensors on --resume: each process of a sharded model takes its chunks,
+    a plain model the tensors whole."""
     state = model.state_dict(keep_vars=True)
     for k, src in tensors.items():
         t = state[k]
         if isinstance(t, DTensor):
-            local(t).copy_(src[chunk_rows(src.shape[0], world, rank)].to(t.dtype))
-        else:
-            t.copy_(src.to(t.dtype))
+            src = src[chunk_rows(src.shape[0], dist.get_world_size(), dist.get_rank())]
+        local(t).copy_(src.to(t.dtype))
 
 
 def optimizer_state(model, optimizer):
-    """AdamW's state as full tensors, keyed by parameter name (every process calls; all get it)."""
+    """AdamW's state: a sharded model's as full tensors keyed by parameter name (every process
+    calls; all get it), a plain model's optimizer.state_dict()."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model, optimizer, state):
+    """The inverse of optimizer_state on --resume."""
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))

@@ -8,7 +8,9 @@ batched, the loss, the validation score). train.py's loop is the same for all of
     xsum/mt  BART on XSum, mBART on WMT16 en-ro (He et al.)
     lm       LLaMA on plain text in rows of L tokens (LongLoRA)
 """
+import math
 import os
+import random
 from array import array
 from dataclasses import dataclass
 from typing import Callable
@@ -31,7 +33,8 @@ class Pipeline:
 
     loss_sum(model, batch) sums the loss over the batch's units (labelled tokens; examples for
     GLUE), and units(examples) counts them, so that a step's loss is the mean over its units
-    whatever the micro-batching. validate(model) -> (score, its name), lower is better."""
+    whatever the micro-batching. validate(model) -> (the metric's name, its value): "loss", lower
+    is better, or a metric such as "accuracy", higher is better (improves() compares them)."""
     train_set: list
     val_set: list
     collate: Callable          # examples -> a batch of tensors
@@ -39,12 +42,42 @@ class Pipeline:
     units: Callable            # examples -> how many loss terms they hold
     tokens: Callable           # examples -> tokens processed (for tokens/s)
     epoch_batches: Callable    # epoch -> its optimizer steps, each a list of micro-batches of indices
-    validate: Callable         # model -> (score, name)
+    validate: Callable         # model -> (metric name, value)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch of index batches in a seeded random order (transformers' default sampler)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def micro_batches(steps, micro_batch_size):
     """Split each step's examples into micro-batches."""
     return [[b[i:i + micro_batch_size] for i in range(0, len(b), micro_batch_size)] for b in steps]
+
+
+def shuffled_epochs(n: int, hp: dict):
+    """epoch_batches for the random sampler: epoch e's order seeded with seed + e (so a resumed run
+    finds it again), each step's examples split into micro-batches."""
+    def epoch_batches(epoch):
+        return micro_batches(shuffled_batches(n, hp["batch_size"], hp["seed"] + epoch), hp["micro_batch_size"])
+    return epoch_batches
+
+
+# ----------------------------------------------------------------------------- validation, the loss
+
+def improves(metric: str, value: float, best: float | None) -> bool:
+    """Whether a validation score beats the best so far (None: no score yet). A loss is better
+    lower; every other metric (accuracy, Matthews correlation, Pearson) is better higher. NaN never
+    improves."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
 
 
 def validation_loss(val_set, collate, loss_sum, units, micro_batch_size):
@@ -55,7 +88,7 @@ def validation_loss(val_set, collate, loss_sum, units, micro_batch_size):
             part = val_set[i:i + micro_batch_size]
             total += float(loss_sum(model, collate(part)))
             n += units(part)
-        return total / max(n, 1), "loss"
+        return "loss", total / max(n, 1)
     return validate
 
 
@@ -75,6 +108,8 @@ def micro_batch_mean(total, batch):
     n_tokens = int((batch["labels"][:, 1:] != -100).sum())
     return total / max(n_tokens, 1) * batch["labels"].shape[0]
 
+
+# ----------------------------------------------------------------------------- the benchmarks
 
 def llm_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on LLM-Adapters' data: next-token cross-entropy over the prompt and the response
@@ -106,13 +141,12 @@ def llm_pipeline(args, model, tokenizer, hp, device, autocast):
             return len(ex)                                 # micro_batch_mean's units: examples
         return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in ex)
 
-    def epoch_batches(epoch):
-        if args.group_by_length:
-            lengths = [len(e["input_ids"]) for e in train_set]
-            steps = llm_adapters.length_grouped_batches(lengths, hp["batch_size"], hp["seed"] + epoch)
-        else:                                              # the Trainer's random sampler
-            steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
+    def grouped_by_length(epoch):
+        lengths = [len(e["input_ids"]) for e in train_set]
+        steps = llm_adapters.length_grouped_batches(lengths, hp["batch_size"], hp["seed"] + epoch)
         return micro_batches(steps, hp["micro_batch_size"])
+    # the Trainer's random sampler, or its --group_by_length
+    epoch_batches = grouped_by_length if args.group_by_length else shuffled_epochs(len(train_set), hp)
 
     return Pipeline(train_set, val_set, collate, loss_sum, units, lambda ex: sum(len(e["input_ids"]) for e in ex),
                     epoch_batches, validation_loss(val_set, collate, loss_sum, units, hp["micro_batch_size"]))
@@ -133,47 +167,51 @@ def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
                                         fields=("instruction", "output", "answer"))
     n_dev = min(hp["val_set_size"], len(records) // 2)
     train_idx, dev_idx = quanta.split(len(records), n_dev)
-    max_length = hp["cutoff_len"]
+    build = quanta_choice_pipeline if args.task == "commonsense" else quanta_math_pipeline
+    return build(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast)
 
-    def epoch_batches(epoch):                               # the Trainer's random sampler
-        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
-        return micro_batches(steps, hp["micro_batch_size"])
 
-    if args.task == "commonsense":
-        where = lambda i: f"{args.data} record {i}"
-        prepared = {}
-        for i in train_idx + dev_idx:
-            e = quanta.tokenize_choices(tokenizer, quanta.choice_sample(records[i], where(i)), max_length)
-            e["candidates"] = [array("i", c) for c in e["candidates"]]      # 4 bytes a token, not a Python int
-            prepared[i] = e
-        train_set, val_set = [prepared[i] for i in train_idx], [prepared[i] for i in dev_idx]
+def quanta_choice_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast):
+    """QuanTA's commonsense, trained as classification over each example's candidates (quanta_pipeline)."""
+    where = lambda i: f"{args.data} record {i}"
+    prepared = {}
+    for i in train_idx + dev_idx:
+        e = quanta.tokenize_choices(tokenizer, quanta.choice_sample(records[i], where(i)), hp["cutoff_len"])
+        e["candidates"] = [array("i", c) for c in e["candidates"]]      # 4 bytes a token, not a Python int
+        prepared[i] = e
+    train_set, val_set = [prepared[i] for i in train_idx], [prepared[i] for i in dev_idx]
 
-        def collate(ex):
-            return quanta.collate_choices(ex, tokenizer.pad_id)
+    def collate(ex):
+        return quanta.collate_choices(ex, tokenizer.pad_id)
 
-        def loss_sum(model, batch):
-            scores = option_scores(model, batch, device, autocast)
-            labels, total, start = batch["labels"].to(scores.device), 0, 0
-            for j, n in enumerate(batch["counts"]):      # utils.forward_wrap_with_option_len, per example
-                total = total + F.cross_entropy(scores[start:start + n][None], labels[j:j + 1], reduction="sum")
+    def loss_sum(model, batch):
+        scores = option_scores(model, batch, device, autocast)
+        labels, total, start = batch["labels"].to(scores.device), 0, 0
+        for j, n in enumerate(batch["counts"]):      # utils.forward_wrap_with_option_len, per example
+            total = total + F.cross_entropy(scores[start:start + n][None], labels[j:j + 1], reduction="sum")
+            start += n
+        return total
+
+    def validate(model):
+        correct = 0
+        for s in range(0, len(val_set), 8):
+            part = val_set[s:s + 8]
+            batch = collate(part)
+            scores, start = option_scores(model, batch, device, autocast).tolist(), 0
+            for e, n in zip(part, batch["counts"]):
+                row = scores[start:start + n]
+                correct += max(range(n), key=row.__getitem__) == e["label"]
                 start += n
-            return total
+        return "accuracy", correct / max(len(val_set), 1)
 
-        def validate(model):
-            correct = 0
-            for s in range(0, len(val_set), 8):
-                part = val_set[s:s + 8]
-                batch = collate(part)
-                scores, start = option_scores(model, batch, device, autocast).tolist(), 0
-                for e, n in zip(part, batch["counts"]):
-                    row = scores[start:start + n]
-                    correct += max(range(n), key=row.__getitem__) == e["label"]
-                    start += n
-            return -(correct / max(len(val_set), 1)), "accuracy"          # negated: lower is better
+    tokens = lambda ex: sum(len(c) for e in ex for c in e["candidates"])
+    return Pipeline(train_set, val_set, collate, loss_sum, len, tokens, shuffled_epochs(len(train_set), hp),
+                    validate)                                             # the Trainer's random sampler
 
-        return Pipeline(train_set, val_set, collate, loss_sum, len,
-                        lambda ex: sum(len(c) for e in ex for c in e["candidates"]), epoch_batches, validate)
 
+def quanta_math_pipeline(args, records, train_idx, dev_idx, tokenizer, hp, device, autocast):
+    """QuanTA's math, trained on the answer tokens, validated by greedy answers (quanta_pipeline)."""
+    max_length = hp["cutoff_len"]
     samples = {i: quanta.math_sample(records[i]) for i in train_idx + dev_idx}
     train_set = [quanta.tokenize_target(tokenizer, samples[i], max_length - quanta.MAX_NEW_TOKENS) for i in train_idx]
     dev = [samples[i] for i in dev_idx]
@@ -198,10 +236,10 @@ def quanta_pipeline(args, model, tokenizer, hp, device, autocast):
             for e, response in zip(part, quanta_generate(model, tokenizer, [e["prompt"] for e in part],
                                                           max_length=max_length)):
                 correct += quanta_math_correct(e["answer"], response)[0]
-        return -(correct / max(len(val_set), 1)), "accuracy"
+        return "accuracy", correct / max(len(val_set), 1)
 
     return Pipeline(train_set, val_set, collate, loss_sum, len, lambda ex: sum(len(e["input_ids"]) for e in ex),
-                    epoch_batches, validate)
+                    shuffled_epochs(len(train_set), hp), validate)          # the Trainer's random sampler
 
 
 def glue_pipeline(args, model, tokenizer, hp, device, autocast):
@@ -221,17 +259,13 @@ def glue_pipeline(args, model, tokenizer, hp, device, autocast):
             return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
         return F.cross_entropy(logits, labels, reduction="sum")
 
-    def epoch_batches(epoch):
-        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
-        return micro_batches(steps, hp["micro_batch_size"])
-
     def validate(model):
         preds = glue_predictions(model, val_set, tokenizer.pad_id, hp["micro_batch_size"], device)
         main = MAIN_METRIC[args.task]
-        return -glue_metric(args.task, preds, [e["label"] for e in val_set])[main], main   # negated: lower is better
+        return main, glue_metric(args.task, preds, [e["label"] for e in val_set])[main]
 
     return Pipeline(train_set, val_set, lambda ex: glue.collate(ex, tokenizer.pad_id), loss_sum, len,
-                    lambda ex: sum(len(e["input_ids"]) for e in ex), epoch_batches, validate)
+                    lambda ex: sum(len(e["input_ids"]) for e in ex), shuffled_epochs(len(train_set), hp), validate)
 
 
 def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
@@ -251,7 +285,8 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
         val_set = []
     # BART's decoder starts from decoder_start_token_id; mBART's (None) from the target's
     # language code, wrapped around to the front (shift_tokens_right)
-    start = None if model.cfg.model_type == "mbart" else (model.cfg.generation or {}).get("decoder_start_token_id", model.cfg.eos_id)
+    generation = model.cfg.generation or {}
+    start = None if model.cfg.model_type == "mbart" else generation.get("decoder_start_token_id", model.cfg.eos_id)
 
     def collate(ex):
         return seq2seq.collate(ex, tokenizer.pad_id)
@@ -272,8 +307,7 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
             micro = seq2seq.token_batches(lengths, hp["max_tokens"], hp["seed"] + epoch)
             k = hp["update_freq"]
             return [micro[i:i + k] for i in range(0, len(micro), k)]
-        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
-        return micro_batches(steps, hp["micro_batch_size"])
+        return shuffled_epochs(len(train_set), hp)(epoch)
 
     return Pipeline(train_set, val_set, collate, loss_sum, units,
                     lambda ex: sum(len(e["input_ids"]) + len(e["labels"]) for e in ex), epoch_batches,
@@ -282,10 +316,10 @@ def seq2seq_pipeline(args, model, tokenizer, hp, device, autocast):
 
 def lm_pipeline(args, model, tokenizer, hp, device, autocast):
     """LLaMA on plain text (LongLoRA's pipeline, Table 7): the documents tokenized between BOS and
-    EOS (--text_layout longlora: LongLoRA's own stream), joined, and cut into rows of exactly cutoff_len tokens (data/text.py; a token file in the
-    run's folder, train_tokens.bin, read through a memory map and made again when the data or the
-    tokenizer differ from what its train_tokens.bin.meta.json records), in random order; the loss
-    on every next token.
+    EOS (--text_layout longlora: LongLoRA's own stream), joined, and cut into rows of exactly
+    cutoff_len tokens (data/text.py; a token file in the run's folder, train_tokens.bin, read
+    through a memory map and made again when the data or the tokenizer differ from what its
+    train_tokens.bin.meta.json records), in random order; the loss on every next token.
     The last val_set_size rows are held out when asked for (LongLoRA has none)."""
     os.makedirs(args.out_dir, exist_ok=True)
     L, longlora = hp["cutoff_len"], args.text_layout == "longlora"
@@ -310,12 +344,9 @@ def lm_pipeline(args, model, tokenizer, hp, device, autocast):
             labels = batch["labels"].to(device)[:, 1:]        # the next tokens ([PAD]: -100, no loss)
             return lm_loss(model(ids, return_hidden=True)[:, :-1], model.lm_head, labels)
 
-    def epoch_batches(epoch):
-        steps = glue.shuffled_batches(len(train_set), hp["batch_size"], hp["seed"] + epoch)
-        return micro_batches(steps, hp["micro_batch_size"])
-
     units = lambda ex: sum(sum(t != -100 for t in e["labels"][1:]) for e in ex)     # [PAD] is no unit
-    return Pipeline(train_set, list(val_set), collate, loss_sum, units, lambda ex: len(ex) * L, epoch_batches,
+    return Pipeline(train_set, list(val_set), collate, loss_sum, units, lambda ex: len(ex) * L,
+                    shuffled_epochs(len(train_set), hp),
                     validation_loss(list(val_set), collate, loss_sum, units, hp["micro_batch_size"]))
 
 
@@ -330,21 +361,26 @@ PIPELINES = {"llm": (M.Llama, ("commonsense", "math"), llm_pipeline),
 PROTOCOLS = {"quanta": "quanta"}
 
 
-def pipeline_name(model, args) -> str:
-    """Which benchmark a model and --task train on (--protocol: whose pipeline); LLaMA's task
-    defaults from --data."""
+def task_of(model, args) -> str | None:
+    """--task, or LLaMA's default when it is not given: math for math_* data, else commonsense."""
     if isinstance(model, M.Llama) and args.task is None:
-        args.task = "math" if os.path.basename(args.data).startswith("math") else "commonsense"
+        return "math" if os.path.basename(args.data).startswith("math") else "commonsense"
+    return args.task
+
+
+def pipeline_name(model, args) -> str:
+    """Which benchmark a model and its task (task_of) train on (--protocol: whose pipeline)."""
+    task = task_of(model, args)
     protocol = getattr(args, "protocol", "default")
     if protocol != "default":
         cls, tasks, _ = PIPELINES[PROTOCOLS[protocol]]
-        if isinstance(model, cls) and args.task in tasks:
+        if isinstance(model, cls) and task in tasks:
             return PROTOCOLS[protocol]
         raise ValueError(f"--protocol {protocol} trains {cls.__name__} on {' or '.join(tasks)}, not "
-                         f"{type(model).__name__} on {args.task}")
+                         f"{type(model).__name__} on {task}")
     for name, (cls, tasks, _) in PIPELINES.items():
-        if name not in PROTOCOLS.values() and isinstance(model, cls) and args.task in tasks:
+        if name not in PROTOCOLS.values() and isinstance(model, cls) and task in tasks:
             return name
     valid = [t for name, (cls, tasks, _) in PIPELINES.items()
              if name not in PROTOCOLS.values() and isinstance(model, cls) for t in tasks]
-    raise ValueError(f"--task {args.task} is not a task for {type(model).__name__}; valid: {', '.join(valid)}")
+    raise ValueError(f"--task {task} is not a task for {type(model).__name__}; valid: {', '.join(valid)}")

@@ -33,6 +33,8 @@ summed across processes once per step, so the update is the single-process one (
 aside). Process 0 validates, logs and writes every file; --resume needs the same process count.
 """
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -53,7 +55,7 @@ import model as M
 from checkpoint import CheckpointError, build, load
 from data import glue, llm_adapters
 from lmam import map_sizes
-from pipelines import PIPELINES, pipeline_name
+from pipelines import PIPELINES, improves, pipeline_name, task_of
 from presets import NAMED_PRESETS, TRAIN_DEFAULTS
 from runs import atomic_write, check_device, content_hash, default_precision, pid_alive
 from tokenizer import load_tokenizer
@@ -337,7 +339,7 @@ class Progress:
 
     def __init__(self, total, start=0, quiet=False):
         self.total, self.start, self.quiet, self.t0 = total, start, quiet, time.time()
-        self.tty = sys.stderr.isatty()
+        self.tty, self.closed = sys.stderr.isatty(), False
 
     def update(self, step, loss, lr, tok_s):
         if self.quiet:
@@ -352,8 +354,9 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
     def close(self):
-        if self.tty and not self.quiet:
-            print(file=sys.stderr)
+        if self.tty and not self.quiet and not self.closed:
+            print(file=sys.stderr)            # end the status line
+        self.closed = True
 
 
 # ----------------------------------------------------------------------------- setting up a run
@@ -395,6 +398,7 @@ def prepare(args, before_data=None):
         model = load(args.model, dtype=None, device=None, num_labels=num_labels)
     else:
         model = load(args.model, dtype=dtype, device=args.device, num_labels=num_labels)
+    args.task = task_of(model, args)           # LLaMA's from --data when not given
     model.cfg.name = paper or model.cfg.name   # the paper's name when given: its rows of presets.py
     kind = pipeline_name(model, args)
     hp = methods.train_hparams(args.method, model.cfg.name, kind, args.task, given(args, TRAIN_DEFAULTS))
@@ -410,13 +414,18 @@ def prepare(args, before_data=None):
     torch.manual_seed(hp["seed"])        # the method's initialisation, then dropout: one seeded stream
     methods.apply_method(model, args.method, task=args.task, **overrides)
     if args.fsdp:
+        if methods.update_hooks(model):
+            raise ValueError(f"--fsdp with {args.method}: its update hook needs whole tensors, not shards")
         model = fsdp.shard(model, dtype, args.device)
     print(f"presets: {args.method} on {model.cfg.name or 'a ' + type(model).__name__ + ' of no preset shape'}, "
           f"task {args.task}")
     autocast = bf16 and dtype == torch.float32                            # full / bitfit under bf16
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing = True
     if before_data is not None:
         before_data(model, hp, kind)
     pipe = PIPELINES[kind][2](args, model, tokenizer, hp, args.device, autocast)
+    check_training_data(args, pipe, hp)          # none to train on, or none with a token to learn from: refused
     return model, pipe, hp
 
 
@@ -571,7 +580,8 @@ def run_record(args, model, hp: dict, kind: str, world: int) -> dict:
     settings = {k: v for k, v in hp.items() if k not in MAY_CHANGE_ON_RESUME}
     settings.update(pipeline=kind, task=args.task, protocol=args.protocol, mask_prompt=args.mask_prompt,
                     group_by_length=args.group_by_length, token_weighted_loss=args.token_weighted_loss,
-                    s2_wrap=args.s2_wrap, text_layout=args.text_layout, precision=args.precision or default_precision(args.device),
+                    s2_wrap=args.s2_wrap, text_layout=args.text_layout,
+                    precision=args.precision or default_precision(args.device),
                     tokenizer=content_hash(args.tokenizer) if args.tokenizer else None)
     return {"model": args.model, "base": methods.base_fingerprint(model), "data": args.data,
             "data_sha256": content_hash(data_file(args)), "settings": settings, "processes": world}
@@ -686,21 +696,181 @@ def write_args(path: str, run_info: dict, resumed_at: int | None):
     atomic_write(path, lambda f: f.write(json.dumps(run_info, indent=2).encode()))
 
 
+# ----------------------------------------------------------------------------- the run's folder while it trains
+
+class Run:
+    """The run's folder (--out_dir) and what training keeps there, so that train() reads as
+    training: the claim (train.lock, and no other run's files), checkpoint.pt (read as plain data
+    and checked on --resume, then loaded; written atomically), log.jsonl (on --resume trimmed to
+    the checkpoint's step), args.json, the adapters, and Ctrl-C / SIGTERM, which only set a flag:
+    the loop finishes its step, saves a checkpoint and exits, so nothing is lost.
+    Process 0 writes every file; the methods that say "every process" gather from all of them."""
+
+    def __init__(self, args, rank: int, world: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.checkpoint = self.path("checkpoint.pt")
+        if rank == 0:
+            claim_out_dir(args)                     # locked, and no other run's files in it
+        self.ck = read_checkpoint(self.checkpoint, args.device) if args.resume else None
+        self.record = {}                            # run_record: what a checkpoint records of the run
+        self.signal = None                          # the stop signal this process got, if any
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.args.out_dir, name)
+
+    def check(self, model, hp: dict, kind: str):
+        """prepare()'s before_data: the settings after the presets; a resumed run's against its
+        checkpoint's (base model, data, settings)."""
+        check_settings(hp, complete=True)
+        self.record = run_record(self.args, model, hp, kind, self.world)
+        if self.ck is not None:
+            check_resume(self.ck, self.record, self.checkpoint)
+
+    def start(self, model, optimizer, scheduler, hp: dict, total: int, pipe) -> dict:
+        """The loop's state: step 0, or the checkpoint's on --resume (every process calls it);
+        args.json written."""
+        if self.ck is None:
+            state = {"step": 0, "best_score": None}                  # no validation score yet
+        else:
+            state = self.resume(model, optimizer, scheduler, total, pipe)
+        state["total"] = total
+        info = {"args": vars(self.args), "train": hp, "method": model.peft_method, "processes": self.world,
+                "run": {k: self.record[k] for k in ("model", "data", "data_sha256")}}
+        if self.args.fsdp:                          # what each process holds of the frozen weights
+            info["fsdp_frozen_bytes"] = fsdp.frozen_bytes_per_process(model)
+        if self.rank == 0:
+            write_args(self.path("args.json"), info, state["step"] if self.ck is not None else None)
+        return state
+
+    def resume(self, model, optimizer, scheduler, total: int, pipe) -> dict:
+        """The trainable tensors, AdamW's moments, the schedule's position, the step (which also
+        says where in which epoch's shuffled order we are) and the RNG states, so that the resumed
+        run continues bit for bit as if it had never stopped. Returns the loop's state."""
+        ck, path = self.ck, self.checkpoint
+        if ck["method"] != model.peft_method:
+            raise ValueError(f"--resume: {path} was written for {ck['method']}, not {model.peft_method}")
+        if len(ck["rng"]) != self.world:                         # one RNG state per process
+            raise ValueError(f"--resume: {path} was written by {len(ck['rng'])} process(es) and this run has "
+                             f"{self.world}: resume with the same number (torchrun --nproc_per_node {len(ck['rng'])})")
+        current = methods.adapter_state(model)
+        for k, t in ck["tensors"].items():
+            if k not in current or current[k].shape != t.shape:
+                raise ValueError(f"--resume: {path} holds {k} of shape {tuple(t.shape)}, this run's model has "
+                                 f"{tuple(current[k].shape) if k in current else 'no such tensor'}")
+        fsdp.load_full_tensors(model, ck["tensors"])             # (sharded: each process takes its chunks)
+        fsdp.load_optimizer_state(model, optimizer, ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"][self.rank])
+        state = ck["state"]
+        if "best_val" in state:          # an older train.py's checkpoint: its best score negated unless a loss
+            v = state.pop("best_val")
+            state["best_score"] = None if math.isinf(v) else v if state.get("val_what", "loss") == "loss" else -v
+        check_schedule(self.args, state, total, pipe, self.rank)
+        if self.rank == 0:
+            trim_log(self.path("log.jsonl"), state["step"])
+            print(f"resumed from {path} at step {state['step']}")
+        return state
+
+    def save_adapter(self, model, name: str):
+        """best.safetensors or adapter.safetensors: the method's tensors (every process calls it:
+        a sharded model's are gathered), written by process 0."""
+        tensors = fsdp.full_tensors(model, methods.adapter_state(model).keys())
+        if self.rank == 0:
+            methods.save_adapter(model, self.path(name + methods.ADAPTER_EXT), tensors)
+
+    def save_checkpoint(self, model, optimizer, scheduler, state: dict):
+        """checkpoint.pt: everything resume() loads (every process calls it: it gathers their RNG
+        states, and a sharded model's tensors), written atomically: never a half-written file."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state())
+        tensors = fsdp.full_tensors(model, methods.adapter_state(model).keys())
+        opt_state = fsdp.optimizer_state(model, optimizer)
+        if self.rank == 0:
+            snapshot = {"tensors": tensors, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
+                        "state": dict(state), "rng": rngs, "method": model.peft_method, "run": self.record}
+            atomic_write(self.checkpoint, lambda f: torch.save(snapshot, f))
+
+    @contextlib.contextmanager
+    def open(self, state: dict):
+        """While the loop runs: Ctrl-C and SIGTERM (a cluster's preemption) only set self.signal,
+        log.jsonl is open for appending (process 0) and the progress line shows."""
+        def on_signal(signum, frame):
+            self.signal = signum
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.progress, self.log_file = Progress(state["total"], state["step"], self.args.quiet or self.rank > 0), None
+        try:
+            if self.rank == 0:
+                self.log_file = open(self.path("log.jsonl"), "a")
+            yield self
+        finally:
+            self.progress.close()
+            if self.log_file is not None:
+                self.log_file.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.signal is not None
+
+    def log(self, record: dict):
+        """One step's record: a line of log.jsonl (process 0), and the progress line."""
+        if self.log_file is not None:
+            try:
+                self.log_file.write(json.dumps(record) + "\n")
+                self.log_file.flush()
+            except OSError as e:                                   # a full disk: name the file
+                raise OSError(e.errno, f"cannot write {self.log_file.name}: {e.strerror or e}") from None
+        self.progress.update(record["step"], record["loss"], record["lr"], record["tokens_per_s"])
+
+    def stop(self, step: int):
+        """Exit after a stop signal, the checkpoint saved: status 128 + the signal's number, as a
+        shell reports a process a signal ended."""
+        self.progress.close()
+        signum = int(self.signal or signal.SIGTERM)                # (or another process got it)
+        if self.rank == 0:
+            print(f"stopped by signal {signum} at step {step}; checkpoint saved to {self.checkpoint}; "
+                  f"continue with --resume", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    def finish(self, model, pipe, state: dict, hooks):
+        """adapter.safetensors, the run's result: with a validation split, the best adapter by
+        validation (an extended run that never beat its best keeps that one), else the last
+        step's (every process calls it)."""
+        final, best = self.path("adapter" + methods.ADAPTER_EXT), self.path("best" + methods.ADAPTER_EXT)
+        last = not pipe.val_set or not (os.path.exists(best) or os.path.exists(final))
+        if last:
+            self.save_adapter(model, "adapter")
+        if self.rank > 0:
+            return
+        what, score = state.get("val_what", "loss"), state.get("best_score")
+        shown = "(none)" if score is None else f"{score:.4f}"
+        if last:
+            print(f"adapter written to {final}")
+        elif os.path.exists(best):
+            os.replace(best, final)                                # the best validation score's
+            print(f"best validation {what} {shown}; adapter written to {final}")
+        else:
+            print(f"best validation {what} {shown} is still step {state.get('best_step', '?')}'s; its adapter "
+                  f"{final} is kept")
+        for h in hooks:                                            # the ranks AdaLoRA / SoRA kept, per layer
+            print(h.summary(model))
+
+
 # ----------------------------------------------------------------------------- the training loop
 
-def check_fsdp(args):
-    """--fsdp's requirements, before any process group is set up."""
-    if not args.fsdp or args.dry_run:
+def check_command_line(args):
+    """The command line's settings, before any work (no folder made, no process group)."""
+    fsdp.check_flags(args)
+    if args.dry_run:
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise ValueError("--fsdp shards the model over several processes: start it with "
-                         "torchrun --nproc_per_node N train.py ... (N >= 2)")
-    if args.compile:
-        raise ValueError("--fsdp with --compile is not supported: drop --compile (each block would "
-                         "have to be compiled inside its FSDP unit)")
-    if (args.model in M.LLAMA_PRESETS or args.model in M.ENCDEC_PRESETS) and args.model not in hub.PAPER_MODELS \
-            and not os.path.exists(args.model):
-        raise ValueError(f"--model {args.model} is a shape preset without weights: give a checkpoint path")
+    check_device(args.device)
+    check_settings({k: getattr(args, k) for k in TRAIN_DEFAULTS})
+    if args.resume and args.overwrite and not os.path.exists(os.path.join(args.out_dir, LOCK)):
+        raise ValueError("--resume continues the run in --out_dir and --overwrite starts it over: give one "
+                         "(with --resume, --overwrite only takes over a lock left by a killed run)")
 
 
 def configure_torch(args):
@@ -715,184 +885,115 @@ def configure_torch(args):
         torch.backends.cudnn.benchmark = False
 
 
-def train(args):
-    check_fsdp(args)
-    if not args.dry_run:                        # the command line's settings, before any work
-        check_device(args.device)
-        check_settings({k: getattr(args, k) for k in TRAIN_DEFAULTS})
-        if args.resume and args.overwrite and not os.path.exists(os.path.join(args.out_dir, LOCK)):
-            raise ValueError("--resume continues the run in --out_dir and --overwrite starts it over: give one "
-                             "(with --resume, --overwrite only takes over a lock left by a killed run)")
-    configure_torch(args)
-    rank, world = (0, 1) if args.dry_run else setup_distributed(args)
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    if not args.dry_run and rank == 0:
-        claim_out_dir(args)                     # this run's folder: locked, and no other run's files in it
-    ck = read_checkpoint(ckpt_path, args.device) if args.resume and not args.dry_run else None
-    this_run = {}                               # run_record: what a checkpoint records of the run
+def report_parameters(model, method: str):
+    """The trainable-parameter line (peft's format); for a GLUE model also the method's share
+    without the head, which is the share the paper's tables count."""
+    print(methods.parameter_report(model))
+    head = getattr(model, "head", None)
+    if head is not None:
+        t, a = methods.count_parameters(model)
+        h = sum(p.numel() for p in head.parameters() if p.requires_grad)
+        print(f"  of which {method}: {t - h:,d} ({100 * (t - h) / a:.4f}%, the share the paper's tables "
+              f"count) + the GLUE head, which trains whole: {h:,d} ({100 * h / a:.4f}%)")
 
-    def before_data(model, hp, kind):           # the settings after the presets; a resumed run's match
-        check_settings(hp, complete=True)
-        this_run.update(run_record(args, model, hp, kind, world))
-        if ck is not None:
-            check_resume(ck, this_run, ckpt_path)
-    model, pipe, hp = prepare(args, before_data)
-    if rank == 0:
-        print(methods.parameter_report(model))
-        head = getattr(model, "head", None)
-        if head is not None:                # RoBERTa on GLUE: the share the paper's tables count is the method's
-            t, a = methods.count_parameters(model)
-            h = sum(p.numel() for p in head.parameters() if p.requires_grad)
-            print(f"  of which {args.method}: {t - h:,d} ({100 * (t - h) / a:.4f}%, the share the paper's tables "
-                  f"count) + the GLUE head, which trains whole: {h:,d} ({100 * h / a:.4f}%)")
-    if args.dry_run:
-        return None
-    if world > 1:
-        torch.manual_seed(hp["seed"] + rank)       # the same initialisation everywhere, then own dropout masks
-    check_training_data(args, pipe, hp)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing = True
-    # Compile with automatic dynamic shapes: the first micro-batch compiles for its shapes, the next
-    # one of another length recompiles once with the lengths symbolic. (dynamic=True from the start
-    # broke gradient checkpointing's graph in dynamo.)
-    forward_model = torch.compile(model) if args.compile else model
 
-    # The optimizer sees only what the method attached (apply_method froze the rest): for LoRaDA-LA
-    # on LLaMA-7B that is 6.1M of 6.7B parameters, so AdamW's two moments are tiny too.
+def build_optimizer(model, hp: dict, method: str):
+    """(the trainable parameters, the method's update hooks, AdamW). AdamW sees only what the
+    method attached (apply_method froze the rest): for LoRaDA-LA on LLaMA-7B that is 6.1M of 6.7B
+    parameters, so its two moments are tiny too. One learning rate for everything, as the paper
+    (--lmam_lr_scale gives LMAM's factors their own); weight decay spares biases and norms, as the
+    references' Hugging Face Trainer (methods.param_groups). The update hooks (adaptive.py: AdaLoRA,
+    SoRA) work around each update (the loop's step 3); the parameters a hook steps itself (SoRA's
+    gates) are not AdamW's."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"method {args.method!r} trains no parameter of this model")
-    hooks = methods.update_hooks(model)       # work around each update (adaptive.py: AdaLoRA, SoRA; see step 3)
-    if hooks and args.fsdp:
-        raise ValueError(f"--fsdp with {args.method}: its update hook needs whole tensors, not shards")
-    own = [p for h in hooks for p in h.own_parameters(model)]           # stepped by their hook (SoRA's gates)
-    # One learning rate for everything, as the paper; --lmam_lr_scale gives LMAM's factors their own.
-    # Weight decay spares biases and norms, as the references' Hugging Face Trainer (methods.param_groups).
+        raise ValueError(f"method {method!r} trains no parameter of this model")
+    hooks = methods.update_hooks(model)
+    own = [p for h in hooks for p in h.own_parameters(model)]
     groups = methods.param_groups(model, hp["learning_rate"], hp["weight_decay"], hp["lmam_lr_scale"], exclude=own)
     optimizer = torch.optim.AdamW(groups, lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
                                   betas=(0.9, hp["adam_beta2"]), eps=hp["adam_eps"])
-    per_epoch = len(pipe.epoch_batches(0))
+    return params, hooks, optimizer
+
+
+def make_schedule(optimizer, hp: dict, per_epoch: int):
+    """(the run's number of steps, its learning-rate schedule): num_epochs passes over the data, or
+    max_steps; warmup_steps (or warmup_ratio of the steps) of linear warmup from 0, then a linear
+    decay to 0 at the last step (or constant: --lr_schedule constant)."""
     total = per_epoch * hp["num_epochs"]
     if hp["max_steps"]:
         total = min(total, hp["max_steps"]) if hp["num_epochs"] else hp["max_steps"]
     warmup = math.ceil(hp["warmup_ratio"] * total) if hp["warmup_ratio"] else hp["warmup_steps"]
     if hp["lr_schedule"] not in ("linear", "constant"):
         raise ValueError(f"--lr_schedule {hp['lr_schedule']!r}: expected linear or constant")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total, hp["lr_schedule"] == "linear"))
-    every = lambda k: k if k > 0 else per_epoch                     # 0: once per epoch
-    state = {"step": 0, "best_val": float("inf")}
+    return total, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total,
+                                                                               hp["lr_schedule"] == "linear"))
 
-    # Resume: the trainable tensors, AdamW's moments, the schedule's position, the step (which also
-    # says where in which epoch's shuffled order we are) and the RNG states, so that the resumed run
-    # continues bit for bit as if it had never stopped.
-    # (read_checkpoint loaded it as plain data; before_data checked the base model, data and settings)
-    if args.resume:
-        if ck["method"] != model.peft_method:
-            raise ValueError(f"--resume: {ckpt_path} was written for {ck['method']}, not {model.peft_method}")
-        rngs = ck["rng"]                                          # one RNG state per process
-        if len(rngs) != world:
-            raise ValueError(f"--resume: {ckpt_path} was written by {len(rngs)} process(es) and this run has "
-                             f"{world}: resume with the same number (torchrun --nproc_per_node {len(rngs)})")
-        if args.fsdp:                                             # each process takes its chunks
-            fsdp.load_full_tensors(model, ck["tensors"])
-            fsdp.load_optimizer_state(model, optimizer, ck["optimizer"])
-        else:
-            with torch.no_grad():
-                current = methods.adapter_state(model)
-                for k, t in ck["tensors"].items():
-                    if k not in current or current[k].shape != t.shape:
-                        raise ValueError(f"--resume: {ckpt_path} holds {k} of shape {tuple(t.shape)}, this run's "
-                                         f"model has {tuple(current[k].shape) if k in current else 'no such tensor'}")
-                    current[k].copy_(t)
-            optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        state = ck["state"]
-        set_rng_state(rngs[rank])
-        check_schedule(args, state, total, pipe, rank)
-        if rank == 0:
-            trim_log(os.path.join(args.out_dir, "log.jsonl"), state["step"])
-            print(f"resumed from {ckpt_path} at step {state['step']}")
-    state["total"] = total
-    run_info = {"args": vars(args), "train": hp, "method": model.peft_method, "processes": world,
-                "run": {k: this_run[k] for k in ("model", "data", "data_sha256")}}
-    if args.fsdp:                                   # what each process holds of the frozen weights
-        held = [None] * world
-        dist.all_gather_object(held, fsdp.frozen_bytes(model))
-        run_info["fsdp_frozen_bytes"] = [{"held": a, "of": b} for a, b in held]
+
+def train(args):
+    """Fine-tune --model with --method on --data: build the model and attach the method, read the
+    data, train, save the adapter. Returns the model (None for --dry_run)."""
+    check_command_line(args)
+    configure_torch(args)
+    rank, world = (0, 1) if args.dry_run else setup_distributed(args)
+    run = None if args.dry_run else Run(args, rank, world)   # claims --out_dir; reads checkpoint.pt to resume
+    model, pipe, hp = prepare(args, run.check if run else None)      # the model with the method, the data
     if rank == 0:
-        write_args(os.path.join(args.out_dir, "args.json"), run_info, state["step"] if args.resume else None)
-
-    def adapter_tensors():
-        """The method's tensors, whole (a sharded model's are gathered: every process calls this)."""
-        if args.fsdp:
-            return fsdp.full_tensors(model, methods.adapter_state(model).keys())
-        return {k: v.detach().cpu() for k, v in methods.adapter_state(model).items()}
-
-    def save_adapter(path):                         # every process calls it
-        tensors = adapter_tensors()
-        if rank == 0:
-            methods.save_adapter(model, path, tensors)
-
-    def save_checkpoint():                          # every process calls it (it gathers their RNG states)
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        tensors = adapter_tensors()
-        opt_state = fsdp.optimizer_state(model, optimizer) if args.fsdp else optimizer.state_dict()
-        if rank == 0:
-            snapshot = {"tensors": tensors, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                        "state": dict(state), "rng": rngs, "method": model.peft_method, "run": this_run}
-            atomic_write(ckpt_path, lambda f: torch.save(snapshot, f))   # never a half-written file
-
-    # Ctrl-C and SIGTERM (a cluster's preemption) only raise a flag; the loop finishes its step,
-    # saves a checkpoint and exits, so nothing is lost.
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    progress = Progress(total, state["step"], args.quiet or rank > 0)
-    model.train()                                   # dropout on (load() returns eval mode)
+        report_parameters(model, args.method)
+    if args.dry_run:
+        return None
+    if world > 1:
+        torch.manual_seed(hp["seed"] + rank)       # the same initialisation everywhere, then own dropout masks
+    # Compile with automatic dynamic shapes: the first micro-batch compiles for its shapes, the next
+    # one of another length recompiles once with the lengths symbolic. (dynamic=True from the start
+    # broke gradient checkpointing's graph in dynamo.)
+    forward_model = torch.compile(model) if args.compile else model
+    params, hooks, optimizer = build_optimizer(model, hp, args.method)    # AdamW over what the method attached
+    epoch_batches = functools.lru_cache(maxsize=1)(pipe.epoch_batches)        # one epoch's order at a time
+    per_epoch = len(epoch_batches(0))
+    total, scheduler = make_schedule(optimizer, hp, per_epoch)
+    state = run.start(model, optimizer, scheduler, hp, total, pipe)      # step 0, or the checkpoint's
+    share = fsdp.micro_batch_share(rank, world, args.fsdp)     # this process's micro-batches of a step
+    validates = rank == 0 or args.fsdp        # process 0 validates (sharded, all: each forward needs all)
     has_lmam = bool(map_sizes(model))
-    epoch_cache = {}
-    try:
+    model.train()                             # dropout on (load() returns eval mode)
+    with run.open(state):
         while state["step"] < total:
             # 1. This step's examples. An epoch's order is a function of (seed, epoch) alone, so a
             #    resumed run finds the same batches from the step counter.
             epoch, index = divmod(state["step"], per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = pipe.epoch_batches(epoch)
-            micro = [[pipe.train_set[i] for i in b] for b in epoch_cache[epoch][index]]
+            micro = [[pipe.train_set[i] for i in b] for b in epoch_batches(epoch)[index]]
             examples = [e for b in micro for e in b]
             n_units = pipe.units(examples)
             t0 = time.time()
 
-            # 2. Forward and backward, one micro-batch at a time. Each micro-batch's summed loss is
-            #    divided by the whole step's number of units (tokens, or examples for GLUE), so the
-            #    accumulated gradient is that of the step's mean loss, however it is split. With
-            #    several processes, each runs micro-batches k, k + N, ... of the step. Sharded (FSDP),
-            #    every process must run as many forwards as the others (each one gathers the weights
-            #    together): one short of micro-batches runs the step's first again, weighted 0.
+            # 2. Forward and backward, one micro-batch at a time (gradient accumulation): backward()
+            #    adds each micro-batch's gradient into .grad, and the update waits for the whole
+            #    step, so a step of batch_size examples needs the memory of micro_batch_size. Each
+            #    micro-batch's summed loss is divided by the step's number of units (tokens, or
+            #    examples for GLUE), not by its own: the accumulated gradient is that of the step's
+            #    mean loss however the step is split (the Trainer's mean of micro-batch means is a
+            #    pipeline's own loss: pipelines.micro_batch_mean). With several processes, each runs
+            #    its share, then the gradients (sharded: FSDP's backward summed them), losses and
+            #    stop flags are summed once, so that all take the single-process step, or all stop.
             loss_sum = torch.zeros((), device=args.device)      # summed on the device: no sync per micro-batch
-            mine = micro[rank::world]
-            passes = [(part, 1.0) for part in mine]
-            if args.fsdp:
-                passes += [(micro[0], 0.0)] * (math.ceil(len(micro) / world) - len(mine))
-            for part, weight in passes:
+            for part, weight in share(micro):
                 loss = pipe.loss_sum(forward_model, pipe.collate(part)) * (weight / max(n_units, 1))
                 loss.backward()
                 loss_sum += loss.detach().float()
-            loss_sum, stopping = sum_across_processes(params, loss_sum, stop["signal"] is not None, world,
+            loss_sum, stopping = sum_across_processes(params, loss_sum, run.stop_requested, world,
                                                       reduce_gradients=not args.fsdp)
-            loss_sum = float(loss_sum)                            # the step's one sync: for the log
+            loss_sum = float(loss_sum)                          # the step's one sync: for the log
             if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last "
-                                         f"good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
+                last = run.checkpoint if os.path.exists(run.checkpoint) else "none"
+                raise FloatingPointError(f"loss is {loss_sum} at step {state['step'] + 1}; stopping. The last good "
+                                         f"checkpoint is {last}")
 
-            # 3. The update: clip the gradient's global norm, one AdamW step, the schedule's next lr.
+            # 3. The update. Clipping scales the gradient down when its global norm (all trainable
+            #    tensors as one vector) exceeds max_grad_norm: a rare huge gradient cannot throw the
+            #    weights far, and its direction is kept. Then one AdamW step, and the schedule's
+            #    learning rate for the next: a linear warmup from 0 (AdamW's moment estimates are
+            #    noisy for the first steps), then a linear decay to 0 at the last step (or constant).
             #    A method's update hooks (adaptive.py) add their regulariser's gradient before the
             #    clipping and do their own work after AdamW's step (AdaLoRA's rank allocation, SoRA's
             #    proximal gate step), while the gradients are still there.
@@ -903,76 +1004,39 @@ def train(args):
             for h in hooks:
                 h.after_update(model, state["step"] + 1, total, scheduler.get_last_lr()[0])
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)               # the next step accumulates from zero
             state["step"] += 1
 
             # 4. Log the step. For LMAM, also max |Attn_s| per layer: it starts at 0 (the base
             #    model) and should grow to the size of attention probabilities (README, "Why LMAM
             #    absorbs s"); a map stuck near 0 means it is not learning.
             real = pipe.tokens(examples)
-            tok_s = real / max(time.time() - t0, 1e-9)
-            lr = scheduler.get_last_lr()[0]
-            record = {"step": state["step"], "loss": loss_sum, "lr": lr, "tokens_per_s": tok_s, "tokens": real}
+            record = {"step": state["step"], "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": real / max(time.time() - t0, 1e-9), "tokens": real}
             if has_lmam:
                 record["lmam_max_abs"] = map_sizes(model)
 
-            # 5. Validate now and then (process 0), keeping the best adapter so far.
-            #    (Sharded, every process validates: each forward needs all of them.)
-            validating = pipe.val_set and (state["step"] % every(hp["eval_step"]) == 0 or state["step"] == total)
-            if validating and (rank == 0 or args.fsdp):
-                model.eval()
+            # 5. Validate now and then, keeping the best adapter so far: a loss is better lower,
+            #    an accuracy (or GLUE's other metrics) higher (pipelines.improves).
+            at_eval = state["step"] % (hp["eval_step"] or per_epoch) == 0 or state["step"] == total
+            if pipe.val_set and at_eval and validates:
+                model.eval()                                    # dropout off
                 with torch.no_grad():
-                    score, what = pipe.validate(model)
+                    what, score = pipe.validate(model)
                 model.train()
-                record["val_" + what] = score if what == "loss" else -score
-                state["val_what"] = what
-                if score < state["best_val"]:
-                    state["best_val"], state["best_step"] = score, state["step"]
-                    save_adapter(os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT))
-            if rank == 0:
-                try:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                except OSError as e:                       # a full disk: name the file
-                    raise OSError(e.errno, f"cannot write {log.name}: {e.strerror or e}") from None
-            progress.update(state["step"], loss_sum, lr, tok_s)
+                record["val_" + what], state["val_what"] = score, what
+                if improves(what, score, state["best_score"]):
+                    state["best_score"], state["best_step"] = score, state["step"]
+                    run.save_adapter(model, "best")
+            run.log(record)                                     # log.jsonl and the progress line
 
             # 6. Checkpoint now and then, and on a stop signal (all processes stop after the same step).
-            if state["step"] % every(hp["save_step"]) == 0 or stopping:
-                save_checkpoint()
+            if state["step"] % (hp["save_step"] or per_epoch) == 0 or stopping:
+                run.save_checkpoint(model, optimizer, scheduler, state)
             if stopping:
-                progress.close()
-                signum = int(stop["signal"] or signal.SIGTERM)         # (or another process got it)
-                if rank == 0:
-                    print(f"stopped by signal {signum} at step {state['step']}; checkpoint saved to {ckpt_path}; "
-                          f"continue with --resume", file=sys.stderr)
-                sys.exit(128 + signum)
-        save_checkpoint()
-    finally:
-        progress.close()
-        if log is not None:
-            log.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    final = os.path.join(args.out_dir, "adapter" + methods.ADAPTER_EXT)
-    best = os.path.join(args.out_dir, "best" + methods.ADAPTER_EXT)
-    if args.fsdp and not pipe.val_set:
-        save_adapter(final)                         # every process gathers, process 0 writes
-    if rank > 0:
-        return model
-    what, best_val = state.get("val_what", "loss"), state["best_val"]
-    if pipe.val_set and os.path.exists(best):
-        os.replace(best, final)          # the checkpoint with the best validation score
-        print(f"best validation {what} {best_val if what == 'loss' else -best_val:.4f}; adapter written to {final}")
-    elif pipe.val_set and os.path.exists(final):    # an extended run that never beat its best: that adapter stays
-        print(f"best validation {what} {best_val if what == 'loss' else -best_val:.4f} is still step "
-              f"{state.get('best_step', '?')}'s; its adapter {final} is kept")
-    else:
-        if not args.fsdp:
-            methods.save_adapter(model, final)
-        print(f"adapter written to {final}")
-    for h in hooks:                                  # the ranks AdaLoRA / SoRA kept, per layer
-        print(h.summary(model))
+                run.stop(state["step"])                         # exits
+        run.save_checkpoint(model, optimizer, scheduler, state)
+    run.finish(model, pipe, state, hooks)                       # adapter.safetensors: the best, or the last
     return model
 
 

@@ -8,7 +8,6 @@ the file's 0/1; STS-B a float in [0, 5] (regression, num_labels 1).
 """
 import csv
 import os
-import random
 
 import torch
 
@@ -110,10 +109,3 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     ids, mask = pad([e["input_ids"] for e in examples], pad_id)
     dtype = torch.float32 if isinstance(examples[0]["label"], float) else torch.long
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples], dtype=dtype)}
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    """One epoch of index batches in a seeded random order (transformers' default sampler)."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]

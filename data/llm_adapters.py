@@ -11,8 +11,6 @@ import random
 import re
 import sys
 
-import torch
-
 from data import pad
 
 _INDENT = " " * 16

@@ -11,8 +11,6 @@ import json
 import os
 import random
 
-import torch
-
 from data import pad
 
 TASKS = ("xsum", "wmt16-en-ro")

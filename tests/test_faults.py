@@ -28,9 +28,9 @@ from checkpoint import read_safetensors, write_safetensors
 from runs import atomic_write
 from conftest import ROOT, tiny_llama_ckpt
 from data import fetch
-from data import llm_adapters as D
+from data import llm_adapters
 
-SAMPLE = D.resolve("commonsense_sample")
+SAMPLE = llm_adapters.resolve("commonsense_sample")
 TRAIN = ["--method", "lora", "--data", "commonsense_sample", "--batch_size", "2", "--micro_batch_size", "1",
          "--val_set_size", "2", "--eval_step", "1", "--save_step", "1", "--lora_r", "2", "--max_steps", "3",
          "--quiet", "--device", "cpu"]
@@ -357,7 +357,7 @@ def test_train_resume_refuses_another_model_data_or_settings(capsys, ckpt, other
     refused(capsys, T.main, ["--model", ckpt, *TRAIN, *more, "--learning_rate", "0.1"],
             "learning_rate=", "this run has learning_rate=0.1", folders=[run])
     other = tmp_path / "data.json"
-    other.write_text(json.dumps(D.load_records(SAMPLE)[::-1]))
+    other.write_text(json.dumps(llm_adapters.load_records(SAMPLE)[::-1]))
     refused(capsys, T.main, ["--model", ckpt, *TRAIN, *more, "--data", other], "--data commonsense_sample",
             f"this run's --data {other} holds other data", folders=[run])
 

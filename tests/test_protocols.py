@@ -26,7 +26,6 @@ import pipelines
 import train as T
 from checkpoint import build, load
 from conftest import ROOT
-from data import glue
 from data import llm_adapters as D
 from data import quanta as Q
 from helpers import CharTokenizer, tiny
@@ -261,7 +260,7 @@ def test_loss_is_the_trainers_mean_of_micro_batch_means():
         assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert counts[0] != counts[1]                              # the two weightings differ here
     n = len(pipe.train_set)
-    assert pipe.epoch_batches(1) == pipelines.micro_batches(glue.shuffled_batches(n, 4, hp["seed"] + 1), 2)
+    assert pipe.epoch_batches(1) == pipelines.micro_batches(pipelines.shuffled_batches(n, 4, hp["seed"] + 1), 2)
     args.group_by_length = True
     grouped = pipelines.llm_pipeline(args, ours, tok, hp, "cpu", False)
     lengths = [len(e["input_ids"]) for e in grouped.train_set]

@@ -32,7 +32,7 @@ import methods
 import model as M
 import train as T
 from checkpoint import write_safetensors
-from data import llm_adapters as D
+from data import llm_adapters
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -60,7 +60,7 @@ def corpus(rng, n=3000):
         else:
             q = rng.choice([f"What color is the {obj}?", f"Tell me the color of the {obj}."])
             out = rng.choice([f"the {obj} is {color}.", f"the correct answer is {color}."])
-            lines.append(D.train_prompt({"instruction": q, "input": "", "output": out}))
+            lines.append(llm_adapters.train_prompt({"instruction": q, "input": "", "output": out}))
     return lines
 
 
@@ -166,7 +166,7 @@ def pretrain(path, steps=500, seq=128, batch=24, seed=0):
         json.dump(recipe, f)
 
 
-def accuracy(model_path, adapter, records, prompt=D.eval_prompt):
+def accuracy(model_path, adapter, records, prompt=llm_adapters.eval_prompt):
     model, tok = E.load_for_eval(model_path, adapter, precision="fp32")
     correct, total = E.evaluate_task(model, tok, "ARC-Easy", records, batch_size=16, num_beams=4,
                                      max_new_tokens=8, progress=False, prompt=prompt)
@@ -177,7 +177,7 @@ def training_style_prompt(record):
     """The training prompt without the response: LLM-Adapters' evaluation prompt differs from it in
     whitespace only; with this tokenizer (as with LLaMA-2's) the instruction keeps its positions and
     the response starts one position earlier (scripts/prompt_offsets.py measures it)."""
-    return D.train_prompt({**record, "output": ""})
+    return llm_adapters.train_prompt({**record, "output": ""})
 
 
 def shown(path):
@@ -197,7 +197,7 @@ def draw_lmam(base, adapter, record, out=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     text = os.path.join(os.path.dirname(os.path.abspath(out)), "test_question.txt")
     with open(text, "w") as f:
-        f.write(D.train_prompt(record))
+        f.write(llm_adapters.train_prompt(record))
     model, _ = plots.load_model(base, adapter)
     sizes = map_sizes(model)
     layer = sizes.index(max(sizes))
@@ -316,7 +316,7 @@ def run(base, pretrain_steps, finetune_steps, n_train, n_test, n_threads, draw):
     print(f"[4/4] evaluating the base model and both adapters on {n_test} held-out questions, in both prompts "
           f"(4 beams, as eval.py)", flush=True)
     line, acc = StageLine(), {}
-    prompts = {"eval": D.eval_prompt, "train": training_style_prompt}
+    prompts = {"eval": llm_adapters.eval_prompt, "train": training_style_prompt}
     for name, adapter in adapters.items():
         for layout, prompt in prompts.items():
             line.show(f"{len(acc) + 1}/{len(adapters) * len(prompts)}: {name}, the "

@@ -39,7 +39,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data import llm_adapters as D        # noqa: E402
+from data import llm_adapters        # noqa: E402
 from tokenizer import load_tokenizer        # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -52,9 +52,9 @@ N_MAP = 128
 
 def test_records(per_file=21, root=None):
     """[(benchmark, record)]: the first `per_file` records of each LLM-Adapters test file there."""
-    root = root or os.path.join(D.DEFAULT_ROOT, "dataset")
+    root = root or os.path.join(llm_adapters.DEFAULT_ROOT, "dataset")
     out = []
-    for name in D.COMMONSENSE + D.MATH:
+    for name in llm_adapters.COMMONSENSE + llm_adapters.MATH:
         path = os.path.join(root, name, "test.json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
@@ -75,10 +75,10 @@ def header_tokens(tok, ids, header_text):
 def compare(tok, record):
     """The measurements above for one record (a dict)."""
     rec = {**record, "input": record.get("input", "")}
-    train, evl = tok.encode(D.train_prompt_only(rec)), tok.encode(D.eval_prompt(rec))
+    train, evl = tok.encode(llm_adapters.train_prompt_only(rec)), tok.encode(llm_adapters.eval_prompt(rec))
     answer = record.get("output", "")
-    train_full, eval_full = tok.encode(D.train_prompt(rec)), tok.encode(D.eval_prompt(rec) + answer)
-    template = D.TRAIN_PROMPT_INPUT if rec["input"] else D.TRAIN_PROMPT
+    train_full, eval_full = tok.encode(llm_adapters.train_prompt(rec)), tok.encode(llm_adapters.eval_prompt(rec) + answer)
+    template = llm_adapters.TRAIN_PROMPT_INPUT if rec["input"] else llm_adapters.TRAIN_PROMPT
     header = header_tokens(tok, train, template.split("{instruction}")[0])
     first = next((i for i in range(min(len(train), len(evl))) if train[i] != evl[i]), min(len(train), len(evl)))
     ops = difflib.SequenceMatcher(None, train, evl, autojunk=False).get_opcodes()
@@ -141,7 +141,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     records = test_records(args.per_file, args.data)
     if not records:
-        sys.exit(f"no LLM-Adapters test files under {args.data or os.path.join(D.DEFAULT_ROOT, 'dataset')}")
+        sys.exit(f"no LLM-Adapters test files under {args.data or os.path.join(llm_adapters.DEFAULT_ROOT, 'dataset')}")
     paths = {k: v for k, v in TOKENIZERS.items() if os.path.exists(v)}
     for spec in args.tokenizer:
         name, _, path = spec.partition("=")

@@ -58,8 +58,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import llm_adapters as D            # noqa: E402
-from data import quanta as Q                  # noqa: E402
+from data import llm_adapters            # noqa: E402
+from data import quanta                  # noqa: E402
 
 MODEL = os.path.join(os.path.dirname(ROOT), "shared", "data", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Four of LLM-Adapters' eight commonsense tasks (HellaSwag's test set is not in ../shared): the ones with the
@@ -101,7 +101,7 @@ def make_split(out, tasks, train_per_task, heldout_per_task, seed):
     rule = {"rule": "each LLM-Adapters test file shuffled by numpy.random.default_rng(seed).permutation, "
                     "first half trains (its first train_per_task), second half held out (its first heldout_per_task)",
             "seed": seed, "tasks": tasks, "train_per_task": train_per_task, "heldout_per_task": heldout_per_task,
-            "sources": {t: sha256(D.resolve(t)) for t in tasks}}
+            "sources": {t: sha256(llm_adapters.resolve(t)) for t in tasks}}
     path = os.path.join(d, "split.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -114,7 +114,7 @@ def make_split(out, tasks, train_per_task, heldout_per_task, seed):
     os.makedirs(os.path.join(d, "heldout"), exist_ok=True)
     train = []
     for t in tasks:
-        records = D.load_records(D.resolve(t), fields=("instruction", "output", "answer"))
+        records = llm_adapters.load_records(llm_adapters.resolve(t), fields=("instruction", "output", "answer"))
         perm = np.random.default_rng(seed).permutation(len(records)).tolist()
         half = len(records) // 2
         train += [dict(records[i], task=t) for i in perm[:half][:train_per_task]]
@@ -131,7 +131,7 @@ def make_split(out, tasks, train_per_task, heldout_per_task, seed):
 def header_tokens(tokenizer, records) -> int:
     """The number of tokens every training prompt starts with (the fixed header LMAM's first
     positions see in every example)."""
-    seqs = [tokenizer.encode(D.train_prompt(r)) for r in records]
+    seqs = [tokenizer.encode(llm_adapters.train_prompt(r)) for r in records]
     n = 0
     while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
         n += 1
@@ -323,7 +323,7 @@ def chance_levels(out, tasks):
     for t in tasks:
         with open(os.path.join(out, "data", "heldout", f"{t}.json")) as f:
             records = json.load(f)
-        chance = np.mean([1 / len(Q.answer_format(r["instruction"])) for r in records])
+        chance = np.mean([1 / len(quanta.answer_format(r["instruction"])) for r in records])
         labels = [r["answer"] for r in records]
         majority = max(labels.count(x) for x in set(labels)) / len(labels)
         levels[t] = (float(chance), majority)
@@ -469,10 +469,10 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="only write the report from what is finished")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in D.COMMONSENSE]
+    unknown = [t for t in tasks if t not in llm_adapters.COMMONSENSE]
     if unknown:
         raise SystemExit(f"error: --tasks {','.join(unknown)}: not an LLM-Adapters commonsense task "
-                         f"({', '.join(D.COMMONSENSE)})")
+                         f"({', '.join(llm_adapters.COMMONSENSE)})")
     if not os.path.exists(args.model):
         raise SystemExit(f"error: --model {args.model}: no such file or directory")
     if args.jobs < 1:

@@ -129,10 +129,10 @@ def small_ckpt(tmp_path, max_seq_len=32):
     """A tiny LLaMA trained for max_seq_len positions, with the tests' sentencepiece tokenizer."""
     import demo
     import sentencepiece as spm
-    from data import llm_adapters as D
+    from data import llm_adapters
     path = tmp_path / "ckpt"
     path.mkdir()
-    (tmp_path / "text.txt").write_text("\n".join(D.train_prompt(r) for r in D.load_records(D.resolve("commonsense_sample")) * 20))
+    (tmp_path / "text.txt").write_text("\n".join(llm_adapters.train_prompt(r) for r in llm_adapters.load_records(llm_adapters.resolve("commonsense_sample")) * 20))
     spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(path / "tokenizer"),
                                    vocab_size=200, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    minloglevel=2)

@@ -12,8 +12,8 @@ import methods
 import train as T
 from checkpoint import load, read_safetensors
 from conftest import main_stopped_by_sigterm, shared
-from data import glue as G
-from data import seq2seq as S
+from data import glue
+from data import seq2seq
 from helpers import glue_dir, markdown_tables, shows, tiny_bart_ckpt, tiny_roberta_ckpt
 from hf_encdec import byte_vocab_dir, train_mbart_spm
 from tokenizer import load_tokenizer
@@ -27,25 +27,25 @@ GLUE_COUNTS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3667, 408), 
 @pytest.mark.parametrize("task", list(GLUE_COUNTS))
 def test_glue_loaders_on_the_real_files(task):
     root = shared("glue")
-    train = G.load_glue(task, G.split_file(task, root, "train"))
-    dev = G.load_glue(task, G.split_file(task, root, task))
+    train = glue.load_glue(task, glue.split_file(task, root, "train"))
+    dev = glue.load_glue(task, glue.split_file(task, root, task))
     assert (len(train), len(dev)) == GLUE_COUNTS[task]
     labels = {r["label"] for r in dev}
     if task == "stsb":
         assert all(isinstance(v, float) and 0 <= v <= 5 for v in labels) and len(labels) > 10
     else:
-        assert labels == set(range(G.num_labels(task)))
+        assert labels == set(range(glue.num_labels(task)))
     assert all(r["text_a"] for r in dev) and all((r["text_b"] is None) == (task in ("cola", "sst2")) for r in dev)
 
 
 def test_glue_known_rows():
     """Rows read by hand from the files: CoLA without a header, quotes kept literally, MRPC's BOM."""
     root = shared("glue")
-    cola = G.load_glue("cola", G.split_file("cola", root, "cola"))
+    cola = glue.load_glue("cola", glue.split_file("cola", root, "cola"))
     assert cola[0] == {"text_a": "The sailors rode the breeze clear of the rocks.", "text_b": None, "label": 1}
-    mrpc = G.load_glue("mrpc", G.split_file("mrpc", root, "train"))
+    mrpc = glue.load_glue("mrpc", glue.split_file("mrpc", root, "train"))
     assert mrpc[0]["text_a"].startswith('Amrozi accused his brother , whom he called " the witness "')
-    rte = G.load_glue("rte", G.split_file("rte", root, "rte"))
+    rte = glue.load_glue("rte", glue.split_file("rte", root, "rte"))
     assert rte[0]["label"] == 1                                  # not_entailment
 
 
@@ -53,28 +53,28 @@ def test_glue_malformed(tmp_path):
     bad = tmp_path / "dev.tsv"
     bad.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
     with pytest.raises(ValueError, match=r"dev.tsv:3: column 4: label 'maybe' is not one of entailment, not_entailment"):
-        G.load_glue("rte", str(bad))
+        glue.load_glue("rte", str(bad))
     bad.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\n")
     with pytest.raises(ValueError, match=r"dev.tsv:2: 3 columns, expected at least 4 \(column 4 missing\)"):
-        G.load_glue("rte", str(bad))
+        glue.load_glue("rte", str(bad))
     bad.write_text("sentence\tlabel\nfine\t1\n")
     with pytest.raises(ValueError, match=r"dev.tsv:1: header .* expected 'index' \(GLUE rte\)"):
-        G.load_glue("rte", str(bad))
+        glue.load_glue("rte", str(bad))
     bad.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
                    "0\tg\tf\ty\to\ts\ts\ta\tb\tfive\n")
     with pytest.raises(ValueError, match=r"dev.tsv:2: column 10: score 'five' is not a number"):
-        G.load_glue("stsb", str(bad))
+        glue.load_glue("stsb", str(bad))
     with pytest.raises(FileNotFoundError, match="no dev_matched.tsv for GLUE mnli"):
-        G.split_file("mnli", str(tmp_path), "mnli-m")
+        glue.split_file("mnli", str(tmp_path), "mnli-m")
 
 
 def test_seq2seq_loaders_on_the_real_files():
     root = shared("hf-seq2seq-samples")
-    xsum = S.load_pairs("xsum", os.path.join(root, "xsum", "sample.json"))
+    xsum = seq2seq.load_pairs("xsum", os.path.join(root, "xsum", "sample.json"))
     assert len(xsum) == 10 and xsum[0]["source"].startswith("The warning begins at 22:00 GMT on Saturday")
     for split, n in (("train", 11), ("val", 16), ("test", 20)):
-        js = S.load_pairs("wmt16-en-ro", os.path.join(root, "wmt_en_ro_json"), split)
-        txt = S.load_pairs("wmt16-en-ro", os.path.join(root, "wmt_en_ro_text"), split)
+        js = seq2seq.load_pairs("wmt16-en-ro", os.path.join(root, "wmt_en_ro_json"), split)
+        txt = seq2seq.load_pairs("wmt16-en-ro", os.path.join(root, "wmt_en_ro_text"), split)
         assert len(js) == len(txt) == n
         assert js == txt                              # the two layouts hold the same sentences
 
@@ -83,28 +83,28 @@ def test_seq2seq_malformed(tmp_path):
     f = tmp_path / "train.json"
     f.write_text('{"document": "a", "summary": "b"}\n{"document": "a"}\n')
     with pytest.raises(ValueError, match=r"train.json:2: missing field 'summary'"):
-        S.load_pairs("xsum", str(f))
+        seq2seq.load_pairs("xsum", str(f))
     f.write_text('{"translation": {"en": "a", "ro": 3}}\n')
     with pytest.raises(ValueError, match=r"train.json:1: field 'translation.ro' is a int, expected a string"):
-        S.load_pairs("wmt16-en-ro", str(f))
+        seq2seq.load_pairs("wmt16-en-ro", str(f))
     f.write_text('{"translation": {"en": "a"\n')
     with pytest.raises(ValueError, match=r"train.json:1: not valid JSON"):
-        S.load_pairs("wmt16-en-ro", str(f))
+        seq2seq.load_pairs("wmt16-en-ro", str(f))
     os.remove(f)
     (tmp_path / "train.source").write_text("a\nb\n")
     (tmp_path / "train.target").write_text("x\n")
     with pytest.raises(ValueError, match=r"train.source has 2 lines but .*train.target has 1"):
-        S.load_pairs("wmt16-en-ro", str(tmp_path), "train")
+        seq2seq.load_pairs("wmt16-en-ro", str(tmp_path), "train")
 
 
 def test_token_batches_respect_the_budget():
     import random
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(500)]
-    batches = S.token_batches(lengths, 256, seed=1)
+    batches = seq2seq.token_batches(lengths, 256, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(500))
     assert all(len(b) * max(lengths[i] for i in b) <= 256 for b in batches)
-    assert batches == S.token_batches(lengths, 256, seed=1) != S.token_batches(lengths, 256, seed=2)
+    assert batches == seq2seq.token_batches(lengths, 256, seed=1) != seq2seq.token_batches(lengths, 256, seed=2)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -262,13 +262,13 @@ def test_glue_layouts_absent_from_shared(tmp_path):
     (d / "dev_matched.tsv").write_text(head + "0\tp\tq\tg\tb\tb\tp\tp\tA cat sits.\tAn animal sits.\tentailment\tentailment\n")
     (d / "dev_mismatched.tsv").write_text(head + "0\tp\tq\tg\tb\tb\tp\tp\tIt rains.\tIt is dry.\tcontradiction\tcontradiction\n"
                                                   "1\tp\tq\tg\tb\tb\tp\tp\tX.\tY.\tneutral\tneutral\n")
-    m = G.load_glue("mnli", G.split_file("mnli", str(tmp_path), "mnli-m"))
-    mm = G.load_glue("mnli", G.split_file("mnli", str(d), "mnli-mm"))
+    m = glue.load_glue("mnli", glue.split_file("mnli", str(tmp_path), "mnli-m"))
+    mm = glue.load_glue("mnli", glue.split_file("mnli", str(d), "mnli-mm"))
     assert m == [{"text_a": "A cat sits.", "text_b": "An animal sits.", "label": 0}]
-    assert [r["label"] for r in mm] == [2, 1] and G.num_labels("mnli") == 3
+    assert [r["label"] for r in mm] == [2, 1] and glue.num_labels("mnli") == 3
     q = tmp_path / "qnli.tsv"
     q.write_text("index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tnot_entailment\n")
-    assert G.load_glue("qnli", str(q)) == [{"text_a": "Who?", "text_b": "Him.", "label": 1}]
+    assert glue.load_glue("qnli", str(q)) == [{"text_a": "Who?", "text_b": "Him.", "label": 1}]
     qq = tmp_path / "qqp.tsv"
     qq.write_text("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n0\t1\t2\tHow?\tHow so?\t1\n1\t3\t4\tbroken row\n")
-    assert G.load_glue("qqp", str(qq)) == [{"text_a": "How?", "text_b": "How so?", "label": 1}]   # bad row skipped
+    assert glue.load_glue("qqp", str(qq)) == [{"text_a": "How?", "text_b": "How so?", "label": 1}]   # bad row skipped

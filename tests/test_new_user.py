@@ -20,7 +20,7 @@ import demo
 import methods
 import plots
 from conftest import ROOT, shared
-from data import llm_adapters as D
+from data import llm_adapters
 from tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -109,7 +109,7 @@ def test_without_matplotlib_the_demo_prints_the_command_that_draws_its_picture(d
     argv = shlex.split(command)[2:]
     assert argv[0] == "attention" and argv[argv.index("--adapter") + 1] == adapter
     assert argv[argv.index("--out") + 1] == str(cache / "demo_attention.png")
-    assert open(argv[argv.index("--text_file") + 1]).read() == D.train_prompt(record)
+    assert open(argv[argv.index("--text_file") + 1]).read() == llm_adapters.train_prompt(record)
     monkeypatch.undo()
     if plots.have_matplotlib():
         plots.main(argv)                               # the printed command, as a user runs it

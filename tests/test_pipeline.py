@@ -14,7 +14,7 @@ import methods
 import train as T
 from checkpoint import load, read_safetensors
 from conftest import ROOT, shared
-from data import llm_adapters as D
+from data import llm_adapters
 from helpers import (CharTokenizer, markdown_tables, run_train, shows, sigterm_after_two_steps,
                      torchrun_stopped_and_resumed)
 from tokenizer import load_tokenizer
@@ -26,47 +26,47 @@ INDENT = " " * 16
 
 def test_prompts_are_byte_exact():
     r = {"instruction": "Q?", "input": "", "output": "the correct answer is true"}
-    assert D.train_prompt(r) == (
+    assert llm_adapters.train_prompt(r) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.  "
         "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n" + INDENT + "\n" + INDENT + "### Response:\n" + INDENT
         + "the correct answer is true")
-    assert D.eval_prompt(r) == (
+    assert llm_adapters.eval_prompt(r) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
         "\n\n" + INDENT + "### Instruction:\n" + INDENT + "Q?\n\n" + INDENT + "### Response:\n" + INDENT)
-    with_input = D.train_prompt({**r, "input": "ctx"})
+    with_input = llm_adapters.train_prompt({**r, "input": "ctx"})
     assert "paired with an input" in with_input and "### Input:\n" + INDENT + "ctx\n" + INDENT + "\n" in with_input
 
 
 def test_tokenize_bos_eos_truncation_and_masking():
     tok = CharTokenizer()
     r = {"instruction": "Q?", "input": "", "output": "yes"}
-    full = D.tokenize(tok, r, cutoff_len=1000)
+    full = llm_adapters.tokenize(tok, r, cutoff_len=1000)
     assert full["input_ids"][0] == 1 and full["input_ids"][-1] == 2            # BOS, and EOS when it fits
     assert full["labels"] == full["input_ids"]                                   # train_on_inputs by default
-    cut = D.tokenize(tok, r, cutoff_len=50)
+    cut = llm_adapters.tokenize(tok, r, cutoff_len=50)
     assert len(cut["input_ids"]) == 50 and cut["input_ids"][-1] != 2             # truncated: no EOS
-    masked = D.tokenize(tok, r, cutoff_len=1000, train_on_inputs=False)
-    n_prompt = len(tok.encode(D.train_prompt({**r, "output": ""})))
+    masked = llm_adapters.tokenize(tok, r, cutoff_len=1000, train_on_inputs=False)
+    n_prompt = len(tok.encode(llm_adapters.train_prompt({**r, "output": ""})))
     assert masked["labels"][:n_prompt] == [-100] * n_prompt
     assert masked["labels"][n_prompt:] == full["input_ids"][n_prompt:]
-    batch = D.collate([full, masked], pad_id=0)
+    batch = llm_adapters.collate([full, masked], pad_id=0)
     assert batch["labels"][1, len(masked["labels"]):].eq(-100).all()            # -100 on padding
     assert batch["attention_mask"].sum(1).tolist() == [len(full["input_ids"]), len(masked["input_ids"])]
 
 
 def test_real_tokenizer_on_real_records():
     tok = load_tokenizer(shared("llama2-tokenizer", "tokenizer.model"))
-    recs = D.load_records(shared("llm_adapters", "dataset", "boolq", "train.json"))
+    recs = llm_adapters.load_records(shared("llm_adapters", "dataset", "boolq", "train.json"))
     assert len(recs) > 1000
-    e = D.tokenize(tok, recs[0], 256)
+    e = llm_adapters.tokenize(tok, recs[0], 256)
     assert e["input_ids"][0] == 1 and e["input_ids"][-1] == 2 and len(e["input_ids"]) <= 256
-    assert tok.decode(e["input_ids"][1:-1]) == D.train_prompt(recs[0])
+    assert tok.decode(e["input_ids"][1:-1]) == llm_adapters.train_prompt(recs[0])
 
 
 @pytest.mark.parametrize("task", ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy",
                                   "openbookqa", "AddSub", "MultiArith", "SingleEq", "gsm8k", "AQuA", "SVAMP", "mawps"])
 def test_real_test_sets_load_and_their_gold_outputs_score_correct(task):
-    recs = D.load_records(shared("llm_adapters", "dataset", task, "test.json"), fields=("instruction", "answer"))
+    recs = llm_adapters.load_records(shared("llm_adapters", "dataset", task, "test.json"), fields=("instruction", "answer"))
     # the commonsense files' outputs are "the correct answer is <answer>": extraction must find it
     if task in E.CHOICES:
         assert all(E.extract_answer(task, r["output"]) == r["answer"] for r in recs)
@@ -77,8 +77,8 @@ def test_real_test_sets_load_and_their_gold_outputs_score_correct(task):
 
 def test_length_grouped_batches_are_a_deterministic_partition():
     lengths = [(i * 37) % 101 for i in range(500)]
-    a = D.length_grouped_batches(lengths, 8, seed=3, mega=16)
-    assert a == D.length_grouped_batches(lengths, 8, seed=3, mega=16)
+    a = llm_adapters.length_grouped_batches(lengths, 8, seed=3, mega=16)
+    assert a == llm_adapters.length_grouped_batches(lengths, 8, seed=3, mega=16)
     assert sorted(i for b in a for i in b) == list(range(500))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
     assert spread < 20                                  # random batches would spread ~70
@@ -86,15 +86,15 @@ def test_length_grouped_batches_are_a_deterministic_partition():
 
 def test_bad_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json: no such data file"):
-        D.load_records(str(tmp_path / "nope.json"))
+        llm_adapters.load_records(str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"},')
     with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(line 1"):
-        D.load_records(str(tmp_path / "bad.json"))
+        llm_adapters.load_records(str(tmp_path / "bad.json"))
     (tmp_path / "missing.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
     with pytest.raises(ValueError, match="missing.json: record 1 has no field 'output'"):
-        D.load_records(str(tmp_path / "missing.json"))
+        llm_adapters.load_records(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="unknown dataset 'commonsense_17k'"):
-        D.resolve("commonsense_17k")
+        llm_adapters.resolve("commonsense_17k")
 
 
 # ----------------------------------------------------------------------------- answer extraction
@@ -225,7 +225,7 @@ def test_bad_cli_input(tiny_ckpt, tmp_path):
 # ----------------------------------------------------------------------------- eval.py
 
 def test_eval_resumes_and_prints_the_table(tiny_ckpt, tmp_path):
-    args = ["--model", tiny_ckpt, "--task", "boolq", "--data", D.resolve("commonsense_sample"),
+    args = ["--model", tiny_ckpt, "--task", "boolq", "--data", llm_adapters.resolve("commonsense_sample"),
             "--out_dir", str(tmp_path), "--max_new_tokens", "4", "--num_beams", "2"]
     res = E.main(args)
     lines = (tmp_path / "boolq.jsonl").read_text().splitlines()

@@ -15,7 +15,7 @@ import presets
 import train
 from checkpoint import load
 from conftest import shared
-from data import llm_adapters as D
+from data import llm_adapters
 from tokenizer import load_tokenizer
 
 RECORDS = [
@@ -49,7 +49,7 @@ def written_out_scores(model, tok, record, prompt):
     return cands, scores
 
 
-@pytest.mark.parametrize("layout", [D.eval_prompt, D.train_prompt_only])
+@pytest.mark.parametrize("layout", [llm_adapters.eval_prompt, llm_adapters.train_prompt_only])
 def test_rank_classification_equals_each_candidate_scored_on_its_own(stories, tmp_path, layout):
     model, tok = stories
     out = tmp_path / "t.rank.jsonl"
@@ -98,7 +98,7 @@ def test_lmam_off_removes_the_map_and_nothing_else(stories):
 
 
 def test_lmam_lr_scale_gives_the_map_its_own_learning_rate(tmp_path):
-    data = os.path.join(D.SAMPLES, "commonsense_sample.json")
+    data = os.path.join(llm_adapters.SAMPLES, "commonsense_sample.json")
     if not os.path.exists(data):
         pytest.skip(f"{data}: no sample file")
     seen = {}
@@ -197,14 +197,14 @@ def test_rank_by_text_scores_each_option_per_character(stories):
     model, tok = stories
     rec = {"instruction": "Please choose: Make tea.\n\nSolution1: Boil water and add leaves.\n\nSolution2: Freeze "
                           "the cup.\n\nAnswer format: solution1/solution2", "answer": "solution1"}
-    assert D.option_texts(rec["instruction"]) == {"solution1": "Boil water and add leaves.",
+    assert llm_adapters.option_texts(rec["instruction"]) == {"solution1": "Boil water and add leaves.",
                                                   "solution2": "Freeze the cup."}
     (correct, total) = E.evaluate_rank(model, tok, "piqa", [rec], progress=False, by="text",
-                                       prompt=D.train_prompt_only)
-    texts = list(D.option_texts(rec["instruction"]).values())
+                                       prompt=llm_adapters.train_prompt_only)
+    texts = list(llm_adapters.option_texts(rec["instruction"]).values())
     question = {**rec, "instruction": "Please choose: Make tea."}          # the options are not shown
-    assert D.without_options(rec["instruction"]) == question["instruction"]
-    seqs = [tok.encode(D.train_prompt_only(question) + f"the correct answer is {t}") for t in texts]
+    assert llm_adapters.without_options(rec["instruction"]) == question["instruction"]
+    seqs = [tok.encode(llm_adapters.train_prompt_only(question) + f"the correct answer is {t}") for t in texts]
     n = next(j for j in range(min(map(len, seqs))) if seqs[0][j] != seqs[1][j])
     ref = []
     for s in seqs:

@@ -357,12 +357,22 @@ def hyperparameters(method) -> dict:
 
 
 def flag_types() -> dict:
-    """Every hyperparameter of every method -> the type of its value (train.py's flags)."""
+    """Every hyperparameter of every method -> the type of its value (train.py's flags; a bool's
+    flag reads true/false/1/0, since bool("false") would be True)."""
     types = {}
     for method in METHODS.values():
         for name, default in hyperparameters(method).items():
-            types.setdefault(name, type(default))
+            types.setdefault(name, truth if isinstance(default, bool) else type(default))
     return types
+
+
+def truth(text) -> bool:
+    """A bool hyperparameter's value from the command line (or a bool itself)."""
+    if isinstance(text, bool):
+        return text
+    if str(text).lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"expected true, false, 1 or 0, got {text!r}")
+    return str(text).lower() in ("true", "1")
 
 
 def model_keys(cfg) -> tuple:

@@ -386,7 +386,8 @@ def prepare(args, before_data=None):
         args.data = llm_adapters.resolve(args.data, split="train")      # downloaded once if not local
     tokenizer = load_tokenizer(args.tokenizer or hub.tokenizer_source(args.model))
     # The bf16 recipe (the default on a GPU): frozen weights in bf16, the method's tensors in fp32.
-    # Full fine-tuning and BitFit train the base weights themselves: fp32 weights, bf16 autocast.
+    # A method that trains base weights (methods.trains_base: full fine-tuning, BitFit, LongLoRA, one
+    # of yours that unfreezes a norm) keeps the model in fp32 and bf16 autocast does the bf16 work.
     precision = args.precision or default_precision(args.device)
     print(f"precision: {precision}" + ("" if args.precision else
           f" (the default on this {'GPU' if args.device.startswith('cuda') else 'CPU'}; --precision to choose)"))
@@ -413,6 +414,9 @@ def prepare(args, before_data=None):
         model.s2_ratio, model.s2_wrap = hp["s2_ratio"], args.s2_wrap
     torch.manual_seed(hp["seed"])        # the method's initialisation, then dropout: one seeded stream
     methods.apply_method(model, args.method, task=args.task, **overrides)
+    if dtype == torch.bfloat16 and methods.trained_base(model):    # trains_base probed the defaults, not these
+        raise ValueError(f"--method {args.method} with these settings trains base weights, which bf16 would train "
+                         f"in bf16 ({', '.join(methods.trained_base(model)[:3])}, ...); use --precision fp32")
     if args.fsdp:
         if methods.update_hooks(model):
             raise ValueError(f"--fsdp with {args.method}: its update hook needs whole tensors, not shards")

@@ -42,6 +42,28 @@ def test_bf16_recipe_trains_validates_merges_generates_llama(tiny_ckpt, tmp_path
         assert generate(model, ids, max_new_tokens=3, eos_id=tok.eos_id).shape[1] > ids.shape[1]
 
 
+def test_bf16_refuses_settings_that_unfreeze_base_weights_the_probe_did_not_see(tiny_ckpt, tmp_path, monkeypatch):
+    """methods.trains_base probes a method with its defaults. A method whose *flag* unfreezes base
+    weights (here: the norms, off by default) is loaded in bf16 by the probe's answer; train.py then
+    refuses to train those bf16 weights, naming them, instead of training them in bf16."""
+    def lora_maybe_norms(model, lora_r=2, lora_alpha=4.0, lora_dropout=0.0, target_modules="q_proj,v_proj",
+                         train_norms=False):
+        methods.lora(model, lora_r, lora_alpha, lora_dropout, target_modules)
+        for name, p in model.named_parameters():
+            if train_norms and name.endswith("norm.weight"):
+                p.requires_grad_(True)
+    monkeypatch.setitem(methods.METHODS, "lora_maybe_norms", lora_maybe_norms)
+    run = ["--model", tiny_ckpt, "--method", "lora_maybe_norms", "--data", "commonsense_sample", "--device", "cpu",
+           "--precision", "bf16", "--max_steps", "1", "--batch_size", "2", "--micro_batch_size", "1",
+           "--val_set_size", "2", "--quiet"]
+    assert not methods.trains_base("lora_maybe_norms")
+    with pytest.raises(SystemExit, match=r"trains base weights.*\(layers\.0\.\w+norm\.weight.*use --precision fp32"):
+        T.main(run + ["--out_dir", str(tmp_path / "bf16"), "--train_norms", "true"])
+    T.main(run + ["--out_dir", str(tmp_path / "off"), "--train_norms", "false"])      # bf16, nothing unfrozen
+    T.main(run + ["--out_dir", str(tmp_path / "fp32"), "--train_norms", "1", "--precision", "fp32"])
+    assert (tmp_path / "fp32" / "adapter.safetensors").exists() and (tmp_path / "off" / "adapter.safetensors").exists()
+
+
 @pytest.mark.parametrize("family", ["roberta", "bart"])
 def test_bf16_recipe_on_the_medium_models(tmp_path, family):
     """Every method that applies to RoBERTa (GLUE) and BART (XSum) trains and validates in bf16;

@@ -1,5 +1,6 @@
-"""Bad inputs and faults, by command line (train, eval, export, plots, study, hub/fetch): every FAIL
-row of the reliability review's case table (../shared/research/reliability-review.md). Each case
+"""Bad inputs and faults, by command line (train, eval, export, plots, study, hub/fetch): every case
+a reliability review of the CLIs found failing (a bad flag, file or record; a full disk; a killed or
+interrupted run; a stale lock; a planted pickle). Each case
 asserts three things: the exit status (non-zero, a message and no traceback), the message naming
 the problem (the file, flag or key and the value), and that every file that was in the folder
 before is byte-identical after. The CLIs run in this process through their main(argv); only the

@@ -453,8 +453,6 @@ def main(argv=None):
     freed = "freed memory kept (--keep-memory)" if args.keep_memory else "freed memory returned to the OS (default)"
     what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
     print(machine(dev))
-    if not dev.startswith("cuda"):
-        print(M.decoding_report())
     print(f"device: {dev} ({torch.get_num_threads()} threads); {args.dtype}; {args.layers} layers, d={args.dim}, "
           f"{args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}; "
           f"{args.dtype} matmul peak measured: {peak:.1f} GFLOP/s; median of {args.repeats} "

@@ -28,7 +28,6 @@ computed once per forward and passed down.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -167,77 +166,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def linear(x, weight, bias=None):
-    """F.linear, except for a few fp32 rows on a CPU (decoding) where a batched product over the
-    weight's two row halves was measured faster on this machine, for this shape and this number of
-    rows (row_halves_wins). Decoding reads every weight once per token, so this product is most of
-    a step, and BLAS libraries differ on it: on one machine of this project F.linear's few-row
-    product was 2-5x slower than the batched form, on another 3x faster. Same result up to rounding."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 32 or weight.shape[0] % 2 \
-            or torch.compiler.is_compiling() or not row_halves_wins(weight, rows):
-        return F.linear(x, weight, bias)
-    y = row_halves(x, weight)
-    return y if bias is None else y + bias
-
-
-def row_halves(x, weight):
-    out, d = weight.shape
-    rows = x.numel() // d
-    y = torch.bmm(weight.view(2, out // 2, d), x.reshape(rows, d).t().expand(2, d, rows))   # (2, out/2, rows)
-    return y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
-
-
-ROW_HALVES = {}   # (out, in, rows) -> (F.linear's seconds, the row halves' seconds), measured on this machine
-
-
-def row_halves_wins(weight, rows: int) -> bool:
-    """Is the row-halves product clearly (> 1.25x) faster than F.linear for `rows` rows times this
-    weight's shape on this machine? Measured once per (shape, rows), then remembered: a decoding
-    run meets one or two row counts (batch × beams), a few milliseconds each."""
-    key = (*weight.shape, rows)
-    if key not in ROW_HALVES:
-        ROW_HALVES[key] = measure_row_halves(key)
-    plain, halves = ROW_HALVES[key]
-    return halves * 1.25 < plain
-
-
-@torch.compiler.disable
-@torch.no_grad()
-def measure_row_halves(key):
-    """(F.linear's seconds, the row halves' seconds) for rows × (out, in), each the best of 5."""
-    out, d, rows = key
-    g = torch.Generator().manual_seed(0)                  # not the global RNG: training stays reproducible
-    x, w = torch.randn(rows, d, generator=g), torch.randn(out, d, generator=g)
-
-    def best(f):
-        f()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(lambda: F.linear(x, w)), best(lambda: row_halves(x, w))
-
-
-def decoding_report() -> str:
-    """Which product each weight shape and row count uses when decoding on this CPU, as measured."""
-    if not ROW_HALVES:
-        return "decoding products: F.linear (nothing measured: no fp32 decoding on a CPU yet)"
-    parts = [f"{o}x{i}, {r} row{'s' * (r > 1)}: {'row halves' if h * 1.25 < p else 'F.linear'} "
-             f"({1e6 * p:.0f} vs {1e6 * h:.0f} µs)" for (o, i, r), (p, h) in sorted(ROW_HALVES.items())]
-    return "decoding products, measured on this CPU (F.linear vs row halves): " + "; ".join(parts)
-
-
-class Linear(nn.Linear):
-    """nn.Linear computed by `linear` (fast decoding on CPU); the projections of the models below.
-    Still an nn.Linear: PEFT methods find and wrap it like any other."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None, positions=None,
            need_weights=False, dropout_p=0.0, s2=None):
     """softmax(q kᵀ / √d + mask) v, the one attention function of this file.
@@ -344,10 +272,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
 
@@ -371,9 +299,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.adapter = None
 
     def forward(self, x):
@@ -450,7 +378,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -593,10 +521,10 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
         self.adapter = None   # Houlsby's adapter on this block's output, applied by the layer before its dropout
@@ -630,8 +558,8 @@ class FFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str, activation_dropout: float):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.act, self.activation_dropout = ACTIVATIONS[activation], activation_dropout
         self.adapter = None
 
@@ -700,8 +628,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, dim: int, num_labels: int, dropout: float):
         super().__init__()
-        self.dense = Linear(dim, dim)
-        self.out_proj = Linear(dim, num_labels)
+        self.dense = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, num_labels)
         self.dropout = dropout
 
     def forward(self, h):
@@ -857,7 +785,7 @@ class Bart(nn.Module):
             x = self.decoder.layer_norm(x)
         if return_hidden:
             return x
-        return linear(x, self.shared.weight) + self.final_logits_bias         # tied LM head
+        return F.linear(x, self.shared.weight) + self.final_logits_bias         # tied LM head
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, return_hidden=False):
         """Source (B, S) and decoder input (B, T) -> logits (B, T, vocab)."""
@@ -1013,8 +941,8 @@ class DebertaHead(nn.Module):
 
     def __init__(self, cfg: DebertaConfig):
         super().__init__()
-        self.dense = Linear(cfg.dim, cfg.dim)
-        self.out_proj = Linear(cfg.dim, cfg.num_labels)
+        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, cfg.num_labels)
         self.act = ACTIVATIONS[cfg.pooler_activation]
         self.pooler_dropout = cfg.pooler_dropout
         self.cls_dropout = cfg.dropout if cfg.cls_dropout is None else cfg.cls_dropout

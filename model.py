@@ -7,23 +7,28 @@
   - DeBERTa-v2/v3 (He et al. 2021) with disentangled attention and the GLUE classification head.
 Each comes with its config dataclass and the presets of the released shapes (LLAMA_PRESETS,
 ENCDEC_PRESETS). The rest of the machinery lives next to this file, one concern per file:
-  - checkpoint.py: reading checkpoints (Hugging Face, Meta, llama2.c) into these models, the
-    safetensors reader/writer, `build(name_or_path)`;
+  - checkpoint.py (and checkpoint_gguf.py): reading checkpoints (Hugging Face, Meta, llama2.c,
+    GGUF) into these models, the safetensors reader/writer, `build(name_or_path)`;
   - tokenizer.py: the tokenizers (sentencepiece, tiktoken, GPT-2 BPE, mBART);
   - generate.py: greedy decoding and beam search (decoder-only and encoder-decoder);
-  - loss.py: the language-model loss with the LM head fused into the cross-entropy.
+  - loss.py: the language-model loss, written out and with the LM head fused into the cross-entropy.
 
-This file knows nothing of PEFT, training or benchmarks. The PEFT methods attach to it through:
-  - every projection is an nn.Linear (`Linear`) with a stable name (q_proj, k_proj, v_proj,
-    o_proj / out_proj, gate_proj, up_proj, down_proj, fc1, fc2: the names of the Hugging Face
+This file implements no PEFT method, no training loop and no benchmark. A model's forward builds
+one AttnState (mask, token positions, KV cache, RoPE tables, ...) and hands it to every layer.
+The PEFT methods (methods.py) attach through:
+  - every projection is an nn.Linear with a stable name (q_proj, k_proj, v_proj, o_proj /
+    out_proj, gate_proj, up_proj, down_proj, fc1, fc2: the names of the Hugging Face
     checkpoints), so a method can swap it for a wrapper that owns the same `weight`;
-  - `attend(...)`, the one attention function, with `extra_kv` (prefix keys/values) and `attn_map`
-    (a post-/pre-softmax attention-map term, implemented by lmam.py);
+  - `attend(...)`, the one attention function, with `extra_kv` (an attention's `prefix`: prefix
+    keys/values) and `attn_map` (an object that computes the attention with a learned map added:
+    lmam.py; DeBERTa's attention asks it for its terms instead);
   - `MLP.adapter` / `FFN.adapter` / `MultiHeadAttention.adapter`: where an adapter adds its term
     after a sub-block (in RoBERTa/BART, as He et al.: the FFN's after the block's dropout, the
-    attention's before it).
+    attention's before it);
+  - `Llama.s2_ratio`: LongLoRA's shifted sparse attention in training (shifted_sparse_attention).
+Training reaches it only through dropout, `gradient_checkpointing` and the modules' train() mode.
 Positions are token positions (0 at each sequence's first real token, independent of padding),
-computed once per forward and passed down.
+computed once per forward (map_positions) and passed down in the AttnState.
 """
 from __future__ import annotations
 
@@ -458,8 +463,10 @@ class Llama(nn.Module):
         attention_mask (B, S) with 1 for real tokens and 0 for padding (left or right), where S is T,
         or, when decoding with `cache`, the cached length plus T. Give no mask when nothing is padded:
         then SDPA runs its fastest causal kernels, and nothing here looks at the mask's values (no
-        host-device sync; one graph under torch.compile). With need_weights=True returns
-        (logits, [attention probabilities per layer]).
+        host-device sync; one graph under torch.compile). positions (B, T): the queries' token
+        positions, for RoPE and an attention map (default: counted from each row's first real token).
+        With need_weights=True returns (logits, [attention probabilities per layer]); with
+        return_hidden=True the final hidden states (B, T, dim) instead of the logits.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0                 # a Python int, never a tensor
@@ -471,8 +478,8 @@ class Llama(nn.Module):
                              ": interpolate positions (LongLoRA: --method longlora) or shorten the input")
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        real = attention_mask if attention_mask is not None else torch.ones(B, past + T, dtype=torch.long, device=device)
-        q_pos, k_pos, k_real = map_positions(real, past)                # token positions (B, T), (B, S), (B, S)
+        real = torch.ones(B, past + T, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+        q_pos, k_pos, k_real = map_positions(real, past)                 # (B, T), (B, S), (B, S)
         positions = q_pos if positions is None else positions
         mask, is_causal = causal_mask(attention_mask, past, T, device)
         # LongLoRA's S²-Attn in training mode only (evaluation uses full attention, as LongLoRA does)
@@ -480,7 +487,8 @@ class Llama(nn.Module):
 
         x = self.embed_tokens(input_ids)
         rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
-        state = AttnState(mask, is_causal, (positions, k_pos, k_real), cache, rope, s2, need_weights=need_weights)
+        state = AttnState(mask, is_causal, positions=(positions, k_pos, k_real), cache=cache, rope=rope, s2=s2,
+                          need_weights=need_weights)
         all_probs = []
         for layer in self.layers:
             x, probs = run_layer(self, layer, x, state)
@@ -703,7 +711,7 @@ class Roberta(nn.Module):
     def encode(self, input_ids, attention_mask=None, need_weights=False):
         """input_ids (B, T) -> last hidden states (B, T, dim). Padding is where input_ids == pad_id
         (RoBERTa's positions skip it) or attention_mask == 0. need_weights=True: also every layer's
-        attention probabilities (B, H, T, T), LMAM's map included (lmam.py), to look at."""
+        attention probabilities (B, H, T, T), an attention map's term (attn_map) included, to look at."""
         if attention_mask is None:
             attention_mask = (input_ids != self.cfg.pad_id).long()
         real = (input_ids != self.cfg.pad_id).long()
@@ -767,7 +775,7 @@ class Bart(nn.Module):
 
     def encode(self, input_ids, attention_mask=None, need_weights=False):
         """Source tokens (B, S) -> encoder output (B, S, dim); need_weights=True: also every encoder
-        layer's attention probabilities (B, H, S, S), LMAM's map included."""
+        layer's attention probabilities (B, H, S, S), an attention map's term included."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.embed(self.encoder, input_ids)
@@ -981,7 +989,7 @@ class Deberta(nn.Module):
         """input_ids (B, T) -> last hidden states (B, T, dim). Padding is where attention_mask == 0
         (default: input_ids == pad_id). token_type_ids: segment ids, used only by checkpoints with
         a type embedding (v3 has none). need_weights=True: also every layer's attention
-        probabilities (B, H, T, T), LMAM's map included. A padded query row attends to the real
+        probabilities (B, H, T, T), an attention map's term included. A padded query row attends to the real
         keys (transformers': evenly to every key); either way no real token ever sees it."""
         if attention_mask is None:
             attention_mask = (input_ids != self.cfg.pad_id).long()

@@ -6,34 +6,12 @@
   - `generate_seq2seq(model, input_ids, ...)`: an encoder-decoder model (BART, mBART), with the
     checkpoint's generation settings (generation_config.json) as defaults.
 Both run one loop, `decode_loop`, over a model given as a step function, and one implementation
-of transformers' logits rules (min_length, no_repeat_ngram_size, forced BOS/EOS), `constrain`.
+of transformers' logits rules (min_length, no_repeat_ngram_size, forced BOS/EOS), `constrain`;
+a step's LM head is `head_logits`.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def head_logits(h, head, bias=None):
-    """fp32 logits (N, V) of one decoding step's last hidden states h (N, d) (+ bias): `head` is the
-    LM head module or its weight (V, d) (BART's, tied to the embedding), as in loss.lm_loss.
-
-    On a CPU in fp32, a plain head's product over a few rows is one batched product over the
-    weight's two row halves instead of F.linear: the same values up to rounding, and the head is
-    the largest product of a step. Measured with bench.py --decoding (AMD EPYC, 2 threads, torch
-    2.13 with MKL; a head of 32000x512): 1 row, F.linear 5686 µs, the row halves 999 µs; 4 rows,
-    10544 vs 3105 µs; the decoding rows with F.linear, greedy batch 1 0.43 s (transformers 0.50),
-    4 beams 0.70 s (0.82); with the row halves 0.31 s and 0.32 s. BLAS libraries differ on few-row
-    products: on another machine, rerun bench.py, which prints both timings."""
-    if isinstance(head, nn.Module) and type(head) is not nn.Linear:    # a head that a PEFT method wrapped
-        return head(h).float()
-    weight, bias = (head, bias) if isinstance(head, torch.Tensor) else (head.weight, head.bias)
-    (N, d), V = h.shape, weight.shape[0]
-    if h.device.type != "cpu" or h.dtype != torch.float32 or N > 16 or V % 2:
-        y = F.linear(h, weight)
-    else:
-        y = torch.bmm(weight.view(2, V // 2, d), h.t().expand(2, d, N))      # (2, V/2, N)
-        y = y.permute(2, 0, 1).reshape(N, V)                                 # (N, V)
-    return (y if bias is None else y + bias).float()
 
 
 def constrain(scores, seqs, *, eos_id=None, min_length=0, no_repeat_ngram_size=0, forced_bos_id=None,
@@ -154,6 +132,30 @@ def decode_loop(step, reorder, prompt, max_length, num_beams=1, eos_id=None, pad
 
     out_len = T + int(fin_len[:, 0].max())
     return finished[:, 0, :out_len]
+
+
+def head_logits(h, head, bias=None):
+    """fp32 logits (N, V) of one decoding step's last hidden states h (N, d) (+ bias): `head` is the
+    LM head module or its weight (V, d) (BART's, tied to the embedding), as in loss.lm_loss.
+
+    On a CPU in fp32, a plain head's product over a few rows is one batched product over the
+    weight's two row halves instead of F.linear: the same values up to rounding, and the head is
+    the largest product of a step. Measured with bench.py --decoding (AMD EPYC, 2 threads, torch
+    2.13 with MKL, a 32000x512 head): 1 row, F.linear 5335 µs, the row halves 946 µs; 4 rows, 9415
+    vs 2555 µs. The decoding rows (32 tokens) with F.linear: greedy batch 1 0.43 s (transformers
+    0.50), 4 beams 0.70 s (0.82); with the row halves 0.25 s (0.41) and 0.41 s (0.78). BLAS
+    libraries differ on few-row products: on another machine, bench.py prints both timings.
+    """
+    if isinstance(head, nn.Module) and type(head) is not nn.Linear:    # a head that a PEFT method wrapped
+        return head(h).float()
+    weight, bias = (head, bias) if isinstance(head, torch.Tensor) else (head.weight, head.bias)
+    (N, d), V = h.shape, weight.shape[0]
+    if h.device.type != "cpu" or h.dtype != torch.float32 or N > 16 or V % 2:
+        y = F.linear(h, weight)
+    else:
+        y = torch.bmm(weight.view(2, V // 2, d), h.t().expand(2, d, N))      # (2, V/2, N)
+        y = y.permute(2, 0, 1).reshape(N, V)                                 # (N, V)
+    return (y if bias is None else y + bias).float()
 
 
 @torch.no_grad()

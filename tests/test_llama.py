@@ -361,3 +361,23 @@ def test_meta_unknown_key_and_missing_shard_tensor(tmp_path):
     torch.save(part, tmp_path / "consolidated.00.pth")
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'layers\.0\.attention\.lora\.weight'"):
         load(str(tmp_path))
+
+
+def test_head_logits_equal_f_linear():
+    """generate.head_logits: the row-halves product for a few fp32 rows on a CPU, F.linear
+    otherwise; the same fp32 logits up to rounding, for a module, a weight with a bias (BART's
+    tied head) and a head that a PEFT method wrapped (called as it is)."""
+    from generate import head_logits
+    from lora import LoRALinear
+    g = torch.Generator().manual_seed(0)
+    head, bias = torch.nn.Linear(16, 64, bias=False), torch.randn(1, 64, generator=g)
+    for rows in (1, 4, 17):
+        h = torch.randn(rows, 16, generator=g)
+        assert_close(head_logits(h, head), torch.nn.functional.linear(h, head.weight), atol=1e-6, rtol=1e-6)
+        assert_close(head_logits(h, head.weight, bias), h @ head.weight.t() + bias, atol=1e-6, rtol=1e-6)
+        half = head_logits(h.bfloat16(), head.weight.bfloat16())
+        assert half.dtype == torch.float32 and torch.equal(half, (h.bfloat16() @ head.weight.bfloat16().t()).float())
+    wrapped = LoRALinear(head, 2, 4, 0.0)
+    with torch.no_grad():
+        wrapped.lora_B.normal_()
+    assert torch.equal(head_logits(h, wrapped), wrapped(h).float())

@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import linear   # F.linear, with the model's fast path for decoding on CPU
-
 
 class BottleneckLinear(nn.Module):
     """LLM-Adapters' bottleneck adapter around a frozen linear W (Hu et al. 2023, "LLM-Adapters";
@@ -49,8 +47,8 @@ class BottleneckLinear(nn.Module):
 
     def forward(self, x):
         if self.kind == "series_in":
-            return linear(x + self.f(x), self.weight, self.bias)
-        h = linear(x, self.weight, self.bias)
+            return F.linear(x + self.f(x), self.weight, self.bias)
+        h = F.linear(x, self.weight, self.bias)
         return h + self.f(h if self.kind == "series_out" else x)
 
 

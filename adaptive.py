@@ -21,9 +21,9 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lora import AdditiveUpdate
-from model import linear   # F.linear, with the model's fast path for decoding on CPU
 
 
 # ----------------------------------------------------------------------------- AdaLoRA
@@ -62,7 +62,7 @@ class AdaLoRALinear(AdditiveUpdate):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         xd = self.dropout(x).to(self.lora_A.dtype)
@@ -225,7 +225,7 @@ class SoRALinear(AdditiveUpdate):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         h = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T) * self.lora_gate

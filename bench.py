@@ -32,10 +32,11 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import methods
 import model as M
-from generate import generate
+from generate import generate, head_logits
 from loss import lm_loss
 
 
@@ -316,6 +317,19 @@ def decoding(hf, base, ids, new):
         yield name, ga, gb, new * p.shape[0]
 
 
+def head_product(base, rows=(1, 4)) -> str:
+    """The LM head's product in a decoding step, F.linear against generate.head_logits (on a CPU in
+    fp32: one batched product over the weight's two row halves), the best of 21 runs, for the rows
+    of a step of the decoding rows (batch 1; 4 beams or a batch of 4): what head_logits cites."""
+    w, dev = base.lm_head.weight.detach(), str(base.lm_head.weight.device)
+    parts = []
+    for n in rows:
+        h = torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device)
+        plain, ours = (min(timed(lambda: f(h, w), dev) for _ in range(21)) for f in (F.linear, head_logits))
+        parts.append(f"{n} row{'s' * (n > 1)}: F.linear {1e6 * plain:.0f} µs, head_logits {1e6 * ours:.0f} µs")
+    return f"LM head {w.shape[0]}x{w.shape[1]} in a decoding step: " + "; ".join(parts)
+
+
 # Where the time goes, by the kind of operator the profiler sees (the same names on both sides).
 KINDS = (("weight products", ("aten::mm", "aten::bmm", "aten::addmm")),
          ("attention kernel (and its backward)", ("aten::_scaled_dot_product", "aten::_flash_attention")),
@@ -453,8 +467,7 @@ def main(argv=None):
     freed = "freed memory kept (--keep-memory)" if args.keep_memory else "freed memory returned to the OS (default)"
     what = "model-FLOPs utilisation" if dev.startswith("cuda") else "% of the measured matmul rate"
     print(machine(dev))
-    if not dev.startswith("cuda"):
-        print(M.decoding_report())
+    print(head_product(base))
     print(f"device: {dev} ({torch.get_num_threads()} threads); {args.dtype}; {args.layers} layers, d={args.dim}, "
           f"{args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}; "
           f"{args.dtype} matmul peak measured: {peak:.1f} GFLOP/s; median of {args.repeats} "

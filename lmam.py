@@ -63,12 +63,14 @@ INITS = ("zero", "paper")
 
 
 class LMAM(nn.Module):
-    def __init__(self, n_heads: int, heads: int, rank: int, length: int, scale: float, causal: bool,
+    def __init__(self, n_heads: int, h_s: int, rank: int, length: int, scale: float, causal: bool,
                  variant: str = "default", tail: bool = False, init: str = "zero", device=None):
+        """n_heads: the layer's attention heads h; h_s: the maps (h_s divides h, Eq. 17); rank r;
+        length n (the map is n×n); scale s; causal: decoders (Eq. 11)."""
         super().__init__()
-        if heads <= 0 or n_heads % heads:
+        if h_s <= 0 or n_heads % h_s:
             divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
-            raise ValueError(f"--lmam_heads {heads}: the model's {n_heads} attention heads are not divisible by it "
+            raise ValueError(f"--lmam_heads {h_s}: the model's {n_heads} attention heads are not divisible by it "
                              f"(h_s must divide them: {', '.join(map(str, divisors))})")
         if rank <= 0 or length <= 0:
             raise ValueError(f"lmam_rank and lmam_len must be positive, got {rank} and {length}")
@@ -79,24 +81,24 @@ class LMAM(nn.Module):
         if variant != "full_rank" and not scale > 0:
             raise ValueError(f"lmam_scale must be positive, got {scale}")
         if variant == "full_rank":                          # ¬L: every head has its own map, no s
-            heads, scale = n_heads, 1.0
-        self.n_heads, self.heads, self.rank, self.length = n_heads, heads, rank, length
+            h_s, scale = n_heads, 1.0
+        self.n_heads, self.h_s, self.rank, self.length = n_heads, h_s, rank, length
         self.scale, self.causal, self.variant, self.tail, self.init = float(scale), causal, variant, tail, init
         pe = 1.0 / 10000 ** (2 * torch.arange(length, device=device, dtype=torch.float32) / length)   # Eq. 7
         self.register_buffer("pe", pe, persistent=False)
         if variant == "full_rank":
-            self.w = nn.Parameter(torch.zeros(heads, length, length, device=device))
+            self.w = nn.Parameter(torch.zeros(h_s, length, length, device=device))
         elif init == "paper":                               # literal: Wa, Wb ~ N(0, 1) as stored
             self.root, self.gain = 1.0, self.scale
-            self.wa = nn.Parameter(torch.randn(heads, length, rank, device=device))
-            self.wb = nn.Parameter(torch.randn(heads, rank, length, device=device))
+            self.wa = nn.Parameter(torch.randn(h_s, length, rank, device=device))
+            self.wb = nn.Parameter(torch.randn(h_s, rank, length, device=device))
         else:                                               # zero: √s absorbed, Attn_s ≡ 0 at step 0
             self.root, self.gain = self.scale ** 0.5, 1.0
-            self.wa = nn.Parameter(torch.randn(heads, length, rank, device=device) * rank ** -0.5)
-            self.wb = nn.Parameter(torch.zeros(heads, rank, length, device=device))
+            self.wa = nn.Parameter(torch.randn(h_s, length, rank, device=device) * rank ** -0.5)
+            self.wb = nn.Parameter(torch.zeros(h_s, rank, length, device=device))
             if variant != "no_pos":
                 with torch.no_grad():
-                    self.wb.copy_(-self.root * pe.expand(heads, rank, length))
+                    self.wb.copy_(-self.root * pe.expand(h_s, rank, length))
         self.merged_map = None
 
     def attn_map(self, params=None):
@@ -137,7 +139,7 @@ class LMAM(nn.Module):
         return idx.clamp(0, self.length - 1), ok
 
     def heads_map(self, a):
-        return a.repeat(self.n_heads // self.heads, 1, 1)                      # Eq. 17: head i -> i mod h_s
+        return a.repeat(self.n_heads // self.h_s, 1, 1)                      # Eq. 17: head i -> i mod h_s
 
     def dense(self, qi, qok, ki, kok):
         """The map on the (B, h, T, S) grid of query and key slots (naive path, ¬N and pictures)."""
@@ -145,41 +147,40 @@ class LMAM(nn.Module):
         d = a[:, qi[:, :, None], ki[:, None, :]]                               # (h, B, T, S)
         return (d * (qok[:, :, None] & kok[:, None, :])).transpose(0, 1)       # (B, h, T, S)
 
-    def grid(self, positions, n_prefix: int = 0):
-        """The map on the (B, h, T, S) grid, fp32, for an attention that builds its probabilities
-        itself (DeBERTa's disentangled attention adds it after its softmax). positions as in
-        `attend`; the first `n_prefix` key slots are prefix keys, never on the map."""
+    def map_indices(self, positions, n_keys: int):
+        """(query map index, query on the map, key map index, key on the map), (B, T) and (B, S):
+        positions = AttnState.positions; key slots in front of those positions describe (n_keys
+        of them in all) are prefix keys, never on the map."""
         q_pos, k_pos, k_valid = positions
-        if n_prefix:
-            k_pos = F.pad(k_pos, (n_prefix, 0))
-            k_valid = F.pad(k_valid, (n_prefix, 0), value=False)
+        P = n_keys - k_pos.shape[1]
+        if P:
+            k_pos, k_valid = F.pad(k_pos, (P, 0)), F.pad(k_valid, (P, 0), value=False)
         lengths = k_valid.sum(-1)
-        qi, qok = self.map_index(q_pos, torch.ones_like(q_pos, dtype=torch.bool), lengths)
-        ki, kok = self.map_index(k_pos, k_valid, lengths)
-        return self.dense(qi, qok, ki, kok)
+        return (*self.map_index(q_pos, torch.ones_like(q_pos, dtype=torch.bool), lengths),
+                *self.map_index(k_pos, k_valid, lengths))
 
-    def attend(self, q, k, v, mask, *, is_causal, positions, need_weights=False, dropout_p=0.0, s2=None):
+    def terms(self, positions, n_keys: int):
+        """(term added to the scores, term added to the probabilities), one of them None, each on the
+        (B, h, T, S = n_keys) grid in fp32: for an attention that builds its probabilities itself
+        (DeBERTa's disentangled attention). ¬N (pre_softmax) adds the map to the scores, every
+        other variant to the probabilities (Eq. 12-13)."""
+        grid = self.dense(*self.map_indices(positions, n_keys))
+        return (grid, None) if self.variant == "pre_softmax" else (None, grid)
+
+    def attend(self, q, k, v, state, dropout_p=0.0):
         """softmax(q kᵀ/√d) v + Attn_s v for one layer; returns (y, probs or None).
 
-        positions = (q_pos (B, T), k_pos (B, S), k_valid (B, S)): token positions of queries and
-        keys and which key slots are real tokens (keys of a prefix, if any, come first and are
-        never on the map). Attention dropout (`dropout_p`) applies to the softmax part only. `s2`:
-        LongLoRA's shifted sparse attention for the softmax part (model.shifted_sparse_attention)."""
-        q_pos, k_pos, k_valid = positions
-        if self.tail and q_pos.shape[1] < k_pos.shape[1]:
+        state: model.AttnState: its mask, is_causal, need_weights, s2 (LongLoRA's shifted sparse
+        attention for the softmax part) and positions (map_indices; keys of a prefix, if any, come
+        first). Attention dropout (`dropout_p`) applies to the softmax part only."""
+        mask, is_causal, s2 = state.mask, state.is_causal, state.s2
+        if self.tail and state.positions[0].shape[1] < state.positions[1].shape[1]:   # fewer queries than keys
             raise ValueError("LMAM tail mode (Eq. 16) cannot decode with a KV cache: the last n tokens "
                              "move with every new token; run full forwards instead")
-        if k.shape[2] != k_pos.shape[1]:                                        # prefix keys
-            P = k.shape[2] - k_pos.shape[1]
-            k_pos = F.pad(k_pos, (P, 0))
-            k_valid = F.pad(k_valid, (P, 0), value=False)
-        lengths = k_valid.sum(-1)
-        q_valid = torch.ones_like(q_pos, dtype=torch.bool)
-        qi, qok = self.map_index(q_pos, q_valid, lengths)
-        ki, kok = self.map_index(k_pos, k_valid, lengths)
+        qi, qok, ki, kok = self.map_indices(state.positions, k.shape[2])
         H, Hkv = q.shape[1], k.shape[1]
 
-        if self.variant == "pre_softmax" or need_weights:
+        if self.variant == "pre_softmax" or state.need_weights:
             bias = self.dense(qi, qok, ki, kok).to(q.dtype)
             if self.variant == "pre_softmax":                                  # ¬N: inside the softmax
                 return attention_naive(q, k, v, mask, is_causal=is_causal, bias=bias, dropout_p=dropout_p)
@@ -189,8 +190,7 @@ class LMAM(nn.Module):
 
         y = sdpa(q, k, v, mask, is_causal, dropout_p) if s2 is None else shifted_sparse_attention(q, k, v, *s2)
         # Gather the values of the tokens on the map: slot of map index j per row (B, n).
-        B, S = k_pos.shape
-        n, T, hd = self.length, q_pos.shape[1], v.shape[-1]
+        (B, _, T, hd), S, n = q.shape, k.shape[2], self.length
         slot = torch.full((B, n + 1), S, dtype=torch.long, device=q.device)
         slot.scatter_(1, torch.where(kok, ki, n), torch.arange(S, device=q.device).expand(B, S))
         slot = slot[:, :n]                                                      # S = "no token"
@@ -218,7 +218,7 @@ class LMAM(nn.Module):
         return wa + pe[:, None], wb + pe[None, :]
 
     def extra_repr(self):
-        return (f"heads={self.heads}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "
+        return (f"h_s={self.h_s}, rank={self.rank}, len={self.length}, scale={self.scale:.3g}, "
                 f"causal={self.causal}, variant={self.variant}, tail={self.tail}, init={self.init}")
 
 

@@ -7,8 +7,7 @@ import math
 
 import torch
 import torch.nn as nn
-
-from model import linear   # F.linear, with the model's fast path for decoding on CPU
+import torch.nn.functional as F
 
 
 class AdditiveUpdate(nn.Module):
@@ -62,7 +61,7 @@ class LoRALinear(AdditiveUpdate):
         return x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling
 
     def forward(self, x):
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         return (y.float() + self.lora_term(self.dropout(x))).to(y.dtype)     # one rounding, as peft
@@ -95,16 +94,16 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x):
         if self.merged:
-            return linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
         # In fp32 throughout, rounded once at the end, as peft does: m/n is ≈ 1, and in bf16 a
         # magnitude change below ~0.4% would round away and leave the output unchanged.
         scale = self.magnitude / self.weight_norm()                            # m / ‖W + sBA‖, fp32
         xd = self.dropout(x)                                                   # one mask for both terms
-        wx = linear(x, self.weight).float()
+        wx = F.linear(x, self.weight).float()
         if xd is x:
             y = scale * wx                                                     # = W x + (m/n − 1) W x
         else:
-            y = wx + (scale - 1) * linear(xd, self.weight).float()
+            y = wx + (scale - 1) * F.linear(xd, self.weight).float()
         y = y + scale * self.lora_term(xd)
         y = y if self.bias is None else y + self.bias.float()
         return y.to(x.dtype)

@@ -7,29 +7,33 @@
   - DeBERTa-v2/v3 (He et al. 2021) with disentangled attention and the GLUE classification head.
 Each comes with its config dataclass and the presets of the released shapes (LLAMA_PRESETS,
 ENCDEC_PRESETS). The rest of the machinery lives next to this file, one concern per file:
-  - checkpoint.py: reading checkpoints (Hugging Face, Meta, llama2.c) into these models, the
-    safetensors reader/writer, `build(name_or_path)`;
+  - checkpoint.py (and checkpoint_gguf.py): reading checkpoints (Hugging Face, Meta, llama2.c,
+    GGUF) into these models, the safetensors reader/writer, `build(name_or_path)`;
   - tokenizer.py: the tokenizers (sentencepiece, tiktoken, GPT-2 BPE, mBART);
   - generate.py: greedy decoding and beam search (decoder-only and encoder-decoder);
-  - loss.py: the language-model loss with the LM head fused into the cross-entropy.
+  - loss.py: the language-model loss, written out and with the LM head fused into the cross-entropy.
 
-This file knows nothing of PEFT, training or benchmarks. The PEFT methods attach to it through:
-  - every projection is an nn.Linear (`Linear`) with a stable name (q_proj, k_proj, v_proj,
-    o_proj / out_proj, gate_proj, up_proj, down_proj, fc1, fc2: the names of the Hugging Face
+This file implements no PEFT method, no training loop and no benchmark. A model's forward builds
+one AttnState (mask, token positions, KV cache, RoPE tables, ...) and hands it to every layer.
+The PEFT methods (methods.py) attach through:
+  - every projection is an nn.Linear with a stable name (q_proj, k_proj, v_proj, o_proj /
+    out_proj, gate_proj, up_proj, down_proj, fc1, fc2: the names of the Hugging Face
     checkpoints), so a method can swap it for a wrapper that owns the same `weight`;
-  - `attend(...)`, the one attention function, with `extra_kv` (prefix keys/values) and `attn_map`
-    (a post-/pre-softmax attention-map term, implemented by lmam.py);
+  - `attend(...)`, the one attention function, with `extra_kv` (an attention's `prefix`: prefix
+    keys/values) and `attn_map` (an object that computes the attention with a learned map added:
+    lmam.py; DeBERTa's attention asks it for its terms instead);
   - `MLP.adapter` / `FFN.adapter` / `MultiHeadAttention.adapter`: where an adapter adds its term
     after a sub-block (in RoBERTa/BART, as He et al.: the FFN's after the block's dropout, the
-    attention's before it).
+    attention's before it);
+  - `Llama.s2_ratio`: LongLoRA's shifted sparse attention in training (shifted_sparse_attention).
+Training reaches it only through dropout, `gradient_checkpointing` and the modules' train() mode.
 Positions are token positions (0 at each sequence's first real token, independent of padding),
-computed once per forward and passed down.
+computed once per forward (map_positions) and passed down in the AttnState.
 """
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -167,113 +171,105 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def linear(x, weight, bias=None):
-    """F.linear, except for a few fp32 rows on a CPU (decoding) where a batched product over the
-    weight's two row halves was measured faster on this machine, for this shape and this number of
-    rows (row_halves_wins). Decoding reads every weight once per token, so this product is most of
-    a step, and BLAS libraries differ on it: on one machine of this project F.linear's few-row
-    product was 2-5x slower than the batched form, on another 3x faster. Same result up to rounding."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 32 or weight.shape[0] % 2 \
-            or torch.compiler.is_compiling() or not row_halves_wins(weight, rows):
-        return F.linear(x, weight, bias)
-    y = row_halves(x, weight)
-    return y if bias is None else y + bias
+@dataclass
+class AttnState:
+    """What every attention layer of one forward reads besides its input: built once per forward
+    (Llama.forward, Roberta.encode, Bart.encode / decode, Deberta.encode) and passed down whole.
+
+    mask: boolean, True = attend: (B, 1, T, S) or a key mask (B, 1, 1, S); None: nothing to mask.
+    is_causal: causal attention without a mask (SDPA's fastest kernels).
+    positions: (query token positions (B, T), key token positions (B, S), key slot is a real token
+      (B, S)): where an attention map (attn_map) reads each query and key (map_positions).
+    cache: the KV cache (decoding). rope: the (cos, sin) tables of the queries (LLaMA).
+    s2: (group, wrap): LongLoRA's shifted sparse attention (training; shifted_sparse_attention).
+    rel: DeBERTa's (relative embeddings (2k, D), their bucket index (T, T)).
+    need_weights: also return the (B, H, T, S) attention probabilities (pictures, tests)."""
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    positions: tuple | None = None
+    cache: KVCache | None = None
+    rope: tuple | None = None
+    s2: tuple | None = None
+    rel: tuple | None = None
+    need_weights: bool = False
 
 
-def row_halves(x, weight):
-    out, d = weight.shape
-    rows = x.numel() // d
-    y = torch.bmm(weight.view(2, out // 2, d), x.reshape(rows, d).t().expand(2, d, rows))   # (2, out/2, rows)
-    return y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
+def token_positions(attention_mask):
+    """Position of each token counted from its sequence's first real token; 0 on padding.
+    attention_mask (B, S) of 0/1 -> (B, S) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-ROW_HALVES = {}   # (out, in, rows) -> (F.linear's seconds, the row halves' seconds), measured on this machine
+def map_positions(attention_mask, past: int = 0):
+    """AttnState.positions for key slots attention_mask (B, S) of 0/1, the queries being the slots
+    after the `past` cached ones: (query positions (B, S - past), key positions (B, S), real (B, S))."""
+    keys = token_positions(attention_mask)
+    return keys[:, past:], keys, attention_mask.bool()
 
 
-def row_halves_wins(weight, rows: int) -> bool:
-    """Is the row-halves product clearly (> 1.25x) faster than F.linear for `rows` rows times this
-    weight's shape on this machine? Measured once per (shape, rows), then remembered: a decoding
-    run meets one or two row counts (batch × beams), a few milliseconds each."""
-    key = (*weight.shape, rows)
-    if key not in ROW_HALVES:
-        ROW_HALVES[key] = measure_row_halves(key)
-    plain, halves = ROW_HALVES[key]
-    return halves * 1.25 < plain
+def causal_mask(attention_mask, past: int, T: int, device):
+    """(mask, is_causal) of T new query slots after `past` cached ones: key slot s is visible to
+    query slot t if s <= t and s is a real token (attention_mask (B, past + T); None: no padding).
+    A padded query also sees itself, so that its (unused) softmax row is never empty."""
+    if attention_mask is None and (past == 0 or T == 1):
+        # no mask to build: causal from the start (T = 1 included: a 1×1 causal mask is no mask),
+        # one new token attending to the whole cache otherwise. is_causal is a Python bool, never a
+        # function of T, so a compiled graph does not depend on it.
+        return None, past == 0
+    q_slot = torch.arange(past, past + T, device=device)[:, None]
+    k_slot = torch.arange(past + T, device=device)[None, :]
+    mask = (k_slot <= q_slot)[None]                                              # (1, T, S)
+    if attention_mask is not None:
+        mask = (mask & attention_mask.bool()[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+    return mask[:, None], False                                                  # (B or 1, 1, T, S)
 
 
-@torch.compiler.disable
-@torch.no_grad()
-def measure_row_halves(key):
-    """(F.linear's seconds, the row halves' seconds) for rows × (out, in), each the best of 5."""
-    out, d, rows = key
-    g = torch.Generator().manual_seed(0)                  # not the global RNG: training stays reproducible
-    x, w = torch.randn(rows, d, generator=g), torch.randn(out, d, generator=g)
-
-    def best(f):
-        f()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(lambda: F.linear(x, w)), best(lambda: row_halves(x, w))
+def padding_mask(attention_mask):
+    """(B, S) 0/1 -> boolean key mask (B, 1, 1, S) for SDPA; None without a mask. (The mask's values
+    are not inspected: that would be a host-device sync on every forward.)"""
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, None, :]
 
 
-def decoding_report() -> str:
-    """Which product each weight shape and row count uses when decoding on this CPU, as measured."""
-    if not ROW_HALVES:
-        return "decoding products: F.linear (nothing measured: no fp32 decoding on a CPU yet)"
-    parts = [f"{o}x{i}, {r} row{'s' * (r > 1)}: {'row halves' if h * 1.25 < p else 'F.linear'} "
-             f"({1e6 * p:.0f} vs {1e6 * h:.0f} µs)" for (o, i, r), (p, h) in sorted(ROW_HALVES.items())]
-    return "decoding products, measured on this CPU (F.linear vs row halves): " + "; ".join(parts)
-
-
-class Linear(nn.Linear):
-    """nn.Linear computed by `linear` (fast decoding on CPU); the projections of the models below.
-    Still an nn.Linear: PEFT methods find and wrap it like any other."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-def attend(q, k, v, mask=None, *, is_causal=False, extra_kv=None, attn_map=None, positions=None,
-           need_weights=False, dropout_p=0.0, s2=None):
-    """softmax(q kᵀ / √d + mask) v, the one attention function of this file.
+def attend(q, k, v, state: AttnState, *, extra_kv=None, attn_map=None, dropout_p=0.0):
+    """softmax(q kᵀ / √d + mask) v, the one attention function of this file; returns (y, probs or None).
 
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with H a multiple of Hkv (grouped-query attention:
-    query head i reads key/value head i // (H / Hkv)). `mask` is boolean (B, 1, T, S), True = attend.
+    query head i reads key/value head i // (H / Hkv)). `state`: the forward's AttnState (mask,
+    is_causal, need_weights: the T×S probabilities materialised and returned, s2).
     `extra_kv` = (k', v') of shape (B, Hkv, P, hd) prepended to every query's keys (prefix tuning).
-    `attn_map` is an object adding a learned attention map (LMAM, lmam.py); `positions` = (query
-    token positions (B, T), key token positions (B, S), key is a real token (B, S)). With
-    `need_weights` the T×S attention probabilities are materialised and returned as well (for
-    pictures and tests); otherwise the work stays in scaled_dot_product_attention. `dropout_p`:
-    attention dropout on the probabilities (RoBERTa/BART fine-tuning; pass 0.0 in eval mode).
-    `s2` = (group, wrap): LongLoRA's shifted sparse attention instead of full causal attention
-    (training only; shifted_sparse_attention).
+    `attn_map`: an object adding a learned attention map, which then computes the attention
+    itself (its attend(q, k, v, state, dropout_p): LMAM, lmam.py). `dropout_p`: attention dropout
+    on the probabilities (RoBERTa/BART fine-tuning; pass 0.0 in eval mode).
     """
-    if s2 is not None and (mask is not None or not is_causal or extra_kv is not None):
+    if state.s2 is not None and (state.mask is not None or not state.is_causal or extra_kv is not None):
         raise ValueError("S²-Attn (--s2_ratio) needs causal rows without padding or a prefix: LongLoRA's "
                          "rows of exactly L tokens")
     if extra_kv is not None:
-        pk, pv = extra_kv
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, Hkv, P + S, hd)
-        if mask is None and is_causal:
-            T, S = q.shape[2], k.shape[2] - pk.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
-            is_causal = False
-        if mask is not None:
-            prefix_ok = torch.ones(*mask.shape[:-1], pk.shape[2], dtype=torch.bool, device=q.device)
-            mask = torch.cat([prefix_ok.expand(mask.shape[0], -1, -1, -1), mask], dim=-1)
+        k, v, state = with_prefix(q, k, v, extra_kv, state)
     if attn_map is not None:
-        return attn_map.attend(q, k, v, mask, is_causal=is_causal, positions=positions,
-                               need_weights=need_weights, dropout_p=dropout_p, s2=s2)
-    if s2 is not None:
-        return shifted_sparse_attention(q, k, v, *s2), None
-    if need_weights:
-        return attention_naive(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
-    return sdpa(q, k, v, mask, is_causal, dropout_p), None
+        return attn_map.attend(q, k, v, state, dropout_p=dropout_p)
+    if state.s2 is not None:
+        return shifted_sparse_attention(q, k, v, *state.s2), None
+    if state.need_weights:
+        return attention_naive(q, k, v, state.mask, is_causal=state.is_causal, dropout_p=dropout_p)
+    return sdpa(q, k, v, state.mask, state.is_causal, dropout_p), None
+
+
+def with_prefix(q, k, v, extra_kv, state: AttnState):
+    """Keys and values with the prefix (k', v') (B, Hkv, P, hd) in front, and the state's mask
+    widened to match: every query sees every prefix key."""
+    pk, pv = extra_kv
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)                 # (B, Hkv, P + S, hd)
+    mask, is_causal = state.mask, state.is_causal
+    if mask is None and is_causal:
+        T, S = q.shape[2], k.shape[2] - pk.shape[2]
+        mask, is_causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None], False
+    if mask is not None:
+        prefix_ok = torch.ones(*mask.shape[:-1], pk.shape[2], dtype=torch.bool, device=q.device)
+        mask = torch.cat([prefix_ok, mask], dim=-1)                              # (B, 1, T, P + S)
+    return k, v, replace(state, mask=mask, is_causal=is_causal)
 
 
 def shifted_sparse_attention(q, k, v, group: int, wrap: bool = False):
@@ -344,24 +340,23 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
 
-    def forward(self, x, cos, sin, mask, is_causal, positions, cache=None, need_weights=False, s2=None):
+    def forward(self, x, state: AttnState):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v)                                                   # (B, Hkv, S, hd)
+        q, k = apply_rope(q, *state.rope), apply_rope(k, *state.rope)
+        if state.cache is not None:
+            k, v = state.cache.update(k, v)                                             # (B, Hkv, S, hd)
         extra_kv = self.prefix(B, x.dtype) if self.prefix is not None else None
-        y, probs = attend(q, k, v, mask, is_causal=is_causal, extra_kv=extra_kv, attn_map=self.attn_map,
-                          positions=positions, need_weights=need_weights, s2=s2)
+        y, probs = attend(q, k, v, state, extra_kv=extra_kv, attn_map=self.attn_map)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)              # (B, T, H * hd)
         return self.o_proj(y), probs
 
@@ -371,9 +366,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.adapter = None
 
     def forward(self, x):
@@ -391,9 +386,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, positions, cache=None, need_weights=False, s2=None):
-        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, positions,
-                                  cache, need_weights, s2)
+    def forward(self, x, state: AttnState):
+        a, probs = self.self_attn(self.input_layernorm(x), state)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
@@ -437,10 +431,12 @@ class KVCache:
             part.copy_(part.index_select(0, idx))
 
 
-def token_positions(attention_mask):
-    """Position of each token counted from its sequence's first real token; 0 on padding.
-    attention_mask (B, S) of 0/1 -> (B, S) long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def run_layer(model, layer, *args):
+    """layer(*args); recomputed in the backward pass instead of keeping its activations when the
+    model trains with gradient_checkpointing (activation checkpointing)."""
+    if model.gradient_checkpointing and model.training:
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 class Llama(nn.Module):
@@ -450,7 +446,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -467,8 +463,10 @@ class Llama(nn.Module):
         attention_mask (B, S) with 1 for real tokens and 0 for padding (left or right), where S is T,
         or, when decoding with `cache`, the cached length plus T. Give no mask when nothing is padded:
         then SDPA runs its fastest causal kernels, and nothing here looks at the mask's values (no
-        host-device sync; one graph under torch.compile). With need_weights=True returns
-        (logits, [attention probabilities per layer]).
+        host-device sync; one graph under torch.compile). positions (B, T): the queries' token
+        positions, for RoPE and an attention map (default: counted from each row's first real token).
+        With need_weights=True returns (logits, [attention probabilities per layer]); with
+        return_hidden=True the final hidden states (B, T, dim) instead of the logits.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0                 # a Python int, never a tensor
@@ -478,41 +476,22 @@ class Llama(nn.Module):
             raise ValueError(f"{past + T} positions, but this model was trained for {self.cfg.max_seq_len}"
                              + ("" if room == self.cfg.max_seq_len else f" (× RoPE scaling: {room:g})") +
                              ": interpolate positions (LongLoRA: --method longlora) or shorten the input")
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        real = torch.ones(B, past + T, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+        q_pos, k_pos, k_real = map_positions(real, past)                 # (B, T), (B, S), (B, S)
+        positions = q_pos if positions is None else positions
+        mask, is_causal = causal_mask(attention_mask, past, T, device)
         # LongLoRA's S²-Attn in training mode only (evaluation uses full attention, as LongLoRA does)
         s2 = (int(T * self.s2_ratio), self.s2_wrap) if self.training and self.s2_ratio and cache is None else None
-        padded = attention_mask is not None
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
-        if attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        if positions is None:
-            positions = token_positions(attention_mask)[:, past:]                   # (B, T)
-
-        # Mask: key slot s is visible to query slot t if s <= t and s is a real token. A padded
-        # query also sees itself, so that its (unused) softmax row is never empty.
-        if not padded and (past == 0 or T == 1):
-            # no padding, no mask to build: causal from the start (T = 1 included: a 1×1 causal
-            # mask is no mask), one new token attending to the whole cache otherwise. is_causal is
-            # a Python bool, never a function of T, so a compiled graph does not depend on it.
-            mask, is_causal = None, past == 0
-        else:
-            q_slot = torch.arange(past, past + T, device=device)[:, None]
-            k_slot = torch.arange(past + T, device=device)[None, :]
-            mask = (k_slot <= q_slot) & attention_mask.bool()[:, None, :]           # (B, T, S)
-            mask = (mask | (k_slot == q_slot))[:, None]                             # (B, 1, T, S)
-            is_causal = False
 
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
-        # token positions of the queries and of every key slot, for an attention map (LMAM)
-        map_positions = (positions, token_positions(attention_mask), attention_mask.bool())
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
+        state = AttnState(mask, is_causal, positions=(positions, k_pos, k_real), cache=cache, rope=rope, s2=s2,
+                          need_weights=need_weights)
         all_probs = []
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x, probs = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask, is_causal, map_positions, cache, need_weights, s2, use_reentrant=False)
-            else:
-                x, probs = layer(x, cos, sin, mask, is_causal, map_positions, cache, need_weights, s2)
+            x, probs = run_layer(self, layer, x, state)
             all_probs.append(probs)
         if cache is not None:
             cache.advance(T)
@@ -593,10 +572,10 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
         self.prefix = None    # prefix tuning sets a module returning (k', v') for a batch size
         self.attn_map = None  # LMAM sets its map here
         self.adapter = None   # Houlsby's adapter on this block's output, applied by the layer before its dropout
@@ -608,18 +587,18 @@ class MultiHeadAttention(nn.Module):
     def kv(self, x):
         return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
 
-    def forward(self, x, mask=None, is_causal=False, positions=None, kv=None, cache=None, need_weights=False):
+    def forward(self, x, state: AttnState, kv=None):
+        """x (B, T, D) -> (output (B, T, D), probabilities or None); kv: cross-attention's (k, v)."""
         B, T, D = x.shape
         q = self.heads(self.q_proj(x))
         if kv is None:                                  # self-attention
             k, v = self.kv(x)
-            if cache is not None:
-                k, v = cache.update(k, v)
+            if state.cache is not None:
+                k, v = state.cache.update(k, v)
         else:                                           # cross-attention
             k, v = kv
         extra_kv = self.prefix(B, x.dtype) if self.prefix is not None else None
-        y, probs = attend(q, k, v, mask, is_causal=is_causal, extra_kv=extra_kv, attn_map=self.attn_map,
-                          positions=positions, need_weights=need_weights,
+        y, probs = attend(q, k, v, state, extra_kv=extra_kv, attn_map=self.attn_map,
                           dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D)), probs                # (B, T, D)
 
@@ -630,8 +609,8 @@ class FFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str, activation_dropout: float):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.act, self.activation_dropout = ACTIVATIONS[activation], activation_dropout
         self.adapter = None
 
@@ -666,15 +645,16 @@ class EncoderLayer(nn.Module):
             y = adapter(x, y)
         return x + y if self.pre_norm else norm(x + y)
 
-    def forward(self, x, mask, positions, need_weights=False):
+    def forward(self, x, state: AttnState):
+        """-> (x, the attention probabilities or None)"""
         probs = []
         def attention(h):
-            y, p = self.self_attn(h, mask, positions=positions, need_weights=need_weights)
+            y, p = self.self_attn(h, state)
             probs.append(p)
             return y
         x = self.residual(x, self.self_attn_layer_norm, attention, inner=self.self_attn.adapter)
         x = self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
-        return (x, probs[0]) if need_weights else x
+        return x, probs[0]
 
 
 class DecoderLayer(EncoderLayer):
@@ -687,11 +667,13 @@ class DecoderLayer(EncoderLayer):
         self.encoder_attn = MultiHeadAttention(dim, n_heads, attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(dim, eps=norm_eps)
 
-    def forward(self, x, self_mask, is_causal, enc_kv, enc_mask, positions, cache=None):
-        x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(
-            h, self_mask, is_causal=is_causal, positions=positions, cache=cache)[0], inner=self.self_attn.adapter)
-        x = self.residual(x, self.encoder_attn_layer_norm,
-                          lambda h: self.encoder_attn(h, enc_mask, kv=enc_kv)[0], inner=self.encoder_attn.adapter)
+    def forward(self, x, state: AttnState, enc_kv, enc_state: AttnState):
+        """state: the causal self-attention's; enc_kv, enc_state: the cross-attention's keys and
+        values (Bart.cross_kv) and its state (the source's padding)."""
+        x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, state)[0],
+                          inner=self.self_attn.adapter)
+        x = self.residual(x, self.encoder_attn_layer_norm, lambda h: self.encoder_attn(h, enc_state, enc_kv)[0],
+                          inner=self.encoder_attn.adapter)
         return self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
 
 
@@ -700,22 +682,14 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, dim: int, num_labels: int, dropout: float):
         super().__init__()
-        self.dense = Linear(dim, dim)
-        self.out_proj = Linear(dim, num_labels)
+        self.dense = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, num_labels)
         self.dropout = dropout
 
     def forward(self, h):
         x = F.dropout(h[:, 0].to(self.dense.weight.dtype), self.dropout, self.training)  # an fp32 head on bf16 states
         x = torch.tanh(self.dense(x))
         return self.out_proj(F.dropout(x, self.dropout, self.training))
-
-
-def padding_mask(attention_mask):
-    """(B, S) 0/1 -> boolean key mask (B, 1, 1, S) for SDPA; None without a mask. (The mask's values
-    are not inspected: that would be a host-device sync on every forward.)"""
-    if attention_mask is None:
-        return None
-    return attention_mask.bool()[:, None, None, :]
 
 
 class Roberta(nn.Module):
@@ -737,7 +711,7 @@ class Roberta(nn.Module):
     def encode(self, input_ids, attention_mask=None, need_weights=False):
         """input_ids (B, T) -> last hidden states (B, T, dim). Padding is where input_ids == pad_id
         (RoBERTa's positions skip it) or attention_mask == 0. need_weights=True: also every layer's
-        attention probabilities (B, H, T, T), LMAM's map included (lmam.py), to look at."""
+        attention probabilities (B, H, T, T), an attention map's term (attn_map) included, to look at."""
         if attention_mask is None:
             attention_mask = (input_ids != self.cfg.pad_id).long()
         real = (input_ids != self.cfg.pad_id).long()
@@ -749,18 +723,12 @@ class Roberta(nn.Module):
                              f"truncate the inputs")
         x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_token_types(torch.zeros_like(input_ids))
         x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
-        mask = padding_mask(attention_mask)
-        tp = token_positions(attention_mask)
-        positions = (tp, tp, attention_mask.bool())                     # for an attention map (LMAM)
+        state = AttnState(padding_mask(attention_mask), positions=map_positions(attention_mask),
+                          need_weights=need_weights)
         all_probs = []
         for layer in self.layers:
-            if need_weights:
-                x, probs = layer(x, mask, positions, need_weights=True)
-                all_probs.append(probs)
-            elif self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, positions, use_reentrant=False)
-            else:
-                x = layer(x, mask, positions)
+            x, probs = run_layer(self, layer, x, state)
+            all_probs.append(probs)
         return (x, all_probs) if need_weights else x
 
     def forward(self, input_ids, attention_mask=None):
@@ -805,27 +773,18 @@ class Bart(nn.Module):
         x = self.shared(ids) * self.embed_scale + part.embed_positions(pos)
         return F.dropout(part.layernorm_embedding(x), self.cfg.dropout, self.training)
 
-    def run(self, layer, *args):
-        if self.gradient_checkpointing and self.training:
-            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
-
     def encode(self, input_ids, attention_mask=None, need_weights=False):
         """Source tokens (B, S) -> encoder output (B, S, dim); need_weights=True: also every encoder
-        layer's attention probabilities (B, H, S, S), LMAM's map included."""
+        layer's attention probabilities (B, H, S, S), an attention map's term included."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.embed(self.encoder, input_ids)
-        mask = padding_mask(attention_mask)
-        tp = token_positions(attention_mask)
-        positions = (tp, tp, attention_mask.bool())                     # for an attention map (LMAM)
+        state = AttnState(padding_mask(attention_mask), positions=map_positions(attention_mask),
+                          need_weights=need_weights)
         all_probs = []
         for layer in self.encoder.layers:
-            if need_weights:
-                x, probs = layer(x, mask, positions, need_weights=True)
-                all_probs.append(probs)
-            else:
-                x = self.run(layer, x, mask, positions)
+            x, probs = run_layer(self, layer, x, state)
+            all_probs.append(probs)
         x = self.encoder.layer_norm(x) if self.cfg.pre_norm else x
         return (x, all_probs) if need_weights else x
 
@@ -839,25 +798,19 @@ class Bart(nn.Module):
         (return_hidden: the final hidden states instead, for lm_loss)."""
         past = cache.length if cache is not None else 0
         x = self.embed(self.decoder, decoder_input_ids, past)
-        enc_mask = padding_mask(attention_mask)
-        T = decoder_input_ids.shape[1]
-        # causal self-attention; with cached tokens and several new ones, an explicit (T, S) mask
-        self_mask, is_causal = None, past == 0
-        if past and T > 1:
-            self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
-            is_causal = False
-        tp = torch.arange(past, past + T, device=x.device).expand(x.shape[0], T)
-        kp = torch.arange(past + T, device=x.device).expand(x.shape[0], past + T)
-        positions = (tp, kp, torch.ones_like(kp, dtype=torch.bool))
+        (B, T), device = decoder_input_ids.shape, x.device
+        real = torch.ones(B, past + T, dtype=torch.long, device=device)      # no mask: pads come after a target
+        state = AttnState(*causal_mask(None, past, T, device), positions=map_positions(real, past), cache=cache)
+        enc_state = AttnState(padding_mask(attention_mask))
         for layer, kv in zip(self.decoder.layers, enc_kv):
-            x = self.run(layer, x, self_mask, is_causal, kv, enc_mask, positions, cache)
+            x = run_layer(self, layer, x, state, kv, enc_state)
         if cache is not None:
             cache.advance(T)
         if self.cfg.pre_norm:
             x = self.decoder.layer_norm(x)
         if return_hidden:
             return x
-        return linear(x, self.shared.weight) + self.final_logits_bias         # tied LM head
+        return F.linear(x, self.shared.weight) + self.final_logits_bias         # tied LM head
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, return_hidden=False):
         """Source (B, S) and decoder input (B, T) -> logits (B, T, vocab)."""
@@ -946,19 +899,20 @@ class DisentangledAttention(MultiHeadAttention):
     with k_r = k_proj(rel), q_r = q_proj(rel) (the layer's own projections, biases included, on the
     shared relative embeddings) and idx(i, j) = clamp(δ(i, j) + k, 0, 2k − 1). (transformers
     writes p2c with −δ(j, i), the same index: δ is antisymmetric.)
-    LMAM (attn_map) adds its map after the softmax, on the token grid: (softmax(scores) + Attn_s)·V
-    (Eq. 12-13, LMAM.grid); ¬N (pre_softmax) adds it to the scores. Prefix keys (prefix tuning)
-    carry no position: their scores are the content term alone."""
+    An attention map (attn_map) gives its terms on the (B, H, T, S) token grid through
+    attn_map.terms(positions, n_keys): one added to the scores before the softmax, one added to
+    the probabilities after it (lmam.py's LMAM.terms). Prefix keys (prefix tuning) carry no
+    position: their scores are the content term alone."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float, rel_dropout: float):
         super().__init__(dim, n_heads, dropout)
         self.rel_dropout = rel_dropout        # transformers' pos_dropout (hidden_dropout_prob), per layer
 
-    def forward(self, x, mask=None, positions=None, rel=None, need_weights=False):
-        """x (B, T, D); mask (B, 1, 1, T) boolean key mask; rel = (relative embeddings (2k, D), their
-        bucket index (T, T)). Returns (output (B, T, D), probabilities (B, H, T, S) or None)."""
+    def forward(self, x, state: AttnState):
+        """x (B, T, D); state.mask (B, 1, 1, T) boolean key mask; state.rel = (relative embeddings
+        (2k, D), their bucket index (T, T)). Returns (output (B, T, D), probabilities (B, H, T, S) or None)."""
         B, T, D = x.shape
-        rel_emb, idx = rel
+        (rel_emb, idx), mask = state.rel, state.mask
         q, k, v = self.heads(self.q_proj(x)), *self.kv(x)                            # (B, H, T, hd)
         rel_emb = F.dropout(rel_emb, self.rel_dropout, self.training)[None]          # (1, 2k, D)
         k_r, q_r = self.heads(self.k_proj(rel_emb)), self.heads(self.q_proj(rel_emb))   # (1, H, 2k, hd)
@@ -973,19 +927,20 @@ class DisentangledAttention(MultiHeadAttention):
             v = torch.cat([pv, v], dim=2)
             if mask is not None:
                 mask = F.pad(mask, (pk.shape[2], 0), value=True)
-        P = scores.shape[-1] - T
-        grid = self.attn_map.grid(positions, P) if self.attn_map is not None else None   # (B, H, T, S), fp32
-        if grid is not None and self.attn_map.variant == "pre_softmax":              # ¬N: inside the softmax
-            scores = scores + grid.to(scores.dtype)
+        before = after = None                # an attention map's terms on the (B, H, T, S) grid, fp32
+        if self.attn_map is not None:
+            before, after = self.attn_map.terms(state.positions, n_keys=scores.shape[-1])
+        if before is not None:                                                        # added to the scores
+            scores = scores + before.to(scores.dtype)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.float().softmax(dim=-1).to(q.dtype)
         y = F.dropout(probs, self.dropout, self.training) @ v
-        if grid is not None and self.attn_map.variant != "pre_softmax":              # Eq. 12-13
-            y = y + grid.to(v.dtype) @ v
-            probs = probs + grid.to(probs.dtype)
+        if after is not None:                                                         # added to the probabilities
+            y = y + after.to(v.dtype) @ v
+            probs = probs + after.to(probs.dtype)
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, D))
-        return y, (probs if need_weights else None)
+        return y, (probs if state.need_weights else None)
 
 
 class DebertaLayer(EncoderLayer):
@@ -996,16 +951,6 @@ class DebertaLayer(EncoderLayer):
                          0.0, cfg.norm_eps)
         self.self_attn = DisentangledAttention(cfg.dim, cfg.n_heads, cfg.attention_dropout, cfg.dropout)
 
-    def forward(self, x, mask, positions, rel, need_weights=False):
-        probs = []
-        def attention(h):
-            y, p = self.self_attn(h, mask, positions, rel, need_weights)
-            probs.append(p)
-            return y
-        x = self.residual(x, self.self_attn_layer_norm, attention, inner=self.self_attn.adapter)
-        x = self.residual(x, self.final_layer_norm, self.ffn, self.ffn.adapter)
-        return (x, probs[0]) if need_weights else x
-
 
 class DebertaHead(nn.Module):
     """DeBERTa's GLUE head (transformers' ContextPooler + classifier): out_proj(dropout(act(dense(
@@ -1013,8 +958,8 @@ class DebertaHead(nn.Module):
 
     def __init__(self, cfg: DebertaConfig):
         super().__init__()
-        self.dense = Linear(cfg.dim, cfg.dim)
-        self.out_proj = Linear(cfg.dim, cfg.num_labels)
+        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, cfg.num_labels)
         self.act = ACTIVATIONS[cfg.pooler_activation]
         self.pooler_dropout = cfg.pooler_dropout
         self.cls_dropout = cfg.dropout if cfg.cls_dropout is None else cfg.cls_dropout
@@ -1044,7 +989,7 @@ class Deberta(nn.Module):
         """input_ids (B, T) -> last hidden states (B, T, dim). Padding is where attention_mask == 0
         (default: input_ids == pad_id). token_type_ids: segment ids, used only by checkpoints with
         a type embedding (v3 has none). need_weights=True: also every layer's attention
-        probabilities (B, H, T, T), LMAM's map included. A padded query row attends to the real
+        probabilities (B, H, T, T), an attention map's term included. A padded query row attends to the real
         keys (transformers': evenly to every key); either way no real token ever sees it."""
         if attention_mask is None:
             attention_mask = (input_ids != self.cfg.pad_id).long()
@@ -1056,19 +1001,12 @@ class Deberta(nn.Module):
         T, k = input_ids.shape[1], self.cfg.span
         rel_emb = self.rel_layer_norm(self.rel_embeddings.weight).to(x.dtype)          # (2k, D), every layer's
         idx = (relative_positions(T, T, self.cfg, input_ids.device) + k).clamp(0, 2 * k - 1)   # (T, T) rows of it
-        rel = (rel_emb, idx)
-        mask = padding_mask(attention_mask)
-        tp = token_positions(attention_mask)
-        positions = (tp, tp, attention_mask.bool())                     # for an attention map (LMAM)
+        state = AttnState(padding_mask(attention_mask), positions=map_positions(attention_mask), rel=(rel_emb, idx),
+                          need_weights=need_weights)
         all_probs = []
         for layer in self.layers:
-            if need_weights:
-                x, probs = layer(x, mask, positions, rel, need_weights=True)
-                all_probs.append(probs)
-            elif self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, positions, rel, use_reentrant=False)
-            else:
-                x = layer(x, mask, positions, rel)
+            x, probs = run_layer(self, layer, x, state)
+            all_probs.append(probs)
         return (x, all_probs) if need_weights else x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):

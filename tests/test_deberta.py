@@ -261,11 +261,11 @@ def test_lmam_in_disentangled_attention_is_eq_12(tiny_path):
             rel_idx = (M.relative_positions(13, 13, m.cfg, "cpu") + m.cfg.span).clamp(0, 2 * m.cfg.span - 1)
             rel = (m.rel_layer_norm(m.rel_embeddings.weight), rel_idx)
             tp = M.token_positions(mask)
-            positions = (tp, tp, mask.bool())
+            state = M.AttnState(M.padding_mask(mask), positions=(tp, tp, mask.bool()), rel=rel, need_weights=True)
             lmam, attn.attn_map = attn.attn_map, None
-            _, p = attn(x, M.padding_mask(mask), positions, rel, need_weights=True)   # the base probabilities
+            _, p = attn(x, state)                                                  # the base probabilities
             attn.attn_map = lmam
-            out, probs = attn(x, M.padding_mask(mask), positions, rel, need_weights=True)
+            out, probs = attn(x, state)
             a = lmam.attn_map()                                                    # (h_s, n, n)
             grid = torch.zeros_like(p)
             for b in range(3):
@@ -302,7 +302,7 @@ def test_disentangled_attention_written_out_with_a_prefix(tiny_path):
         x = torch.randn(2, 11, 32)
         idx = (M.relative_positions(11, 11, m.cfg, "cpu") + m.cfg.span).clamp(0, 2 * m.cfg.span - 1)
         rel_emb = m.rel_layer_norm(m.rel_embeddings.weight)
-        _, probs = attn(x, None, None, (rel_emb, idx), need_weights=True)
+        _, probs = attn(x, M.AttnState(rel=(rel_emb, idx), need_weights=True))
         q, k = attn.heads(attn.q_proj(x)), attn.heads(attn.k_proj(x))
         k_r, q_r = attn.heads(attn.k_proj(rel_emb[None])), attn.heads(attn.q_proj(rel_emb[None]))
         c2p = torch.einsum("bhid,bhijd->bhij", q, k_r[:, :, idx])

@@ -47,18 +47,11 @@ def reference():
                                                 dtype=torch.float32).eval()
 
 
-@pytest.fixture
-def f_linear_only(monkeypatch):
-    """model.linear's few-row CPU product (row halves, chosen by timing) equals F.linear up to rounding
-    only; pin F.linear so that the comparison with transformers is of the weights, exactly."""
-    monkeypatch.setattr(model, "row_halves_wins", lambda weight, rows: False)
-
-
 def hf_positions(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def test_smollm_logits_equal_transformers_gguf_loading(smollm, reference, f_linear_only):
+def test_smollm_logits_equal_transformers_gguf_loading(smollm, reference):
     ours = smollm[0]
     assert (ours.cfg.dim, ours.cfg.n_layers, ours.cfg.n_heads, ours.cfg.n_kv_heads, ours.cfg.hidden_dim,
             ours.cfg.vocab_size, ours.cfg.norm_eps, ours.cfg.rope_theta, ours.cfg.max_seq_len,
@@ -203,7 +196,7 @@ def test_tiny_gguf_round_trip(tmp_path, tied):
     assert listing(tmp_path) == before
 
 
-def test_tiny_gguf_logits_equal_transformers(tmp_path, f_linear_only):
+def test_tiny_gguf_logits_equal_transformers(tmp_path):
     """A random transformers LLaMA (GQA) written as llama.cpp's converter would (F32): the same logits,
     with left and right padding, so the Q/K permutation is undone the way transformers' model needs."""
     pytest.importorskip("transformers", reason="transformers (the test-only reference) is not installed")

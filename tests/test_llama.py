@@ -13,7 +13,6 @@ from runs import atomic_write
 from conftest import assert_decode_equals_full, shared
 from generate import generate
 from hf_llama import VARIANTS, hf_positions, save_bin, save_llama2c, save_meta, tiny_hf_llama
-from loss import lm_loss
 from tokenizer import TiktokenTokenizer, load_tokenizer
 
 
@@ -364,91 +363,21 @@ def test_meta_unknown_key_and_missing_shard_tensor(tmp_path):
         load(str(tmp_path))
 
 
-def test_linear_fast_path_equals_f_linear(monkeypatch):
-    """model.linear: bmm over row halves for a few rows on CPU (decoding) where that was measured
-    faster on this machine, F.linear otherwise; the same values and gradients up to rounding, with
-    and without bias, for 1-32 and 33 rows."""
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(64, 16, generator=g, requires_grad=True), torch.randn(64, generator=g, requires_grad=True)
-    for rows in (1, 3, 32, 33):                                       # as if measured: the row halves win
-        monkeypatch.setitem(model.ROW_HALVES, (64, 16, rows), (1.0, 0.1))
-    for shape in [(16,), (1, 16), (3, 1, 16), (32, 16), (33, 16)]:
-        x = torch.randn(*shape, generator=g, requires_grad=True)
-        for bias in (None, b):
-            out, ref = model.linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
-            assert out.shape == ref.shape
-            assert_close(out, ref, atol=1e-6, rtol=1e-6)
-            gx, gw = torch.autograd.grad(out.sum(), (x, w))
-            rx, rw = torch.autograd.grad(ref.sum(), (x, w))
-            assert_close(gx, rx, atol=1e-5, rtol=1e-5)
-            assert_close(gw, rw, atol=1e-5, rtol=1e-5)
-    odd = torch.randn(7, 16)                                    # an odd number of rows: F.linear
-    assert torch.equal(model.linear(torch.ones(1, 16), odd), torch.nn.functional.linear(torch.ones(1, 16), odd))
-
-    def uses_bmm(x, w):
-        with torch.profiler.profile() as prof:
-            model.linear(x, w)
-        return any(e.name == "aten::bmm" for e in prof.events())
-    x1, w1 = torch.randn(1, 16), w.detach()
-    assert uses_bmm(x1, w1) and not uses_bmm(torch.randn(33, 16), w1)
-    assert not uses_bmm(x1.bfloat16(), w1.bfloat16())            # bf16: its own kernel
-    monkeypatch.setitem(model.ROW_HALVES, (64, 16, 1), (0.1, 1.0))   # measured slower: F.linear
-    assert not uses_bmm(x1, w1)
-    monkeypatch.setitem(model.ROW_HALVES, (64, 16, 3), (0.1, 1.0))   # the choice is per row count too
-    assert not uses_bmm(torch.randn(3, 16), w1) and uses_bmm(torch.randn(32, 16), w1)
-    # a shape or row count not measured yet is measured once, and the report says what was chosen
-    fresh = torch.randn(48, 16)
-    for rows in (1, 4):
-        model.linear(torch.randn(rows, 16), fresh)
-    assert {(48, 16, 1), (48, 16, 4)} <= set(model.ROW_HALVES)
-    assert "48x16, 1 row: " in model.decoding_report() and "48x16, 4 rows: " in model.decoding_report()
-    model.ROW_HALVES.pop((48, 16, 1)), model.ROW_HALVES.pop((48, 16, 4))
-
-
-def test_lm_loss_under_autocast():
-    """Full fine-tuning and BitFit on a GPU compute the loss under bf16 autocast: bf16 hidden
-    states, an fp32 head. Same loss and gradient as autocast's logits + F.cross_entropy (CPU
-    autocast here), over several chunks."""
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(50, 16, generator=g)
-    y = torch.randint(0, 50, (19,), generator=g)
-    for hidden_dtype in (torch.bfloat16, torch.float32):            # from a matmul, or from a norm kept in fp32
-        x = torch.randn(19, 16, generator=g, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = (x @ torch.eye(16)).to(hidden_dtype)
-            out = lm_loss(h, w, y, chunk=8)
-            ref = torch.nn.functional.cross_entropy((h @ w.t()).float(), y, reduction="sum")
-        assert_close(out, ref, atol=1e-3, rtol=1e-5)
-        assert_close(torch.autograd.grad(out, x, retain_graph=True)[0], torch.autograd.grad(ref, x)[0], atol=2e-2,
-                     rtol=2e-2)
-
-
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("head_trains", [False, True])
-def test_lm_loss_equals_cross_entropy(smoothing, head_trains):
-    """The chunked linear cross-entropy against logits + F.cross_entropy: loss, dh and dW (when
-    the head trains), a bias (BART's final_logits_bias), ignored labels, a chunk that does not
-    divide the rows; and a PEFT-wrapped head takes the logits path."""
-    g = torch.Generator().manual_seed(1)
-    head = model.Linear(16, 50, bias=False)
-    head.weight.requires_grad_(head_trains)
-    bias = torch.randn(1, 50, generator=g)
-    h = torch.randn(2, 19, 16, generator=g, requires_grad=True)
-    y = torch.randint(0, 50, (2, 19), generator=g)
-    y[0, :4] = -100
-    out = lm_loss(h, head, y, bias, smoothing, chunk=8)
-    ref = torch.nn.functional.cross_entropy((head(h) + bias).flatten(0, 1), y.flatten(), ignore_index=-100,
-                                            label_smoothing=smoothing, reduction="sum")
-    assert_close(out, ref, atol=1e-4, rtol=1e-6)
-    wanted = (h, head.weight) if head_trains else (h,)
-    for a, b in zip(torch.autograd.grad(out, wanted), torch.autograd.grad(ref, wanted)):
-        assert_close(a, b, atol=1e-6, rtol=1e-5)
-    with torch.no_grad():
-        assert_close(lm_loss(h, head.weight, y, bias, smoothing), ref.detach(), atol=1e-4, rtol=1e-6)
+def test_head_logits_equal_f_linear():
+    """generate.head_logits: the row-halves product for a few fp32 rows on a CPU, F.linear
+    otherwise; the same fp32 logits up to rounding, for a module, a weight with a bias (BART's
+    tied head) and a head that a PEFT method wrapped (called as it is)."""
+    from generate import head_logits
     from lora import LoRALinear
+    g = torch.Generator().manual_seed(0)
+    head, bias = torch.nn.Linear(16, 64, bias=False), torch.randn(1, 64, generator=g)
+    for rows in (1, 4, 17):
+        h = torch.randn(rows, 16, generator=g)
+        assert_close(head_logits(h, head), torch.nn.functional.linear(h, head.weight), atol=1e-6, rtol=1e-6)
+        assert_close(head_logits(h, head.weight, bias), h @ head.weight.t() + bias, atol=1e-6, rtol=1e-6)
+        half = head_logits(h.bfloat16(), head.weight.bfloat16())
+        assert half.dtype == torch.float32 and torch.equal(half, (h.bfloat16() @ head.weight.bfloat16().t()).float())
     wrapped = LoRALinear(head, 2, 4, 0.0)
     with torch.no_grad():
         wrapped.lora_B.normal_()
-    ref = torch.nn.functional.cross_entropy(wrapped(h).flatten(0, 1), y.flatten(), ignore_index=-100,
-                                            reduction="sum")
-    assert_close(lm_loss(h, wrapped, y), ref)
+    assert torch.equal(head_logits(h, wrapped), wrapped(h).float())

@@ -83,8 +83,8 @@ def test_bidirectional_fast_equals_naive():
         valid[1, 5:] = False
         pos = M.token_positions(valid.long())
         mask = valid[:, None, None, :].expand(2, 1, 7, 7)
-        fast, _ = lm.attend(q, k, v, mask, is_causal=False, positions=(pos, pos, valid))
-        naive, _ = lm.attend(q, k, v, mask, is_causal=False, positions=(pos, pos, valid), need_weights=True)
+        fast, _ = lm.attend(q, k, v, M.AttnState(mask, positions=(pos, pos, valid)))
+        naive, _ = lm.attend(q, k, v, M.AttnState(mask, positions=(pos, pos, valid), need_weights=True))
         assert_close(fast, naive, atol=1e-5, rtol=1e-5)
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from model import (ACTIVATIONS, ENCDEC_PRESETS, LLAMA_PRESETS, Bart, BartConfig, ClassificationHead, Deberta,
-                   DebertaConfig, DebertaHead, Llama, LlamaConfig, Roberta, RobertaConfig, preset_name)
+                   DebertaConfig, Llama, LlamaConfig, Roberta, RobertaConfig, deberta_head, preset_name)
 from runs import atomic_write, read_json_object
 
 
@@ -640,4 +640,4 @@ def load_deberta(path, hf, dtype=torch.float32, device="cpu", num_labels=None):
     with torch.device("meta"):
         model = Deberta(cfg)
     assign_weights(model, tensors, origin, dtype, device)
-    return add_head(model, num_labels, DebertaHead, hf, dtype, device)
+    return add_head(model, num_labels, deberta_head, hf, dtype, device)

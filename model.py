@@ -7,8 +7,8 @@
   - DeBERTa-v2/v3 (He et al. 2021) with disentangled attention and the GLUE classification head.
 Each comes with its config dataclass and the presets of the released shapes (LLAMA_PRESETS,
 ENCDEC_PRESETS). The rest of the machinery lives next to this file, one concern per file:
-  - checkpoint.py (and checkpoint_gguf.py): reading checkpoints (Hugging Face, Meta, llama2.c,
-    GGUF) into these models, the safetensors reader/writer, `build(name_or_path)`;
+  - checkpoint.py (with checkpoint_meta.py, checkpoint_gguf.py): reading checkpoints (Hugging
+    Face, Meta, llama2.c, GGUF) into these models, the safetensors reader/writer, `build()`;
   - tokenizer.py: the tokenizers (sentencepiece, tiktoken, GPT-2 BPE, mBART);
   - generate.py: greedy decoding and beam search (decoder-only and encoder-decoder);
   - loss.py: the language-model loss, written out and with the LM head fused into the cross-entropy.
@@ -514,18 +514,19 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, a
 
 
 @dataclass
-class RobertaConfig:
+class EncoderConfig:
+    """What the two encoders, RoBERTa and DeBERTa, share (roberta-base's values)."""
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
     hidden_dim: int = 3072
     vocab_size: int = 50265
-    max_positions: int = 514       # learned positions; RoBERTa numbers them from pad_id + 1
-    type_vocab_size: int = 1
+    max_positions: int = 514       # RoBERTa: learned positions, numbered from pad_id + 1
+    type_vocab_size: int = 1       # 0: no token-type embedding (DeBERTa v3)
     pad_id: int = 1
     norm_eps: float = 1e-5
     activation: str = "gelu"
-    dropout: float = 0.1           # hidden_dropout_prob
+    dropout: float = 0.1           # hidden_dropout_prob (DeBERTa: also on the relative embeddings, per layer)
     attention_dropout: float = 0.1
     num_labels: int = 0            # 0: no classification head; 1: regression (STS-B)
     name: str | None = None        # the checkpoint's name, for presets.py (set by checkpoint.build / load)
@@ -533,6 +534,11 @@ class RobertaConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+
+@dataclass
+class RobertaConfig(EncoderConfig):
+    """roberta-base."""
 
 
 @dataclass
@@ -678,18 +684,22 @@ class DecoderLayer(EncoderLayer):
 
 
 class ClassificationHead(nn.Module):
-    """RoBERTa's sentence head on the <s> token: out_proj(tanh(dense(x[:, 0]))), dropout before each."""
+    """The GLUE head on the first token: out_proj(dropout(act(dense(dropout(x[:, 0]))))).
+    RoBERTa: tanh, one dropout for both; DeBERTa (transformers' ContextPooler + classifier): its
+    pooler's activation and dropout first, the classifier's dropout (cls_dropout) second."""
 
-    def __init__(self, dim: int, num_labels: int, dropout: float):
+    def __init__(self, dim: int, num_labels: int, dropout: float, activation=torch.tanh,
+                 out_dropout: float | None = None):
         super().__init__()
         self.dense = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, num_labels)
-        self.dropout = dropout
+        self.act = activation
+        self.dropout, self.out_dropout = dropout, dropout if out_dropout is None else out_dropout
 
     def forward(self, h):
         x = F.dropout(h[:, 0].to(self.dense.weight.dtype), self.dropout, self.training)  # an fp32 head on bf16 states
-        x = torch.tanh(self.dense(x))
-        return self.out_proj(F.dropout(x, self.dropout, self.training))
+        x = self.act(self.dense(x))
+        return self.out_proj(F.dropout(x, self.out_dropout, self.training))
 
 
 class Roberta(nn.Module):
@@ -832,30 +842,18 @@ class Bart(nn.Module):
 # checkpoint.load_deberta rejects the others by name.
 
 @dataclass
-class DebertaConfig:
-    dim: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    hidden_dim: int = 3072
+class DebertaConfig(EncoderConfig):
+    """microsoft/deberta-v3-base: EncoderConfig's fields with its values, and its own below."""
     vocab_size: int = 128100
     max_positions: int = 512          # max_position_embeddings: the relative span when max_relative_positions < 1
-    position_buckets: int = 256       # relative positions in log buckets of this size; <= 0: none
-    max_relative_positions: int = -1  # the largest distance the buckets reach; < 1: max_positions
-    type_vocab_size: int = 0          # 0: no token-type embedding (v3)
+    type_vocab_size: int = 0
     pad_id: int = 0
     norm_eps: float = 1e-7
-    activation: str = "gelu"
-    dropout: float = 0.1              # hidden_dropout_prob (also on the relative embeddings, per layer)
-    attention_dropout: float = 0.1
+    position_buckets: int = 256       # relative positions in log buckets of this size; <= 0: none
+    max_relative_positions: int = -1  # the largest distance the buckets reach; < 1: max_positions
     pooler_activation: str = "gelu"   # the GLUE head: dense + this activation on token 0 ([CLS])
     pooler_dropout: float = 0.0
     cls_dropout: float | None = None  # before the classifier; None: dropout (transformers' rule)
-    num_labels: int = 0               # 0: no classification head; 1: regression (STS-B)
-    name: str | None = None           # the checkpoint's name, for presets.py (set by checkpoint.build / load)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @property
     def max_relative(self) -> int:
@@ -952,22 +950,10 @@ class DebertaLayer(EncoderLayer):
         self.self_attn = DisentangledAttention(cfg.dim, cfg.n_heads, cfg.attention_dropout, cfg.dropout)
 
 
-class DebertaHead(nn.Module):
-    """DeBERTa's GLUE head (transformers' ContextPooler + classifier): out_proj(dropout(act(dense(
-    dropout(x[:, 0]))))), the pooler's dropout first, the classifier's (cls_dropout) second."""
-
-    def __init__(self, cfg: DebertaConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.dim, cfg.dim)
-        self.out_proj = nn.Linear(cfg.dim, cfg.num_labels)
-        self.act = ACTIVATIONS[cfg.pooler_activation]
-        self.pooler_dropout = cfg.pooler_dropout
-        self.cls_dropout = cfg.dropout if cfg.cls_dropout is None else cfg.cls_dropout
-
-    def forward(self, h):
-        x = F.dropout(h[:, 0].to(self.dense.weight.dtype), self.pooler_dropout, self.training)  # fp32 head, bf16 states
-        x = self.act(self.dense(x))
-        return self.out_proj(F.dropout(x, self.cls_dropout, self.training))
+def deberta_head(cfg: DebertaConfig) -> ClassificationHead:
+    """DeBERTa's GLUE head: the pooler's activation and dropout, then the classifier's dropout."""
+    return ClassificationHead(cfg.dim, cfg.num_labels, cfg.pooler_dropout, ACTIVATIONS[cfg.pooler_activation],
+                              cfg.dropout if cfg.cls_dropout is None else cfg.cls_dropout)
 
 
 class Deberta(nn.Module):
@@ -982,7 +968,7 @@ class Deberta(nn.Module):
         self.layers = nn.ModuleList(DebertaLayer(cfg) for _ in range(cfg.n_layers))
         self.rel_embeddings = nn.Embedding(2 * cfg.span, cfg.dim)        # shared by every layer
         self.rel_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = DebertaHead(cfg) if cfg.num_labels else None
+        self.head = deberta_head(cfg) if cfg.num_labels else None
         self.gradient_checkpointing = False
 
     def encode(self, input_ids, attention_mask=None, need_weights=False, token_type_ids=None):

@@ -40,6 +40,7 @@ import torch
 import methods
 import model as M
 from checkpoint import CheckpointError, load, read_safetensors_header
+from runs import read_log
 from tokenizer import load_tokenizer
 
 INSTALL = "pip install -r requirements-plots.txt"
@@ -338,26 +339,6 @@ def plot_maps(model, out="map.png", layers=None, maps=None, title=None, dpi=150,
 
 
 # ----------------------------------------------------------------------------- training curves
-
-def read_log(run_dir):
-    """The records of RUN_DIR/log.jsonl, one per step: where a resumed run logged a step twice (the
-    steps after its last checkpoint), the later record wins."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file (expected the --out_dir of a train.py run)")
-    by_step = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-                    raise ValueError(f"{path}: line {n} has no step number (not a train.py log.jsonl?)")
-                by_step[r["step"]] = r
-    return [by_step[s] for s in sorted(by_step)]
-
 
 def plot_curves(run_dirs, out="curves.png", title=None, dpi=150):
     """Training loss, validation score, learning rate and tokens/s of each run, overlaid (legend: the

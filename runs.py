@@ -149,3 +149,30 @@ def default_precision(device) -> str:
             raise ValueError(f"LORADA_PRECISION={chosen!r}: expected fp32 or bf16")
         return chosen
     return "bf16" if str(device).startswith("cuda") or (str(device) == "cpu" and native_bf16_cpu()) else "fp32"
+
+
+def json_lines(path: str, what: str):
+    """(line number, value) for each non-blank line of a JSON-lines file; a line that is not JSON is
+    a ValueError naming the file, the line and `what` its lines should be."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not {what} (not JSON: {e.msg})") from None
+
+
+def read_log(run_dir) -> list[dict]:
+    """The records of RUN_DIR/log.jsonl (train.py writes one per step), in step order: where a
+    resumed run logged a step twice (the steps after its last checkpoint), the later record wins. A
+    line that is not a record is a ValueError naming the file and the line."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (expected the --out_dir of a train.py run)")
+    by_step = {}
+    for n, r in json_lines(path, "a train.py log record"):
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+            raise ValueError(f"{path}: line {n} has no step number (not a train.py log.jsonl?)")
+        by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]

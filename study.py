@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 
-from runs import atomic_write, pid_alive, read_json_object
+from runs import atomic_write, pid_alive, read_json_object, read_log
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN, EVAL = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "eval.py")
@@ -130,24 +130,14 @@ def check_train_args(train_args, grid):
 def best_validation(run_dir):
     """(metric name, best value, higher is better) from train.py's log.jsonl: val_loss is lowest-best,
     a GLUE val_<metric> highest-best. A step logged twice (a resumed run) counts once, the later."""
-    path = os.path.join(run_dir, "log.jsonl")
-    by_step = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    by_step[r["step"]] = r
-                except (ValueError, TypeError, KeyError):
-                    raise ValueError(f"{path}: line {n} is not a train.py log record (corrupt?)") from None
     scores = {}
-    for r in by_step.values():
+    for r in read_log(run_dir):
         for k, v in r.items():
             if k.startswith("val_"):
                 scores.setdefault(k, []).append(v)
     if not scores:
-        raise ValueError(f"{path}: no validation score (train.py validates with --val_set_size > 0; "
-                         f"or evaluate the points with --eval)")
+        raise ValueError(f"{os.path.join(run_dir, 'log.jsonl')}: no validation score (train.py validates with "
+                         f"--val_set_size > 0; or evaluate the points with --eval)")
     name = sorted(scores)[0]
     higher = name != "val_loss"
     return name, (max if higher else min)(scores[name]), higher
@@ -249,9 +239,9 @@ def run_point(point, study):
     adapter = os.path.join(d, "adapter.safetensors")
     trained = not os.path.exists(adapter)
     if trained:                                      # train.py writes it last: the run is finished
-        import train
-        lock = os.path.join(d, train.LOCK)
-        holder = train.read_lock(lock) if os.path.exists(lock) else None
+        import run_folder
+        lock = os.path.join(d, run_folder.LOCK)
+        holder = run_folder.read_lock(lock) if os.path.exists(lock) else None
         killed = holder is not None and holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"])
         if os.path.exists(os.path.join(d, "checkpoint.pt")):
             train_cmd.append("--resume")              # it stopped: continue where it was (train.py checks it is

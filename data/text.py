@@ -26,6 +26,8 @@ import sys
 
 import numpy as np
 
+from runs import atomic_write, content_hash, json_lines, remove_stale_tmp
+
 
 def documents(path: str):
     """Yield each document's text, streaming (one file line at a time)."""
@@ -42,18 +44,11 @@ def documents(path: str):
         with open(path, encoding="utf-8") as f:
             yield f.read()
         return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a \"text\" field")
-            text = record.get("text")
-            yield text if isinstance(text, str) else "\n".join(v for v in record.values() if isinstance(v, str))
+    for n, record in json_lines(path, 'a JSON object with a "text" field'):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {n} is not a JSON object with a \"text\" field")
+        text = record.get("text")
+        yield text if isinstance(text, str) else "\n".join(v for v in record.values() if isinstance(v, str))
 
 
 PROBE = "The quick brown fox, 12 345.67 -- jumps\n\tover ünïcödé 漢字 \U0001F600 [x]{y} <s></s>  end"
@@ -112,7 +107,6 @@ def token_file(data: str, tokenizer, out_path: str, layout: str = "document",
     temporary file and renamed when complete, the record last: an interrupted run never leaves a
     half-written token file behind to be reused. `layout`, `row_len`: the stream's layout (`stream`;
     "longlora" pads to multiples of row_len with the id after the vocabulary)."""
-    from runs import atomic_write, content_hash, remove_stale_tmp
     ids = tokenizer.vocab_size + (layout == "longlora")                 # [PAD]: one id past the vocabulary
     dtype = np.uint16 if ids <= 2 ** 16 else np.uint32
     if not os.path.exists(data):

@@ -10,8 +10,8 @@ import model as M
 
 
 def s2_mask(L, G, shifted, wrap):
-    """Which keys each query sees (True), written out from LongLoRA's description
-    (../shared/research/quanta_longlora.md, B1): groups of G tokens, causal inside a group; the
+    """Which keys each query sees (True), written out from LongLoRA's description (its paper's
+    Section 3.2 and Algorithm 1): groups of G tokens, causal inside a group; the
     shifted heads' groups start at G/2, rolled around the end (wrap) or not."""
     t = torch.arange(L)
     if not shifted:

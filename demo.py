@@ -33,6 +33,7 @@ import model as M
 import train as T
 from checkpoint import write_safetensors
 from data import llm_adapters
+from runs import Progress
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -148,7 +149,7 @@ def pretrain(path, steps=500, seq=128, batch=24, seed=0):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, T.linear_schedule(50, steps))
     print(f"[1/4] pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter LLaMA on "
           f"{len(data):,} generated tokens")
-    progress = T.Progress(steps)
+    progress = Progress(steps)
     t0 = time.time()
     for step in range(1, steps + 1):
         starts = torch.randint(0, len(data) - seq - 1, (batch,))

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import fsdp
 import methods
 from data import llm_adapters
-from runs import atomic_write, content_hash, default_precision, pid_alive
+from runs import Progress, atomic_write, content_hash, default_precision, pid_alive
 
 
 def rng_state():
@@ -43,32 +43,6 @@ def set_rng_state(s):
     random.setstate(s["python"])
     if s["cuda"]:
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
-
-
-class Progress:
-    """One status line on stderr: step, loss, lr, tokens/s (real tokens), ETA."""
-
-    def __init__(self, total, start=0, quiet=False):
-        self.total, self.start, self.quiet, self.t0 = total, start, quiet, time.time()
-        self.tty, self.closed = sys.stderr.isatty(), False
-
-    def update(self, step, loss, lr, tok_s):
-        if self.quiet:
-            return
-        done = step - self.start
-        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif step % 10 == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty and not self.quiet and not self.closed:
-            print(file=sys.stderr)            # end the status line
-        self.closed = True
-
 
 
 # Flags whose value would train nothing or fail deep inside the loop: refused before any work.

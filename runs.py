@@ -1,8 +1,10 @@
-"""What every run needs besides the models: replacing a file atomically, the pid locks of run
-folders, the hashes that identify an input in cached results, the device and precision checks.
+"""What every run needs besides the models: replacing a file atomically, whether a lock's pid still
+runs, the hashes that identify an input in cached results, the device and precision checks,
+reading a run's log.jsonl, the progress line.
 
-Nothing here knows about PEFT or models; train.py, eval.py, export.py, study.py and the token
-caches of data/text.py use it, and checkpoint.py writes its files with `atomic_write`.
+Nothing here knows about PEFT or models; train.py (run_folder.py), eval.py, export.py, study.py,
+plots.py, the demo and the token caches of data/text.py use it; checkpoint.py writes its files with
+`atomic_write`.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 
 
 def atomic_write(path: str, write):
@@ -176,3 +180,28 @@ def read_log(run_dir) -> list[dict]:
             raise ValueError(f"{path}: line {n} has no step number (not a train.py log.jsonl?)")
         by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
+
+
+class Progress:
+    """One status line on stderr: step, loss, lr, tokens/s (real tokens), ETA."""
+
+    def __init__(self, total, start=0, quiet=False):
+        self.total, self.start, self.quiet, self.t0 = total, start, quiet, time.time()
+        self.tty, self.closed = sys.stderr.isatty(), False
+
+    def update(self, step, loss, lr, tok_s):
+        if self.quiet:
+            return
+        done = step - self.start
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif step % 10 == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty and not self.quiet and not self.closed:
+            print(file=sys.stderr)            # end the status line
+        self.closed = True

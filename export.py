@@ -44,8 +44,8 @@ import methods
 import model as M
 from adapters import AdapterFFN, BottleneckLinear, HoulsbyAdapter, PrefixEncoder
 from adaptive import AdaLoRALinear, SoRALinear
-from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, load, read_hf_tensors, read_safetensors, read_torch,
-                        write_safetensors)
+from checkpoint import (BART_KEYS, ROBERTA_KEYS, CheckpointError, load, read_hf_tensors, read_safetensors, read_tensors,
+                        read_torch, write_safetensors)
 from lmam import LMAM
 from lora import AdditiveUpdate, DoRALinear, LoRALinear
 from quanta import QuanTALinear
@@ -239,9 +239,9 @@ def read_peft_dir(path: str) -> tuple[dict, dict]:
     cfg = read_peft_config(path)
     if cfg is None:
         raise ValueError(f"{path}: not a peft adapter directory (no adapter_config.json)")
-    for name, reader in (("adapter_model.safetensors", read_safetensors), ("adapter_model.bin", read_torch)):
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
-            return cfg, reader(os.path.join(path, name))
+            return cfg, read_tensors(os.path.join(path, name))
     raise ValueError(f"{path}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
 
 
